@@ -1,0 +1,180 @@
+"""``defectlab`` command line: flags → the stage's settings dataclass → ``run(cfg)``.
+
+Flags are generated from the dataclass fields, so the CLI, the notebooks' parameter cells
+and the tests always fill the same settings. User errors print one line and exit 2;
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import re
+import sys
+import typing
+from pathlib import Path
+
+from .errors import DefectlabError
+
+# subcommand → (module, settings class, one-line help)
+STAGES = {
+    "finetune": ("train", "TrainConfig", "fine-tune a DiT on a defect dataset (writes a run folder)"),
+    "sample": ("sample", "SampleConfig", "generate images from a run (grids, bulk export, manifest)"),
+    "evaluate": ("evaluate", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
+    "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
+    "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
+    "sweep": ("notebooks", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
+    "notebooks": ("notebooks", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
+    "demo": ("demo", "DemoConfig", "the main job on the embedded default: data, fine-tune, sample, evaluate"),
+}
+
+
+def _first_doc_line(obj) -> str:
+    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+
+def _field_help(cls) -> dict[str, str]:
+    """The ``# comment`` after each field in the class source is its help text."""
+    import inspect
+
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", src, re.M):
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def _parse_list(kind):
+    def parse(text: str):
+        return tuple(kind(x) for x in text.split(",") if x.strip() != "")
+    return parse
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
+        name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
+        kw: dict = {"help": help_text}
+        if f.name in positional:
+            kw["nargs"] = "?"
+        if f.name not in positional:
+            kw["dest"] = f.name
+        if hint is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        origin = typing.get_origin(hint)
+        if origin in (tuple, list):
+            inner = typing.get_args(hint)[0]
+            kw["type"], kw["metavar"] = _parse_list(inner), "A,B,…"
+        elif hint in (int, float, str):
+            kw["type"] = hint
+        parser.add_argument(name, **kw)
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    """Only the flags the user gave override the dataclass defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return cls(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build, inspect and download datasets").add_subparsers(dest="action", required=True)
+    p = data.add_parser("synth", help="generate the embedded procedural defect dataset (MVTec AD layout)")
+    p.add_argument("--out", type=Path, default=None, help="destination (default: data/synthetic)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    p.add_argument("--per-class", type=int, default=20, help="images per defect class (default: 20)")
+    p = data.add_parser("info", help="layout, products, classes, counts and image sizes of a dataset root")
+    p.add_argument("root", help="dataset root folder, or 'synthetic'")
+    p = data.add_parser("fetch", help="download DefectSpectrum (hub) or unpack an MVTec AD archive")
+    p.add_argument("source", choices=["defectspectrum", "mvtec"])
+    p.add_argument("--product", default="hazelnut", help="product to fetch (default: hazelnut)")
+    p.add_argument("--archive", type=Path, default=None, help="MVTec AD archive file (for source=mvtec)")
+    p.add_argument("--dest", type=Path, default=None, help="destination root (default: data/<source>)")
+
+    for name, (module, cls_name, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(stage=(module, cls_name))
+        try:
+            cls = getattr(importlib.import_module(f"defectlab.{module}"), cls_name)
+        except (ImportError, AttributeError):
+            continue  # a stage whose module is not there in this build
+        add_dataclass_args(p, cls, positional=getattr(cls, "POSITIONAL", ()))
+    return parser
+
+
+def _run_data(args) -> int:
+    from . import data, fetch, paths, synth
+
+    if args.action == "synth":
+        out = synth.generate(args.out or paths.SYNTHETIC, seed=args.seed, size=args.size, per_class=args.per_class)
+        print(data.format_info(data.info(out)))
+    elif args.action == "info":
+        print(data.format_info(data.info(data.resolve_root(args.root))))
+    elif args.action == "fetch":
+        dest = args.dest or paths.DATA / args.source
+        if args.source == "defectspectrum":
+            out = fetch.fetch_defectspectrum(args.product, dest)
+        else:
+            if args.archive is None:
+                raise DefectlabError("--archive is required for 'data fetch mvtec' (the MVTec AD .tar.xz you downloaded)")
+            out = fetch.fetch_mvtec(args.archive, dest, product=args.product)
+        print(f"fetched into {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "data":
+            return _run_data(args)
+        module, cls_name = args.stage
+        mod = importlib.import_module(f"defectlab.{module}")
+        cfg = config_from_args(getattr(mod, cls_name), args)
+        # a stage may define cli(cfg) to print a report; otherwise run(cfg) and show where it wrote
+        result = (getattr(mod, "cli", None) or mod.run)(cfg)
+        if isinstance(result, (str, Path)):
+            print(result)
+        return 0
+    except DefectlabError as err:
+        if debug:
+            raise
+        print(f"defectlab: error: {err}", file=sys.stderr)
+        return 2
+    except _oom_errors() as err:
+        if debug:
+            raise
+        print("defectlab: error: out of GPU memory — lower --batch-size (keep the effective batch with "
+              "--grad-accum), use --mixed-precision bf16, or a method with fewer trainable parameters "
+              f"({str(err).splitlines()[0][:120]})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defectlab: interrupted; finished work is kept (run again, or --resume, to continue)", file=sys.stderr)
+        return 130
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import torch
+        return (torch.cuda.OutOfMemoryError,)
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""DiT's training objective: noise MSE plus the variational bound for the learned variance.
+
+DiT predicts noise *and* a per-pixel interpolation between the two variance bounds
+(``learned_range``). Training only the MSE leaves the variance head wherever it was, which
+is fine when fine-tuning a pre-trained base and wrong when training from scratch, so the
+loss is the one DiT was trained with: ``mse(eps) + L_vlb`` where the bound term sees a
+frozen (detached) mean, exactly as in guided-diffusion / DiT.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import DDPMScheduler
+
+
+class Objective:
+    """Holds the noise schedule tensors; ``loss(model_out, x0, xt, noise, t)``."""
+
+    def __init__(self, scheduler_config: dict, device: torch.device | str = "cpu"):
+        sched = DDPMScheduler.from_config(scheduler_config)
+        self.scheduler = sched
+        self.num_timesteps = sched.config.num_train_timesteps
+        betas = sched.betas.double()
+        alphas = 1.0 - betas
+        abar = torch.cumprod(alphas, 0)
+        abar_prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        self.buffers = {
+            "sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
+            "post_logvar": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+            "log_betas": torch.log(betas),
+            "coef1": betas * abar_prev.sqrt() / (1 - abar),
+            "coef2": (1 - abar_prev) * alphas.sqrt() / (1 - abar),
+        }
+        self.to(device)
+
+    def to(self, device) -> "Objective":
+        self.buffers = {k: v.to(device=device, dtype=torch.float32) for k, v in self.buffers.items()}
+        return self
+
+    def _at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return self.buffers[name][t].view(-1, *([1] * (ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._at("sqrt_abar", t, x0.ndim) * x0 + self._at("sqrt_1m_abar", t, x0.ndim) * noise
+
+    def loss(self, model_out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise: torch.Tensor,
+             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses ``(mse, vb)``, each of shape [B]."""
+        c = x0.shape[1]
+        model_out = model_out.float()
+        eps = model_out[:, :c]
+        mse = ((eps - noise) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        if model_out.shape[1] != 2 * c:  # no learned variance: plain epsilon objective
+            return mse, torch.zeros_like(mse)
+        v = model_out[:, c:]
+        nd = x0.ndim
+        frac = (v + 1) / 2
+        min_log, max_log = self._at("post_logvar", t, nd), self._at("log_betas", t, nd)
+        model_logvar = frac * max_log + (1 - frac) * min_log
+        # frozen mean: the bound only trains the variance (guided-diffusion's learn_sigma trick)
+        x0_pred = (xt - self._at("sqrt_1m_abar", t, nd) * eps.detach()) / self._at("sqrt_abar", t, nd)
+        model_mean = self._at("coef1", t, nd) * x0_pred + self._at("coef2", t, nd) * xt
+        true_mean = self._at("coef1", t, nd) * x0 + self._at("coef2", t, nd) * xt
+        true_logvar = min_log.expand_as(model_logvar)
+        kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                    + (true_mean - model_mean) ** 2 * torch.exp(-model_logvar))
+        kl = kl.mean(dim=tuple(range(1, nd))) / math.log(2.0)
+        nll = -_discretized_gaussian_loglik(x0, model_mean, 0.5 * model_logvar)
+        nll = nll.mean(dim=tuple(range(1, nd))) / math.log(2.0)
+        vb = torch.where(t == 0, nll, kl)
+        return mse, vb
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _discretized_gaussian_loglik(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of ``x`` in [-1, 1] under a Gaussian discretised to 256 bins (DiT's t=0 term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_1m_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_1m_cdf_min, log_delta))

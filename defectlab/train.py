@@ -1,0 +1,376 @@
+"""Fine-tune a class-conditional DiT on a few images per defect class.
+
+``run(TrainConfig(...))`` is what the CLI (``defectlab finetune``), notebook 02 and the tests
+call. The loop is plain accelerate: the same code runs on one CPU, one GPU, or several
+processes under ``accelerate launch``. A run folder holds everything a later stage needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import methods, model as model_mod, runs
+from .diffusion import Objective
+from .errors import DefectlabError
+
+# Defaults that reflect the original experiments' findings for the real model (batch 2-4,
+# lr 1e-5, 128 px, 100 epochs); the small pixel-space bases need a larger step size.
+PRESETS = {
+    "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
+    "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},
+}
+SMALL_BASES = ("tiny", "mini")
+
+
+@dataclass
+class TrainConfig(data_mod.DataConfig):
+    image_size: int = 0            # 0 = the model's default (tiny/mini 64 px, DiT-XL 128 px)
+    model: str = "tiny"            # tiny | mini | facebook/DiT-XL-2-256 | local folder | original .pt
+    method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora
+    name: str = ""                 # run name ("" = <product>-<method>)
+    lr: float = 0.0                # 0 = preset (1e-5 real model, 1e-3 tiny/mini)
+    epochs: int = 0                # 0 = preset (100 real model, 60 tiny/mini)
+    max_steps: int = 0             # stop after this many optimizer steps (0 = no limit)
+    batch_size: int = 4            # images per micro-batch (per process)
+    grad_accum: int = 2            # micro-batches per optimizer step
+    lr_schedule: str = "constant"  # constant | constant_with_warmup | cosine | linear
+    warmup_steps: int = 0          # learning-rate warmup (optimizer steps)
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # max gradient norm (0 = off)
+    mixed_precision: str = "no"    # no | fp16 | bf16
+    ema: float = 0.0               # EMA decay of the trained parameters (0 = off)
+    label_dropout: float = 0.1     # class-label dropout, so guidance works after fine-tuning
+    class_init: str = "anchor"     # anchor | mean | random | nearest | <ImageNet id>
+    lora_rank: int = 8             # LoRA rank (method=lora)
+    difffit_blocks: int = 0        # blocks with DiffFit scales (0 = all)
+    val_per_class: int = 2         # training images per class held back for validation (0 = use train)
+    val_timesteps: int = 8         # fixed timesteps of the validation loss
+    val_every: int = 5             # validate (and checkpoint) every N epochs
+    patience: int = 0              # stop after N validations without improvement (0 = off)
+    keep_checkpoints: int = 2      # newest checkpoints kept (plus the best)
+    seed: int = 0                  # seeds data order, noise, dropout, new class rows
+    resume: str = ""               # run folder/name/number to continue from its last checkpoint
+    runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
+    progress: bool = True          # tqdm progress bar
+
+
+@dataclass
+class Restored:
+    base: model_mod.Base
+    model: torch.nn.Module
+    classes: list[str]
+    config: dict
+    checkpoint: Path | None
+    folder: Path | None = None
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """Fill the preset-dependent zeros so the saved config says what actually ran."""
+    preset = PRESETS["small" if cfg.model in SMALL_BASES else "real"]
+    out = dataclasses.replace(cfg)
+    for key in ("lr", "image_size", "epochs"):
+        if not getattr(out, key):
+            setattr(out, key, preset[key])
+    if not out.name:
+        out.name = f"{out.product}-{out.method}"
+    return out
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.method not in methods.METHODS:
+        raise DefectlabError(f"unknown method {cfg.method!r}; choose one of {', '.join(methods.METHODS)}")
+    for key in ("batch_size", "grad_accum", "epochs", "val_every", "val_timesteps"):
+        if getattr(cfg, key) < 1:
+            raise DefectlabError(f"{key} must be ≥ 1 (got {getattr(cfg, key)})")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise DefectlabError(f"lr must be a positive number (got {cfg.lr})")
+    if not 0 <= cfg.label_dropout < 1:
+        raise DefectlabError(f"label_dropout must be in [0, 1) (got {cfg.label_dropout})")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise DefectlabError(f"mixed_precision must be no, fp16 or bf16 (got {cfg.mixed_precision!r})")
+
+
+def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.DefectData) -> str | int | list[int]:
+    """What the new class rows start from (see ``model.set_classes``)."""
+    if cfg.class_init == "anchor":
+        anchor = data_mod.ANCHOR_CLASSES.get(data.product, (None,))[0]
+        n = model_mod.num_classes(base.transformer)
+        return anchor if anchor is not None and anchor < n else "mean"
+    if cfg.class_init == "nearest":
+        from . import classes as classes_mod  # ranking with the pre-trained model itself
+        return classes_mod.nearest_rows(base, data, cfg)
+    if cfg.class_init.lstrip("-").isdigit():
+        return int(cfg.class_init)
+    if cfg.class_init in ("mean", "random"):
+        return cfg.class_init
+    raise DefectlabError(f"unknown class_init {cfg.class_init!r}; use anchor, nearest, mean, random or a class id")
+
+
+def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tuple[model_mod.Base, torch.nn.Module]:
+    """Base model with K class rows and the method applied — identical in training and restore."""
+    base = model_mod.load(cfg.model, device=device)
+    init = class_init_rows(cfg, base, data) if data is not None else "random"
+    model_mod.set_classes(base.transformer, len(classes), init=init, seed=cfg.seed)
+    for block in base.transformer.transformer_blocks:
+        # diffusers draws label dropout independently in each block's own table; drop once,
+        # consistently, in the loop instead (see _drop_labels).
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks)
+    return base, net
+
+
+def restore(run: str | Path, checkpoint: str = "best", device="cpu") -> Restored:
+    """Rebuild base + trained state from a run folder (for sampling and evaluation)."""
+    folder = runs.resolve(run)
+    cfg = TrainConfig(**runs.load_config(folder))
+    classes = runs.read_json(folder / "classes.json")
+    ckpt = runs.find_checkpoint(folder, checkpoint)
+    base, net = build(cfg, classes, device=device)
+    state = runs.load_tensors(ckpt / runs.STATE_FILE)
+    ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    trained = {k: v for k, v in state.items() if not k.startswith("ema.")}
+    methods.load_trainable_state(net, ema or trained)  # EMA weights when the run kept them
+    net.eval()
+    return Restored(base, net, classes, dataclasses.asdict(cfg), ckpt, folder)
+
+
+def _drop_labels(labels: torch.Tensor, k: int, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    if p <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=gen, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, k), labels)
+
+
+def _split_val(samples: list, per_class: int) -> tuple[list, list]:
+    if per_class <= 0:
+        return samples, samples
+    train, val = [], []
+    for label in sorted({s.label for s in samples}):
+        members = [s for s in samples if s.label == label]
+        if len(members) <= per_class:
+            raise DefectlabError(f"class {members[0].defect!r} has {len(members)} training images; "
+                                 f"need more than val_per_class={per_class}")
+        train += members[:-per_class]
+        val += members[-per_class:]
+    return train, val
+
+
+class Validator:
+    """Loss on held-out images at fixed timesteps with fixed noise: comparable across epochs."""
+
+    def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device):
+        ds = data_mod.DefectDataset(samples, dcfg, augment=False)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
+        self.labels = torch.tensor([ds[i]["label"] for i in range(len(ds))], device=device)
+        with torch.no_grad():
+            self.x0 = base.codec.encode(images)
+        gen = torch.Generator().manual_seed(seed + 12345)
+        n = objective.num_timesteps
+        self.timesteps = torch.linspace(0, n - 1, timesteps + 2)[1:-1].round().long().to(device)
+        self.noise = torch.randn((timesteps, *self.x0.shape), generator=gen).to(device)
+        self.objective = objective
+
+    @torch.no_grad()
+    def __call__(self, net) -> float:
+        was_training = net.training
+        net.eval()
+        total = 0.0
+        for t, noise in zip(self.timesteps, self.noise):
+            tt = t.repeat(len(self.x0))
+            xt = self.objective.add_noise(self.x0, noise, tt)
+            out = net(xt, timestep=tt, class_labels=self.labels).sample
+            total += self.objective.loss(out, self.x0, xt, noise, tt)[0].mean().item()
+        net.train(was_training)
+        return total / len(self.timesteps)
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train; returns the run folder. Resumes when ``cfg.resume`` names a run."""
+    if cfg.resume:
+        folder = runs.resolve(cfg.resume, cfg.runs_dir or None)
+        saved = runs.load_config(folder)
+        cfg = TrainConfig(**{**saved, "resume": str(folder), "progress": cfg.progress})
+    cfg = resolved(cfg)
+    _check(cfg)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    dcfg = data_mod.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data_mod.DataConfig)})
+    folder = [cfg.resume]
+    if not cfg.resume and acc.is_main_process:
+        folder = [str(runs.create(cfg.name, dataclasses.asdict(cfg), base=cfg.runs_dir or None))]
+    folder = Path(broadcast_object_list(folder)[0])  # every process writes into the same run
+    data = data_mod.load(dcfg, manifest=folder / "split.json")
+    train_samples, val_samples = _split_val(data.train, cfg.val_per_class)
+    if cfg.batch_size > len(train_samples):
+        raise DefectlabError(f"batch_size {cfg.batch_size} is larger than the {len(train_samples)} training images")
+    runs.write_json(folder / "classes.json", data.classes)
+
+    base, net = build(cfg, data.classes, device=acc.device, data=data)
+    k = len(data.classes)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    acc.print(methods.summary(net))
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        data_mod.DefectDataset(train_samples, dcfg, augment=True), batch_size=cfg.batch_size,
+        shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
+    objective = Objective(base.scheduler_config, acc.device)
+    validate = Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device)
+    ema = EMAModel(trainable, decay=cfg.ema) if cfg.ema > 0 else None
+
+    step, start_epoch, best, bad = 0, 0, float("inf"), 0
+    last = runs.latest_checkpoint(folder)
+    if last is not None:
+        step, start_epoch, best, bad = _load_state(last, acc, net, opt, sched, loader, ema)
+        acc.print(f"resumed {folder.name} from {last.name} (epoch {start_epoch}, step {step})")
+    if start_epoch >= cfg.epochs or (cfg.max_steps and step >= cfg.max_steps):
+        return folder
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process),
+               desc=f"{cfg.method} {folder.name}", unit="step")
+    net.train()
+    t0, stop = time.time(), False
+    for epoch in range(start_epoch, cfg.epochs):
+        for batch in loader:
+            with acc.accumulate(net):
+                x0 = base.codec.encode(batch["image"])
+                labels = _drop_labels(batch["label"], k, cfg.label_dropout)
+                t = torch.randint(0, objective.num_timesteps, (len(x0),), device=x0.device)
+                noise = torch.randn_like(x0)
+                xt = objective.add_noise(x0, noise, t)
+                out = net(xt, timestep=t, class_labels=labels).sample
+                mse, vb = objective.loss(out, x0, xt, noise, t)
+                loss = (mse + vb).mean()
+                if not torch.isfinite(loss):
+                    kept = runs.latest_checkpoint(folder)
+                    raise DefectlabError(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
+                                         f"last good checkpoint: {kept or 'none'}; try a lower --lr")
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                step += 1
+                if ema is not None:
+                    ema.step(trainable)
+                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "mse": mse.mean().item(),
+                       "vb": vb.mean().item(), "lr": sched.get_last_lr()[0], "time": round(time.time() - t0, 2)}
+                if acc.is_main_process:
+                    runs.log(folder, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
+                bar.update(1)
+                if cfg.max_steps and step >= cfg.max_steps:
+                    stop = True
+                    break
+        end = epoch + 1
+        if end % cfg.val_every == 0 or end == cfg.epochs or stop:
+            val = _ema_val(ema, trainable, validate, net) if ema is not None else validate(net)
+            improved = val < best
+            best, bad = (val, 0) if improved else (best, bad + 1)
+            if acc.is_main_process:
+                runs.log(folder, {"step": step, "epoch": epoch, "val_loss": val, "best": best})
+                _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, end, best, bad)
+                if improved:
+                    runs.mark(folder, "best", step, val_loss=val, epoch=end)
+            bar.write(f"epoch {end}: val_loss {val:.4f} (best {best:.4f})") if cfg.progress else None
+            if cfg.patience and bad >= cfg.patience:
+                acc.print(f"early stop: no improvement in {cfg.patience} validations")
+                break
+        if stop:
+            break
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        plot_loss(folder)
+    return folder
+
+
+def _ema_val(ema: EMAModel, params, validate, net) -> float:
+    """Validate with the EMA weights, then put the live weights back."""
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        return validate(net)
+    finally:
+        ema.restore(params)
+
+
+def _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, epoch, best, bad) -> Path:
+    unwrapped = acc.unwrap_model(net)
+    state = methods.trainable_state(unwrapped)
+    if ema is not None:
+        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+        state.update({f"ema.{n}": p for n, p in zip(names, ema.shadow_params)})
+    opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
+    opt_tensors["rng.torch"] = torch.get_rng_state()
+    opt_tensors["rng.loader"] = loader.generator.get_state() if getattr(loader, "generator", None) is not None \
+        else torch.get_rng_state()
+    meta = {"epoch": epoch, "best": best, "bad": bad, "optimizer": skeleton,
+            "lr_scheduler": sched.state_dict(), "method": cfg.method, "base_model": cfg.model}
+    return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=cfg.keep_checkpoints)
+
+
+def _load_state(ckpt: Path, acc, net, opt, sched, loader, ema) -> tuple[int, int, float, int]:
+    meta = runs.read_json(ckpt / runs.META_FILE)
+    state = runs.load_tensors(ckpt / runs.STATE_FILE)
+    unwrapped = acc.unwrap_model(net)
+    methods.load_trainable_state(unwrapped, {k: v for k, v in state.items() if not k.startswith("ema.")})
+    if ema is not None:
+        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+        ema.shadow_params = [state[f"ema.{n}"].to(acc.device) for n in names]
+    tensors = runs.load_tensors(ckpt / runs.OPTIM_FILE)
+    opt.load_state_dict(runs.unflatten_optimizer(tensors, meta["optimizer"]))
+    sched.load_state_dict(meta["lr_scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(tensors["rng.loader"])
+    return meta["step"], meta["epoch"], meta["best"], meta["bad"]
+
+
+def plot_loss(folder: Path) -> Path | None:
+    """Training loss (smoothed) and validation loss against optimizer steps."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    log = runs.read_log(folder)
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    xs, ys = zip(*train)
+    w = max(1, len(ys) // 50)
+    smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+    ax.plot(xs, ys, color="0.8", lw=0.8, label="train loss")
+    ax.plot(xs, smooth, color="C0", lw=1.5, label=f"train loss (mean of {w})")
+    if val:
+        vx, vy = zip(*val)
+        ax.plot(vx, vy, "o-", color="C3", lw=1.5, ms=3, label="validation (fixed noise, MSE)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(folder.name)
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    out = Path(folder) / "figures" / "loss_curve.png"
+    runs.atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=200, format="png"))
+    plt.close(fig)
+    return out
