@@ -1,0 +1,161 @@
+"""Real datasets for users with internet: DefectSpectrum from the Hugging Face hub, and MVTec AD
+from an archive the user downloaded (MVTec's licence requires accepting terms on their site, so
+we never download it ourselves).
+
+DefectSpectrum source: the dataset card and file tree at
+https://huggingface.co/datasets/DefectSpectrum/Defect_Spectrum — ``DS-MVTec/<product>/`` holds
+``image/<defect>/NNN.png`` (with ``image/good``), ``mask/<defect>/NNN_mask.png`` and colour masks
+``rgb_mask/<defect>/NNN_rgb_mask.png`` (``rbg_mask/…_rbg_mask.png`` for screw and a few others).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from huggingface_hub import snapshot_download
+from huggingface_hub import errors as hf_errors
+
+from . import paths
+from .errors import DefectlabError
+
+DS_REPO = "DefectSpectrum/Defect_Spectrum"
+DS_FOLDER = "DS-MVTec"
+MVTEC_PRODUCTS = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+                  "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tar", ".zip")
+
+
+@dataclass
+class FetchConfig:
+    source: str = "defectspectrum"  # "defectspectrum" (Hugging Face hub) or "mvtec" (needs archive)
+    product: str = "hazelnut"       # product to fetch; "" = every product in the archive (mvtec only)
+    archive: str = ""               # MVTec AD archive (.tar.xz / .tar.gz / .zip) for source=mvtec
+    dest: str = ""                  # destination root; "" = data/<source>
+    revision: str = ""              # hub branch, tag or commit for a reproducible download; "" = main
+
+
+def run(cfg: FetchConfig) -> Path:
+    """Fetch and return the dataset root to pass as ``--data``."""
+    dest = Path(cfg.dest) if cfg.dest else paths.DATA / cfg.source
+    if cfg.source == "defectspectrum":
+        return fetch_defectspectrum(cfg.product, dest, revision=cfg.revision or None)
+    if cfg.source == "mvtec":
+        if not cfg.archive:
+            raise DefectlabError("source 'mvtec' needs --archive: the MVTec AD .tar.xz you "
+                                 "downloaded from mvtec.com")
+        return fetch_mvtec(Path(cfg.archive), dest, product=cfg.product or None)
+    raise DefectlabError(f"unknown source {cfg.source!r}; use 'defectspectrum' or 'mvtec'")
+
+
+# ----------------------------------------------------------------------------- hub
+def fetch_defectspectrum(product: str, dest: Path | None = None, revision: str | None = None) -> Path:
+    """Download ``DS-MVTec/<product>/`` (only that product) into ``dest``; returns ``dest/DS-MVTec``."""
+    if product not in MVTEC_PRODUCTS:
+        raise DefectlabError(f"unknown DS-MVTec product {product!r}; available: {', '.join(MVTEC_PRODUCTS)}")
+    dest = Path(dest or paths.DATA / "defectspectrum")
+    # Only the folders data.py reads (images + binary and colour masks), one product at a time:
+    # the whole repository is many GB.
+    patterns = [f"{DS_FOLDER}/{product}/{sub}/*" for sub in ("image", "mask", "rgb_mask", "rbg_mask")]
+    try:
+        snapshot_download(repo_id=DS_REPO, repo_type="dataset", revision=revision,
+                          allow_patterns=patterns, local_dir=str(dest))
+    except hf_errors.LocalEntryNotFoundError as err:
+        # What the hub client raises when offline (or HF_HUB_OFFLINE=1) and nothing is cached.
+        raise DefectlabError(f"cannot download {DS_REPO} ({product}): offline or the hub is unreachable, "
+                             "and no cached copy; connect to the internet (and unset HF_HUB_OFFLINE)") from err
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError, hf_errors.GatedRepoError) as err:
+        raise DefectlabError(f"hub refused {DS_REPO} (revision {revision or 'main'}): {_first_line(err)}") from err
+    except (hf_errors.HfHubHTTPError, OSError) as err:
+        raise DefectlabError(f"download of {DS_REPO} ({product}) failed: {_first_line(err)}") from err
+    root = dest / DS_FOLDER
+    if not any((root / product / "image").rglob("*.png")):
+        raise DefectlabError(f"download finished but {root / product / 'image'} has no images "
+                             f"(has the layout of {DS_REPO} changed?)")
+    return root
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------- archives
+def _parts(name: str) -> tuple[str, ...]:
+    """Path parts of an archive member, refusing anything that would land outside the destination."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        raise DefectlabError(f"refusing archive member {name!r}: it points outside the destination folder")
+    return tuple(x for x in p.parts if x not in ("", "."))
+
+
+def _members(archive: Path):
+    """``(opened archive, [(member, parts)])`` for zip and tar (any compression)."""
+    name = archive.name.lower()
+    if name.endswith(".zip"):
+        zf = zipfile.ZipFile(archive)
+        return zf, [(m, _parts(m.filename)) for m in zf.infolist()]
+    if name.endswith(ARCHIVE_SUFFIXES):
+        tf = tarfile.open(archive, "r:*")
+        out = []
+        for m in tf.getmembers():
+            parts = _parts(m.name)
+            if m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
+                raise DefectlabError(f"refusing archive member {m.name!r}: links and special files "
+                                     "are not extracted")
+            out.append((m, parts))
+        return tf, out
+    raise DefectlabError(f"unsupported archive {archive}: expected one of {', '.join(ARCHIVE_SUFFIXES)}")
+
+
+def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = None) -> Path:
+    """Extract an MVTec AD archive (the full one or a per-product one) into ``dest`` and return the
+    dataset root. With ``product``, only that product's folder is extracted. A single wrapping
+    folder (``mvtec_anomaly_detection/…``) is dropped so ``dest/<product>/train`` exists."""
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DefectlabError(f"archive not found: {archive}")
+    dest = Path(dest or paths.DATA / "mvtec")
+    try:
+        handle, members = _members(archive)
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
+        raise DefectlabError(f"cannot read archive {archive}: {_first_line(err)}") from err
+    with handle:
+        # The product folder is the top-level entry or one level below a wrapper.
+        tops = {p[0] for _, p in members if p}
+        is_product = any(len(p) >= 2 and p[1] in ("train", "test") for _, p in members)
+        wrapper = tops.pop() if len(tops) == 1 and not is_product else None
+        depth = 1 if wrapper else 0
+        products = sorted({p[depth] for _, p in members if len(p) > depth + 1})
+        if product is not None and product not in products:
+            raise DefectlabError(f"archive {archive} has no folder {product!r}; it contains: "
+                                 f"{', '.join(products) or 'nothing'}")
+        chosen = [(m, p) for m, p in members if len(p) > depth and (product is None or p[depth] == product)]
+        dest.mkdir(parents=True, exist_ok=True)
+        # Extract into a temp folder inside dest, then move the product folders into place, so an
+        # interrupted extraction never leaves a half product where data.py would find it.
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+        try:
+            try:
+                if isinstance(handle, zipfile.ZipFile):
+                    for m, _ in chosen:
+                        handle.extract(m, tmp)
+                else:
+                    handle.extractall(tmp, members=[m for m, _ in chosen], filter="data")
+            except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
+                raise DefectlabError(f"archive {archive} is damaged or truncated: {_first_line(err)}") from err
+            base = tmp / wrapper if wrapper else tmp
+            for entry in sorted(base.iterdir()):
+                target = dest / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+                os.replace(entry, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

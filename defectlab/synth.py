@@ -1,0 +1,354 @@
+"""The embedded default dataset: procedural products with localized defects, in MVTec AD layout.
+
+Two products stand in for the real ones: ``hazelnut`` (brown textured nut on a dark background)
+and ``screw`` (metal screw on a light background). Each defect class has its own shape AND its
+own colour/intensity signature, so a small classifier can tell the classes apart even at
+32-64 px, and every changed pixel lies inside the defect's mask.
+
+Everything is drawn with numpy on coordinate grids (no per-pixel Python loops) and driven by one
+``numpy.random.Generator`` per image, seeded from (seed, product, class, index): the same seed
+gives byte-identical PNGs, whatever order the images are generated in.
+
+The drawers are tables (``PRODUCTS``, ``DEFECTS``) so a new product or defect is one function
+plus one row; ``product_image`` and ``draw_defect`` are reused by mask conditioning and by larger
+procedural corpora.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from .errors import DefectlabError
+
+GENERATOR_VERSION = 1   # bump whenever the pictures change: data.py regenerates stale copies
+
+# Part labels in the object map returned by ``product_image`` (0 = background). Defects say
+# which part they belong on; a product without that part gets them anywhere on the object.
+BACKGROUND, BODY, HEAD, NECK, TIP = 0, 1, 2, 3, 4
+
+Array = np.ndarray
+
+
+# ----------------------------------------------------------------------------- primitives
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[Array, Array]:
+    """Pixel-centre coordinates (y, x); cached and read-only, never modified in place."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    y.flags.writeable = False
+    x.flags.writeable = False
+    return y, x
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> Array:
+    """Low-frequency noise (zero mean, unit-ish std): a coarse random grid upsampled bicubically."""
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+
+
+def _capsule(y: Array, x: Array, p0, p1, radius: float) -> Array:
+    """Pixels within ``radius`` of the segment p0-p1 (points are (y, x))."""
+    (y0, x0), (y1, x1) = p0, p1
+    dy, dx = y1 - y0, x1 - x0
+    t = np.clip(((y - y0) * dy + (x - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0.0, 1.0)
+    return (y - y0 - t * dy) ** 2 + (x - x0 - t * dx) ** 2 <= radius * radius
+
+
+def _disk(y: Array, x: Array, centre, radius: float) -> Array:
+    return (y - centre[0]) ** 2 + (x - centre[1]) ** 2 <= radius * radius
+
+
+def _edge(region: Array) -> Array:
+    """Boundary pixels of a boolean region (region minus its 1-px erosion)."""
+    inner = region.copy()
+    inner[1:] &= region[:-1]
+    inner[:-1] &= region[1:]
+    inner[:, 1:] &= region[:, :-1]
+    inner[:, :-1] &= region[:, 1:]
+    return region & ~inner
+
+
+def _erode(region: Array, k: int) -> Array:
+    for _ in range(k):
+        region = region & ~_edge(region)
+    return region
+
+
+def _pick(region: Array, rng: np.random.Generator, margin: int = 0) -> tuple[float, float]:
+    """A random pixel of ``region``, at least ``margin`` px inside it when there is room."""
+    inner = _erode(region, margin) if margin else region
+    ys, xs = np.nonzero(inner if inner.any() else region)
+    i = rng.integers(len(ys))
+    return float(ys[i]) + 0.5, float(xs[i]) + 0.5
+
+
+# ----------------------------------------------------------------------------- products
+def _hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+    y, x = _grid(size)
+    s = float(size)
+    # Dark, slightly uneven background (MVTec hazelnuts lie on black felt).
+    img = np.full((size, size, 3), rng.uniform(16, 30), np.float32)
+    img += 4 * _smooth_noise(rng, size, 6)[..., None]
+    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.05, 0.05, 2) * s)
+    theta = rng.uniform(0, 2 * np.pi)
+    a = s * rng.uniform(0.29, 0.33)
+    b = a * rng.uniform(0.82, 0.92)
+    c, sn = float(np.cos(theta)), float(np.sin(theta))
+    u = ((x - cx) * c + (y - cy) * sn) / a           # long axis, -1 = pointed tip
+    v = (-(x - cx) * sn + (y - cy) * c) / b
+    r2 = u ** 2 + (v * (1 + 0.2 * u)) ** 2              # egg shape: narrower towards the tip
+    obj = r2 < 1
+    # Lighting: a sphere lit from a jittered direction, so each nut is shaded differently.
+    z = np.sqrt(np.clip(1 - r2, 0, 1))
+    lu, lv = (float(v) for v in rng.uniform(-0.5, 0.5, 2))
+    shade = 0.45 + 0.55 * np.clip(0.75 * z + lu * u + lv * v, 0, 1)
+    # Texture: longitudinal veins plus blotchy noise, both varying per nut.
+    veins = 0.10 * np.sin(2 * np.pi * (rng.uniform(5, 8) * v + 0.4 * u * u) + rng.uniform(0, 6.3))
+    blotch = 0.08 * _smooth_noise(rng, size, 12) + 0.04 * rng.standard_normal((size, size), np.float32)
+    cap = np.where(u < -0.72, np.float32(0.65), np.float32(1.0))  # darker pointed tip
+    brown = np.array([150, 96, 52], np.float32) * rng.uniform(0.85, 1.12, 3).astype(np.float32)
+    nut = brown * (shade * cap * (1 + veins + blotch))[..., None]
+    img = np.where(obj[..., None], nut, img)
+    return img, obj.astype(np.uint8) * BODY
+
+
+def _screw(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+    y, x = _grid(size)
+    s = float(size)
+    img = np.full((size, size, 3), rng.uniform(185, 212), np.float32)
+    img += 5 * _smooth_noise(rng, size, 5)[..., None]
+    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.06, 0.06, 2) * s)
+    theta = rng.uniform(0, 2 * np.pi)                   # MVTec screws lie at any angle
+    c, sn = float(np.cos(theta)), float(np.sin(theta))
+    t = (x - cx) * c + (y - cy) * sn                    # along the axis: head (-) to tip (+)
+    w = -(x - cx) * sn + (y - cy) * c                   # across the axis
+    half = s * rng.uniform(0.25, 0.28)
+    rh, rw = s * 0.085, s * 0.036                       # head and shaft half-widths
+    head_len, neck_len, tip_len = s * 0.06, s * 0.10, s * 0.08
+    pitch = s * rng.uniform(0.028, 0.034)
+    head = (t > -half) & (t < -half + head_len) & (np.abs(w) < rh)
+    shaft_t = (t >= -half + head_len) & (t < half - tip_len)
+    thread = np.abs(w) < rw * (1 + 0.18 * np.abs(np.sin(np.pi * t / pitch)))
+    shaft = shaft_t & thread
+    neck = shaft & (t < -half + head_len + neck_len)
+    tip = (t >= half - tip_len) & (t < half) & (np.abs(w) < rw * (half - t) / tip_len)
+    parts = np.zeros((size, size), np.uint8)
+    parts[shaft] = BODY
+    parts[neck] = NECK
+    parts[head] = HEAD
+    parts[tip] = TIP
+    # Metal: a cylinder highlight across the axis, thread ridges along it, a grey tint per screw.
+    across = np.clip(1 - (w / np.where(head, np.float32(rh), np.float32(rw * 1.2))) ** 2, 0, 1)
+    ridges = np.where(head, 0.0, 0.22 * np.sin(2 * np.pi * t / pitch + 0.5 * w / rw))
+    grey = np.float32(rng.uniform(95, 130)) * np.array([1.0, 1.0, 1.04], np.float32)
+    grain = 0.03 * rng.standard_normal((size, size), np.float32)
+    metal = grey * (0.7 + 0.55 * across ** 2 + ridges + grain)[..., None]
+    img = np.where((parts > 0)[..., None], metal, img)
+    return img, parts
+
+
+@dataclass(frozen=True)
+class Product:
+    draw: Callable[[np.random.Generator, int], tuple[Array, Array]]
+    defects: tuple[str, ...]
+    description: str
+
+
+PRODUCTS: dict[str, Product] = {
+    "hazelnut": Product(_hazelnut, ("crack", "cut", "hole", "print"), "brown textured nut on dark felt"),
+    "screw": Product(_screw, ("manipulated_front", "scratch_head", "thread_side", "thread_top"),
+                     "metal screw on a light background"),
+}
+
+
+def product_image(product: str, rng: np.random.Generator, size: int = 256) -> tuple[Array, Array]:
+    """A clean product picture: ``(uint8 [H, W, 3], part map uint8 [H, W])``.
+
+    The part map is the object mask (``> 0`` = object) with part labels (``BODY``, ``HEAD``,
+    ``NECK``, ``TIP``) that ``draw_defect`` uses to put each defect where it belongs."""
+    if product not in PRODUCTS:
+        raise DefectlabError(f"unknown synthetic product {product!r}; available: {', '.join(PRODUCTS)}")
+    img, parts = PRODUCTS[product].draw(rng, int(size))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), parts
+
+
+# ----------------------------------------------------------------------------- defects
+# Each drawer: (rng, y, x, region, size) -> (shape bool [H, W], paint float [H, W, 3]).
+# Signatures, so classes differ in shape AND colour: crack = thin jagged near-black line,
+# cut = straight wide cream band, hole = dark disk with a pale rim, print = blue ink ring + bar;
+# scratch_head = thin white lines, thread_side = black notch on the edge, thread_top = orange
+# rust blotch, manipulated_front = bent blue-steel tip sticking out.
+def _colour(rng, rgb, jitter=0.08) -> Array:
+    return np.asarray(rgb, np.float32) * rng.uniform(1 - jitter, 1 + jitter, 3).astype(np.float32)
+
+
+def _crack(rng, y, x, region, s):
+    p = _pick(region, rng, int(s * 0.06))
+    angle = rng.uniform(0, 2 * np.pi)
+    radius = max(1.0, s * rng.uniform(0.008, 0.012))
+    shape = np.zeros(region.shape, bool)
+    for _ in range(rng.integers(6, 10)):               # a random walk with drifting direction
+        angle += rng.uniform(-0.7, 0.7)
+        step = s * rng.uniform(0.025, 0.045)
+        q = (p[0] + step * np.sin(angle), p[1] + step * np.cos(angle))
+        shape |= _capsule(y, x, p, q, radius)
+        p = q
+    return shape, np.broadcast_to(_colour(rng, (18, 12, 8), 0.2), (*region.shape, 3))
+
+
+def _cut(rng, y, x, region, s):
+    p = _pick(region, rng, int(s * 0.08))
+    angle, length = rng.uniform(0, np.pi), s * rng.uniform(0.14, 0.2)
+    dy, dx = 0.5 * length * np.sin(angle), 0.5 * length * np.cos(angle)
+    radius = s * rng.uniform(0.018, 0.025)
+    shape = _capsule(y, x, (p[0] - dy, p[1] - dx), (p[0] + dy, p[1] + dx), radius)
+    return shape, np.broadcast_to(_colour(rng, (235, 214, 160)), (*region.shape, 3))
+
+
+def _hole(rng, y, x, region, s):
+    radius = s * rng.uniform(0.045, 0.065)
+    p = _pick(region, rng, int(radius) + 2)
+    d = np.sqrt((y - p[0]) ** 2 + (x - p[1]) ** 2)
+    inside, rim = _colour(rng, (25, 20, 16), 0.2), _colour(rng, (205, 168, 118))
+    paint = np.where((d < 0.62 * radius)[..., None], inside, rim)
+    return d <= radius, paint
+
+
+def _print(rng, y, x, region, s):
+    outer = s * rng.uniform(0.055, 0.075)
+    p = _pick(region, rng, int(outer) + 2)
+    d = np.sqrt((y - p[0]) ** 2 + (x - p[1]) ** 2)
+    ring = (d <= outer) & (d >= outer - max(1.5, s * 0.016))
+    angle = rng.uniform(0, np.pi)
+    dy, dx = outer * np.sin(angle), outer * np.cos(angle)
+    bar = _capsule(y, x, (p[0] - dy, p[1] - dx), (p[0] + dy, p[1] + dx), max(1.0, s * 0.009))
+    return ring | bar, np.broadcast_to(_colour(rng, (55, 70, 205)), (*region.shape, 3))
+
+
+def _scratch_head(rng, y, x, region, s):
+    shape = np.zeros(region.shape, bool)
+    radius = max(1.0, s * 0.008)
+    for _ in range(rng.integers(2, 4)):
+        p = _pick(region, rng)
+        angle, half = rng.uniform(0, np.pi), s * rng.uniform(0.04, 0.07)
+        dy, dx = half * np.sin(angle), half * np.cos(angle)
+        shape |= _capsule(y, x, (p[0] - dy, p[1] - dx), (p[0] + dy, p[1] + dx), radius)
+    return shape, np.broadcast_to(_colour(rng, (250, 250, 244), 0.02), (*region.shape, 3))
+
+
+def _thread_side(rng, y, x, region, s):
+    p = _pick(_edge(region), rng)                       # a dent breaking the thread's outline
+    shape = _disk(y, x, p, s * rng.uniform(0.028, 0.038))
+    return shape, np.broadcast_to(_colour(rng, (22, 22, 28), 0.2), (*region.shape, 3))
+
+
+def _thread_top(rng, y, x, region, s):
+    shape = np.zeros(region.shape, bool)
+    for _ in range(rng.integers(3, 6)):                 # an irregular blotch of overlapping spots
+        shape |= _disk(y, x, _pick(region, rng), s * rng.uniform(0.018, 0.03))
+    return shape, np.broadcast_to(_colour(rng, (190, 96, 38)), (*region.shape, 3))
+
+
+def _manipulated_front(rng, y, x, region, s):
+    p = _pick(region, rng)
+    angle = rng.uniform(0, 2 * np.pi)
+    q = (p[0] + s * 0.06 * np.sin(angle), p[1] + s * 0.06 * np.cos(angle))
+    r = (q[0] + s * 0.04 * np.sin(angle + 1.2), q[1] + s * 0.04 * np.cos(angle + 1.2))
+    radius = s * rng.uniform(0.018, 0.024)
+    shape = _capsule(y, x, p, q, radius) | _capsule(y, x, q, r, radius * 0.8)
+    return shape, np.broadcast_to(_colour(rng, (60, 72, 130)), (*region.shape, 3))
+
+
+@dataclass(frozen=True)
+class Defect:
+    draw: Callable
+    part: int            # preferred part label; falls back to the whole object
+    clip: bool = True    # keep the defect on the object (False: it may stick out, e.g. a bent tip)
+    alpha: float = 1.0   # ink is slightly translucent
+
+
+DEFECTS: dict[str, Defect] = {
+    "crack": Defect(_crack, BODY),
+    "cut": Defect(_cut, BODY),
+    "hole": Defect(_hole, BODY),
+    "print": Defect(_print, BODY, alpha=0.85),
+    "scratch_head": Defect(_scratch_head, HEAD),
+    "thread_side": Defect(_thread_side, BODY, clip=False),
+    "thread_top": Defect(_thread_top, NECK),
+    "manipulated_front": Defect(_manipulated_front, TIP, clip=False),
+}
+
+
+def draw_defect(img: Array, defect: str, rng: np.random.Generator,
+                mask_region: Array | None = None) -> tuple[Array, Array]:
+    """Paint ``defect`` onto a copy of ``img`` (uint8 [H, W, 3]): ``(new image, mask bool [H, W])``.
+
+    ``mask_region`` says where the defect may go: a boolean mask, or a part map from
+    ``product_image`` (the defect then lands on its own part). ``None`` = the central half.
+    Only pixels inside the returned mask change."""
+    if defect not in DEFECTS:
+        raise DefectlabError(f"unknown synthetic defect {defect!r}; available: {', '.join(DEFECTS)}")
+    spec = DEFECTS[defect]
+    h, w = img.shape[:2]
+    if mask_region is None:
+        region = np.zeros((h, w), bool)
+        region[h // 4: h - h // 4, w // 4: w - w // 4] = True
+    elif mask_region.dtype == bool:
+        region = mask_region
+    else:
+        own = mask_region == spec.part
+        region = own if own.any() else mask_region > 0
+    if not region.any():
+        raise DefectlabError(f"no room for defect {defect!r}: the region mask is empty")
+    y, x = _grid(h) if h == w else np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    for _ in range(8):  # retry placements that would mostly fall off the region
+        shape, paint = spec.draw(rng, y, x, region, float(min(h, w)))
+        kept = shape & region if spec.clip else shape
+        if kept.sum() >= 0.6 * shape.sum() and kept.any():
+            break
+    out = img.copy()
+    blend = img[kept].astype(np.float32) * (1 - spec.alpha) + paint[kept] * spec.alpha
+    out[kept] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)  # only masked pixels change
+    return out, kept
+
+
+# ----------------------------------------------------------------------------- dataset
+def _rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """One generator per image, independent of generation order (crc32 is stable across runs)."""
+    ints = [k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys]
+    return np.random.default_rng([seed, *ints])
+
+
+def _save(array: Array, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, compress_level=1)  # PNG bytes are deterministic at any level
+
+
+def generate(out: Path, seed: int = 0, size: int = 256, per_class: int = 20, good: int = 20,
+             products: tuple[str, ...] = ("hazelnut", "screw")) -> Path:
+    """Write a dataset in MVTec AD layout under ``out`` and return ``out``:
+    ``<product>/train/good/NNN.png`` (``good`` images), ``<product>/test/good/`` (a few),
+    ``<product>/test/<defect>/NNN.png`` (``per_class`` each) and
+    ``<product>/ground_truth/<defect>/NNN_mask.png`` (0/255)."""
+    out = Path(out)
+    for product in products:
+        if product not in PRODUCTS:
+            raise DefectlabError(f"unknown synthetic product {product!r}; available: {', '.join(PRODUCTS)}")
+        root = out / product
+        for split, count in (("train", good), ("test", max(2, good // 5))):
+            for i in range(count):
+                img, _ = product_image(product, _rng(seed, product, split, "good", i), size)
+                _save(img, root / split / "good" / f"{i:03d}.png")
+        for defect in PRODUCTS[product].defects:
+            for i in range(per_class):
+                rng = _rng(seed, product, "test", defect, i)
+                clean, parts = product_image(product, rng, size)
+                img, mask = draw_defect(clean, defect, rng, parts)
+                _save(img, root / "test" / defect / f"{i:03d}.png")
+                _save(mask.astype(np.uint8) * 255, root / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return out

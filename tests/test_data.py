@@ -1,0 +1,324 @@
+"""data.py: both layouts, the split and its manifest, transforms, bad input, the real MVTec sample."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectlab import data, paths, synth
+from defectlab.data import DataConfig, DefectDataset
+from defectlab.errors import DefectlabError
+
+
+def _png(path, size=32, value=(120, 80, 40), mode="RGB", square=None):
+    """An image of one colour, optionally with a white square ``(y, x, side)``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size, size, 3), np.uint8) + np.array(value, np.uint8)
+    if square:
+        y, x, k = square
+        arr[y:y + k, x:x + k] = 255
+    im = Image.fromarray(arr)
+    (im.convert("L") if mode == "L" else im).save(path)
+    return path
+
+
+def _mask(path, size=32, square=(4, 4, 6)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size, size), np.uint8)
+    y, x, k = square
+    arr[y:y + k, x:x + k] = 255
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def make_mvtec(root, product="widget", classes=None, good=3, size=32):
+    classes = classes or {"dent": 4, "bent": 5}
+    for i in range(good):
+        _png(root / product / "train" / "good" / f"{i:03d}.png", size)
+    _png(root / product / "test" / "good" / "000.png", size)
+    for c, (name, n) in enumerate(sorted(classes.items())):
+        for i in range(n):
+            _png(root / product / "test" / name / f"{i:03d}.png", size, value=(10 * c, 20 * i, 50))
+            _mask(root / product / "ground_truth" / name / f"{i:03d}_mask.png", size)
+    return root
+
+
+def make_ds(root, product="widget", classes=None, size=32):
+    classes = classes or {"scratch": 4, "crack": 3}
+    for i in range(2):
+        _png(root / product / "image" / "good" / f"{i:03d}.png", size)
+    for name, n in classes.items():
+        for i in range(n):
+            _png(root / product / "image" / name / f"{i:03d}.png", size, value=(30, 20 * i, 90))
+            if i == 0:  # the colour-mask fallback, with the dataset's own "rbg" spelling
+                Image.new("RGB", (size, size), (0, 0, 200)).save(
+                    _mask(root / product / "rbg_mask" / name / f"{i:03d}_rbg_mask.png", size))
+            else:
+                _mask(root / product / "mask" / name / f"{i:03d}_mask.png", size)
+    return root
+
+
+def cfg_for(root, **kw):
+    return DataConfig(data=str(root), product=kw.pop("product", "widget"), image_size=kw.pop("image_size", 16), **kw)
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_mvtec_layout(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    assert data.detect_layout(root) == ("mvtec", ["widget"])
+    d = data.load(cfg_for(root))
+    assert d.layout == "mvtec" and d.product == "widget"
+    assert d.classes == ["bent", "dent"]                       # sorted, "good" excluded
+    assert len(d.good) == 3 and all("train" in g.parts for g in d.good)
+    every = d.train + d.test
+    assert len(every) == 9
+    assert all(s.mask is not None and s.mask.name == f"{s.image.stem}_mask.png" for s in every)
+    assert all(s.label == d.classes.index(s.defect) and s.product == "widget" for s in every)
+
+
+def test_ds_mvtec_layout_with_colour_mask_fallback(tmp_path):
+    root = make_ds(tmp_path / "ds")
+    assert data.detect_layout(root) == ("ds-mvtec", ["widget"])
+    d = data.load(cfg_for(root))
+    assert d.layout == "ds-mvtec" and d.classes == ["crack", "scratch"]
+    assert len(d.good) == 2
+    by_stem = {(s.defect, s.image.stem): s for s in d.train + d.test}
+    assert by_stem[("crack", "000")].mask.parent.parent.name == "rbg_mask"
+    assert by_stem[("crack", "001")].mask.parent.parent.name == "mask"
+    item = DefectDataset([by_stem[("crack", "000")]], cfg_for(root), augment=False)[0]
+    assert item["mask"].min() == 1  # a blue colour mask counts as defect everywhere
+
+
+def test_info_and_format(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    info = data.info(root)
+    p = info["products"]["widget"]
+    assert info["layout"] == "mvtec" and p["classes"] == {"bent": 5, "dent": 4}
+    assert p["good"] == 3 and p["test_good"] == 1 and p["masks"] == 9
+    assert p["sizes"] == {"32x32": 13} and p["modes"] == {"RGB": 13}
+    text = data.format_info(info)
+    assert "MVTec AD" in text and "bent" in text and "32x32 x13" in text
+
+
+# ----------------------------------------------------------------------------- split + manifest
+def _names(samples):
+    return sorted(str(s.image) for s in samples)
+
+
+def test_split_deterministic_disjoint_per_class(tmp_path):
+    root = make_mvtec(tmp_path / "mv", classes={"a": 2, "b": 8, "c": 12})
+    d1, d2 = data.load(cfg_for(root)), data.load(cfg_for(root))
+    assert _names(d1.train) == _names(d2.train) and _names(d1.test) == _names(d2.test)
+    assert not set(_names(d1.train)) & set(_names(d1.test))
+    for cls, n in {"a": 2, "b": 8, "c": 12}.items():
+        n_test = sum(s.defect == cls for s in d1.test)
+        assert n_test == max(1, round(n * 0.25)) and n - n_test >= 1
+    other = data.load(cfg_for(root, split_seed=1))
+    assert _names(other.test) != _names(d1.test)
+    half = data.load(cfg_for(root, test_fraction=0.5))
+    assert sum(s.defect == "c" for s in half.test) == 6
+
+
+def test_manifest_written_then_reused(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    manifest = tmp_path / "run" / "split.json"
+    first = data.load(cfg_for(root), manifest=manifest)
+    m = json.loads(manifest.read_text())
+    assert m["layout"] == "mvtec" and m["split_seed"] == 0 and m["test_fraction"] == 0.25
+    assert all(not e["image"].startswith("/") and e["image"].startswith("widget/test/") for e in m["train"])
+    # Reused, not recomputed: move one training image to the test side by hand.
+    moved = m["train"].pop(0)
+    m["test"].append(moved)
+    manifest.write_text(json.dumps(m))
+    again = data.load(cfg_for(root), manifest=manifest)
+    assert str(root / moved["image"]) in _names(again.test)
+    assert len(again.train) == len(first.train) - 1
+    with pytest.raises(DefectlabError, match="split_seed"):
+        data.load(cfg_for(root, split_seed=3), manifest=manifest)
+    _png(root / "widget" / "test" / "dent" / "099.png")
+    with pytest.raises(DefectlabError, match=r"does not match.*099\.png"):
+        data.load(cfg_for(root), manifest=manifest)
+
+
+def test_manifest_refuses_a_missing_file(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    manifest = tmp_path / "split.json"
+    data.load(cfg_for(root), manifest=manifest)
+    (root / "widget" / "test" / "bent" / "004.png").unlink()
+    with pytest.raises(DefectlabError, match="does not match"):
+        data.load(cfg_for(root), manifest=manifest)
+
+
+# ----------------------------------------------------------------------------- pixels + transforms
+def test_dataset_item_ranges(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    d = data.load(cfg_for(root))
+    ds = DefectDataset(d.train, cfg_for(root))
+    item = ds[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert -1 <= item["image"].min() and item["image"].max() <= 1
+    assert item["mask"].shape == (1, 16, 16) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert item["label"] == d.train[0].label
+    no_mask = data.Sample(d.good[0], None, "good", -1, "widget")
+    assert DefectDataset([no_mask], cfg_for(root))[0]["mask"].sum() == 0
+
+
+def test_greyscale_becomes_rgb_and_crop(tmp_path):
+    path = _png(tmp_path / "g.png", size=40, value=(90, 90, 90), mode="L", square=(10, 10, 20))
+    x = data.load_image(path, 10)
+    assert x.shape == (3, 10, 10) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    centre = data.load_image(path, 8, crop=20)                 # exactly the white square
+    assert torch.allclose(centre, torch.ones_like(centre))
+
+
+def test_augment_keeps_image_and_mask_aligned(tmp_path):
+    size, sq = 32, (3, 20, 6)                                  # off-centre, so every transform moves it
+    img = _png(tmp_path / "x" / "test" / "d" / "000.png", size, value=(0, 0, 0), square=sq)
+    msk = _mask(tmp_path / "x" / "ground_truth" / "d" / "000_mask.png", size, square=sq)
+    cfg = DataConfig(image_size=size)
+    ds = DefectDataset([data.Sample(img, msk, "d", 0, "x")], cfg)
+    places = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        item = ds[0]
+        bright = item["image"].mean(0) > 0                     # the square in the image
+        mask = item["mask"][0] > 0.5
+        assert mask.sum() > 20
+        iou = (bright & mask).sum() / (bright | mask).sum()
+        assert iou > 0.6, f"seed {seed}: image and mask moved apart (IoU {iou:.2f})"
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        places.add((round(ys.float().mean().item()), round(xs.float().mean().item())))
+    assert len(places) >= 4                                    # flips and rotations did happen
+
+
+def test_augment_is_seedable(tmp_path):
+    img = _png(tmp_path / "a.png", 24, square=(2, 14, 5))
+    ds = DefectDataset([data.Sample(img, None, "d", 0, "x")], DataConfig(image_size=24))
+    torch.manual_seed(7)
+    a = torch.stack([ds[0]["image"] for _ in range(6)])
+    torch.manual_seed(7)
+    b = torch.stack([ds[0]["image"] for _ in range(6)])
+    assert torch.equal(a, b)
+
+
+def test_rotation_fills_corners_with_border_colour(tmp_path):
+    img = _png(tmp_path / "light.png", 32, value=(200, 200, 200))
+    cfg = DataConfig(image_size=32, hflip=False, vflip=False, rotations=(45,))
+    ds = DefectDataset([data.Sample(img, None, "d", 0, "x")], cfg)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        assert ds[0]["image"][:, 0, 0].min() > 0.5            # not black corners
+
+
+# ----------------------------------------------------------------------------- synthetic root
+def test_resolve_root_synthetic_generates_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "SYNTHETIC", tmp_path / "data" / "synthetic")
+    monkeypatch.setattr(data, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
+    root = data.resolve_root("synthetic")
+    assert root == paths.SYNTHETIC and (root / data.STAMP).is_file()
+    assert data.detect_layout(root) == ("mvtec", ["hazelnut", "screw"])
+    marker = root / "hazelnut" / "train" / "good" / "000.png"
+    before = marker.stat().st_mtime_ns
+    data.resolve_root("synthetic")
+    assert marker.stat().st_mtime_ns == before                  # up to date: not regenerated
+    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
+    data.resolve_root("synthetic")
+    assert json.loads((root / data.STAMP).read_text())["generator_version"] == synth.GENERATOR_VERSION
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    d = data.load(DataConfig(product="screw"))
+    assert d.classes == sorted(synth.PRODUCTS["screw"].defects)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_root(tmp_path):
+    with pytest.raises(DefectlabError, match="not found.*nope"):
+        data.load(cfg_for(tmp_path / "nope"))
+
+
+def test_neither_layout(tmp_path):
+    (tmp_path / "junk" / "stuff").mkdir(parents=True)
+    with pytest.raises(DefectlabError, match="neither known layout.*MVTec AD.*DS-MVTec"):
+        data.load(cfg_for(tmp_path / "junk"))
+    root = make_mvtec(tmp_path / "mv")
+    with pytest.raises(DefectlabError, match="product folder: pass its parent"):
+        data.detect_layout(root / "widget")
+
+
+def test_unknown_product_lists_available(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    with pytest.raises(DefectlabError, match="'nut'.*available: widget"):
+        data.load(cfg_for(root, product="nut"))
+
+
+def test_empty_class(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    (root / "widget" / "test" / "hollow").mkdir()
+    with pytest.raises(DefectlabError, match="no images.*hollow"):
+        data.load(cfg_for(root))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_found_by_load(tmp_path, damage):
+    root = make_mvtec(tmp_path / "mv")
+    bad = root / "widget" / "test" / "dent" / "002.png"
+    raw = bad.read_bytes()
+    bad.write_bytes(b"not a png at all" if damage == "garbage" else raw[: len(raw) // 2])
+    with pytest.raises(DefectlabError, match=r"corrupt image .*dent/002\.png"):
+        data.load(cfg_for(root))
+    with pytest.raises(DefectlabError, match=r"002\.png"):
+        data.load_image(bad, 16)
+
+
+def test_non_image_file_is_skipped_with_warning(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    (root / "widget" / "test" / "dent" / "notes.txt").write_text("hi")
+    (root / "widget" / "test" / "dent" / ".DS_Store").write_bytes(b"\0")
+    with pytest.warns(UserWarning, match="notes.txt"):
+        d = data.load(cfg_for(root))
+    assert sum(s.defect == "dent" for s in d.train + d.test) == 4
+
+
+def test_mask_size_mismatch(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    _mask(root / "widget" / "ground_truth" / "bent" / "001_mask.png", size=30)
+    with pytest.raises(DefectlabError, match=r"mask .*001_mask\.png is 30x30 but .* is 32x32"):
+        data.load(cfg_for(root))
+
+
+def test_crop_larger_than_image_and_tiny_size(tmp_path):
+    root = make_mvtec(tmp_path / "mv")
+    with pytest.raises(DefectlabError, match="crop 64 px is larger than image"):
+        data.load(cfg_for(root, crop=64))
+    with pytest.raises(DefectlabError, match="image_size must be at least 8"):
+        data.load(cfg_for(root, image_size=4))
+    with pytest.raises(DefectlabError, match="crop 64"):
+        data.load_image(root / "widget" / "train" / "good" / "000.png", 16, crop=64)
+
+
+def test_single_image_class_goes_to_training(tmp_path):
+    root = make_mvtec(tmp_path / "mv", classes={"rare": 1, "common": 4})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = data.load(cfg_for(root))
+    assert any("single image" in str(w.message) for w in caught)
+    assert [s.defect for s in d.train].count("rare") == 1 and "rare" not in {s.defect for s in d.test}
+
+
+# ----------------------------------------------------------------------------- the real MVTec sample
+def test_real_mvtec_screws(shared_screws):
+    assert data.detect_layout(shared_screws) == ("mvtec", ["screw"])
+    d = data.load(DataConfig(data=str(shared_screws), product="screw", image_size=32))
+    assert d.classes == ["manipulated_front", "scratch_head", "scratch_neck", "thread_side", "thread_top"]
+    assert len(d.train) == 5 and len(d.test) == 5 and len(d.good) == 4   # 2 per class: 1 + 1
+    for s in d.train + d.test:
+        assert s.mask is not None
+        with Image.open(s.image) as im, Image.open(s.mask) as m:
+            assert im.size == m.size == (1024, 1024) and im.mode == "L"
+    x = data.load_image(d.test[0].image, 64)
+    assert x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[2])
+    item = DefectDataset(d.train[:1], DataConfig(image_size=64), augment=False)[0]
+    assert 0 < item["mask"].sum() < 64 * 64 / 4                # a small defect, kept at 64 px
+    info = data.info(shared_screws)["products"]["screw"]
+    assert info["sizes"] == {"1024x1024": 16} and info["modes"] == {"L": 16} and info["test_good"] == 2
