@@ -1,0 +1,486 @@
+"""Speed and memory at DiT-XL scale, with results equal to the plain model.
+
+Each switch below is exact or bounded by the precision it asks for, and has a CPU test that
+says so (tests/test_engine.py). What each one buys on a GPU is measured by
+``benchmarks/xl_speed.py`` (see BENCHMARKS.md), not claimed here.
+
+- Frozen weights in bf16, trained parameters in float32, forward under autocast
+  (``methods.cast_frozen``): memory of the frozen 675M parameters halves, matrix products run
+  on bf16 tensor cores; Adam state exists for the trained parameters only.
+- Tied conditioning (``tie_embeddings``): diffusers' DiT keeps a timestep MLP + class table in
+  every block's ``norm1.emb`` (28 copies, identical in the converted DiT-XL checkpoint) and
+  computes all of them, plus once more for the final layer. Tied, every block shares block 0's
+  module and the embedding is computed once per forward. Exact when the copies are identical.
+  For training it changes the parameters: one shared class table and timestep MLP, as in the
+  original DiT, so it is opt-in and must be applied the same way when a run is restored.
+- Per-block gradient checkpointing: activations of the chosen blocks are recomputed in the
+  backward pass instead of being kept (identical gradients).
+- ``torch.compile`` of the whole model or of each block (blocks: one compiled graph reused 28
+  times, minutes less compile time); CUDA graphs through the ``reduce-overhead`` modes. Only on
+  CUDA unless a backend is named (tests use ``backend="eager"``): elsewhere it is skipped and
+  the report says so.
+- Sampling copy (``prepare_for_sampling``): LoRA merged, q/k/v fused into one matrix product,
+  tied conditioning, one dtype, eval. The attention stays diffusers' SDPA processor, whose
+  flash/efficient kernels take head size 72 in bf16 (``attention_backends`` checks).
+- ``LatentCache``: the VAE is frozen, so each (training image, augmentation view) is encoded
+  once; views are drawn with the same RNG calls as ``data.augment_pair``, so a run with the
+  cache sees the same views, noise and timesteps as a run without it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import weakref
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+from torch import nn
+
+from . import data as data_mod
+from . import methods
+from .errors import DefectlabError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def as_dtype(value) -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bfloat16"``/``"bf16"`` …; ``None``/``""`` stay None."""
+    if value is None or value == "" or isinstance(value, torch.dtype):
+        return value or None
+    if str(value).lower() not in _DTYPES:
+        raise DefectlabError(f"unknown dtype {value!r}; use float32 or bfloat16")
+    return _DTYPES[str(value).lower()]
+
+
+# ----------------------------------------------------------------------------- tied conditioning
+class TiedEmbedding(nn.Module):
+    """Block 0's ``CombinedTimestepLabelEmbeddings``, shared by every block, with the same child
+    names (``time_proj``, ``timestep_embedder``, ``class_embedder``) so parameter names, the
+    method rules and ``model.num_classes`` are unchanged. Called with ``class_labels=None`` it
+    returns its first argument: the conditioning the engine forward computed once."""
+
+    def __init__(self, emb: nn.Module):
+        super().__init__()
+        self.time_proj, self.timestep_embedder, self.class_embedder = (
+            emb.time_proj, emb.timestep_embedder, emb.class_embedder)
+
+    def compute(self, timestep, class_labels, hidden_dtype=None) -> torch.Tensor:
+        return CombinedTimestepLabelEmbeddings.forward(self, timestep, class_labels, hidden_dtype=hidden_dtype)
+
+    def forward(self, timestep, class_labels, hidden_dtype=None) -> torch.Tensor:
+        if class_labels is None:  # a label embedding never gets None: this is the precomputed vector
+            return timestep
+        return self.compute(timestep, class_labels, hidden_dtype)
+
+
+def _embedders(transformer) -> list[nn.Module]:
+    return [b.norm1.emb for b in transformer.transformer_blocks]
+
+
+def is_tied(transformer) -> bool:
+    return isinstance(_embedders(transformer)[0], TiedEmbedding)
+
+
+def embeddings_identical(transformer) -> bool:
+    """True when every block's timestep MLP and class table equal block 0's (hub DiT-XL: yes)."""
+    embs = _embedders(transformer)
+    if all(e is embs[0] for e in embs):
+        return True
+    ref = dict(embs[0].named_parameters())
+    return all(e.class_embedder.num_classes == embs[0].class_embedder.num_classes
+               and dict(e.named_parameters()).keys() == ref.keys()
+               and all(torch.equal(p, ref[n]) for n, p in e.named_parameters()) for e in embs[1:])
+
+
+def tie_embeddings(transformer, adopt: bool = False) -> nn.Module:
+    """Share block 0's timestep/class embedder with every block; computed once per forward.
+
+    Refuses when the copies differ (tying would change the model) unless ``adopt``: then block
+    0's copy is used everywhere (benchmarks on random weights). Call after ``model.set_classes``
+    and ``methods.apply``; a run trained tied must be restored tied (its checkpoint holds one
+    class table)."""
+    if is_tied(transformer):
+        return transformer
+    if not adopt and not embeddings_identical(transformer):
+        raise DefectlabError("tie_embeddings: the blocks' timestep/class embedders differ (a random or per-block "
+                             "trained model); tying needs identical copies, as in the converted DiT-XL checkpoint")
+    shared = TiedEmbedding(_embedders(transformer)[0])
+    for block in transformer.transformer_blocks:
+        block.norm1.emb = shared
+    _engine_options(transformer)["tie"] = True
+    return transformer
+
+
+_tie = tie_embeddings  # prepare_*'s keyword of the same name shadows it there
+
+
+def untie_embeddings(transformer) -> nn.Module:
+    """Independent per-block copies again (diffusers' layout, for ``save_pretrained``/export)."""
+    if not is_tied(transformer):
+        return transformer
+    shared = _embedders(transformer)[0]
+    for block in transformer.transformer_blocks:
+        emb = CombinedTimestepLabelEmbeddings.__new__(CombinedTimestepLabelEmbeddings)
+        nn.Module.__init__(emb)
+        for name in ("time_proj", "timestep_embedder", "class_embedder"):
+            setattr(emb, name, copy.deepcopy(getattr(shared, name)))
+        block.norm1.emb = emb
+    _engine_options(transformer)["tie"] = False
+    return transformer
+
+
+# ----------------------------------------------------------------------------- engine forward
+def _engine_options(transformer) -> dict:
+    """Options read by the engine forward; installs it once (an instance ``forward``, as
+    accelerate's autocast wrapper does, so the module, its names and state dict stay the same)."""
+    opts = transformer.__dict__.get("_defectlab_engine_opts")
+    if opts is None:
+        opts = {"tie": False, "autocast": None, "input_dtype": None, "inner": transformer.__dict__.get("forward")}
+        transformer.__dict__["_defectlab_engine_opts"] = opts
+        transformer.forward = MethodType(_engine_forward, transformer)
+    return opts
+
+
+_ARG_NAMES = ("hidden_states", "timestep", "class_labels", "cross_attention_kwargs", "return_dict")
+
+
+def _engine_forward(self, *args, **kwargs):
+    opts = self._defectlab_engine_opts
+    kwargs.update(zip(_ARG_NAMES, args))
+    x = kwargs.pop("hidden_states")
+    if opts["input_dtype"] is not None:
+        x = x.to(opts["input_dtype"])
+    inner = opts["inner"] or MethodType(type(self).forward, self)
+    # no autocast(enabled=False) when off: that would switch off an outer one (accelerate's bf16)
+    amp = torch.autocast(x.device.type, dtype=opts["autocast"]) if opts["autocast"] else contextlib.nullcontext()
+    with amp:
+        if opts["tie"] and kwargs.get("class_labels") is not None:
+            # the dtype the blocks would pass: PatchEmbed's output (autocast dtype or its weight's)
+            dt = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                  else self.pos_embed.proj.weight.dtype)
+            emb = self.transformer_blocks[0].norm1.emb
+            kwargs["timestep"] = emb.compute(kwargs["timestep"], kwargs["class_labels"], hidden_dtype=dt)
+            kwargs["class_labels"] = None
+        return inner(x, **kwargs)
+
+
+# ----------------------------------------------------------------------------- checkpointing
+def _checkpointed_forward(self, *args, **kwargs):
+    if torch.is_grad_enabled() and self.training:
+        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def set_grad_checkpointing(transformer, blocks: bool | int) -> int:
+    """Recompute the activations of the first ``blocks`` blocks in backward (True or -1 = all,
+    0/False = none). Which blocks does not matter for memory: every kept block's activations
+    live until backward reaches it. Returns the number of checkpointed blocks."""
+    all_blocks = transformer.transformer_blocks
+    n = len(all_blocks) if blocks is True or (not isinstance(blocks, bool) and blocks < 0) else int(blocks)
+    if n > len(all_blocks):
+        raise DefectlabError(f"grad_checkpointing: the model has {len(all_blocks)} blocks, got {n}")
+    for i, block in enumerate(all_blocks):
+        if i < n:
+            block.forward = MethodType(_checkpointed_forward, block)
+        else:
+            block.__dict__.pop("forward", None)
+    return n
+
+
+# ----------------------------------------------------------------------------- compile
+def _compile(module, mode, scope: str, backend: str | None) -> str:
+    if not mode:
+        return "off"
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise DefectlabError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if scope not in ("model", "blocks"):
+        raise DefectlabError(f"compile scope must be model or blocks (got {scope!r})")
+    device = next(module.parameters()).device.type
+    if backend is None and device != "cuda":
+        return f"skipped ({device}: compile runs on CUDA only; eager)"
+    kw = {"backend": backend} if backend else {"mode": mode}
+    for m in (module.transformer_blocks if scope == "blocks" else [module]):
+        m.compile(dynamic=False, **kw)  # in place: same module, names and state dict
+    return f"{backend or mode} ({scope})"
+
+
+def uses_cudagraphs(model) -> bool:
+    model = getattr(model, "module", model)  # DDP-wrapped by accelerate
+    return bool(getattr(model, "defectlab_engine", {}).get("cudagraphs"))
+
+
+def step_begin(model) -> None:
+    """Call at the start of each training step: tells CUDA-graph trees a new iteration begins."""
+    if uses_cudagraphs(model):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _cast(module, dtype, which=lambda p: True) -> None:
+    # p.data, not module.to(dtype): diffusers warns on every .to(dtype), and trained params must stay
+    for p in module.parameters():
+        if which(p) and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+# ----------------------------------------------------------------------------- training
+def prepare_for_training(transformer, *, frozen_dtype=torch.bfloat16, tie_embeddings: bool = False,
+                         grad_checkpointing: bool | int = False, compile: bool | str = False,
+                         compile_scope: str = "blocks", backend: str | None = None) -> nn.Module:
+    """In place, after ``methods.apply`` and before the optimizer is built; returns the module.
+
+    ``frozen_dtype`` bf16: frozen parameters stored in bf16, trained ones in float32, forward
+    under bf16 autocast; float32/None: unchanged. ``tie_embeddings``: see ``tie_embeddings``
+    (changes what trains: opt-in). ``grad_checkpointing``: True/-1 all blocks, N the first N.
+    ``compile``: False or a mode (``COMPILE_MODES``); CUDA only unless ``backend`` is given.
+    ``transformer.defectlab_engine`` records what was applied."""
+    frozen = as_dtype(frozen_dtype) or torch.float32
+    if frozen not in (torch.float32, torch.bfloat16):
+        raise DefectlabError(f"frozen_dtype must be float32 or bfloat16 (got {frozen}); float16 would need loss scaling")
+    if tie_embeddings:
+        _tie(transformer)
+    opts = _engine_options(transformer)
+    if frozen != torch.float32:
+        methods.cast_frozen(transformer, frozen)
+        opts["autocast"] = frozen
+    n_ckpt = set_grad_checkpointing(transformer, grad_checkpointing) if grad_checkpointing else 0
+    compiled = _compile(transformer, compile, compile_scope, backend)
+    transformer.defectlab_engine = {
+        "frozen_dtype": str(frozen).removeprefix("torch."), "autocast": str(opts["autocast"]).removeprefix("torch."),
+        "tie_embeddings": is_tied(transformer), "grad_checkpointing": n_ckpt, "compile": compiled,
+        "cudagraphs": compile in _CUDAGRAPH_MODES and not compiled.startswith(("skipped", "off"))}
+    return transformer
+
+
+# ----------------------------------------------------------------------------- sampling
+class CudaGraphSampler(nn.Module):
+    """Outside the compiled region: marks a new CUDA-graph step and copies the output out of the
+    graph's static buffer (the next replay overwrites it). ``config`` is the transformer's."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def forward(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.transformer(*args, **kwargs)
+        return type(out)(sample=out.sample.clone()) if hasattr(out, "sample") else tuple(o.clone() for o in out)
+
+
+def merge_lora(transformer) -> int:
+    """Fold peft LoRA layers into their base linears and put the plain linears back (sampling)."""
+    merged = 0
+    for name, module in list(transformer.named_modules()):
+        if hasattr(module, "base_layer") and hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def fuse_qkv(transformer) -> int:
+    """One (3d × d) matrix product for q, k, v in every self-attention (weights copied: sampling)."""
+    fused = 0
+    for module in transformer.modules():
+        if isinstance(module, Attention) and not module.is_cross_attention and not getattr(module, "fused_projections", False):
+            with torch.no_grad():
+                module.fuse_projections()
+            module.set_processor(FusedAttnProcessor2_0())
+            fused += 1
+    return fused
+
+
+def prepare_for_sampling(transformer, *, dtype=None, tie_embeddings: bool | str = "auto", fuse: bool = True,
+                         compile: bool | str = False, compile_scope: str = "model", backend: str | None = None,
+                         inplace: bool = False) -> nn.Module:
+    """A model for sampling only: a copy (unless ``inplace``) with LoRA merged, q/k/v fused,
+    conditioning tied (``"auto"``: when the copies are identical), weights in ``dtype`` (None:
+    bf16 on CUDA, float32 elsewhere), eval, no gradients; the input is cast to ``dtype``.
+    ``compile`` as in ``prepare_for_training``; with a CUDA-graph mode the result is wrapped in
+    ``CudaGraphSampler``. Pass it to ``sample.generate`` like the transformer itself."""
+    net = transformer if inplace else copy.deepcopy(transformer)
+    device = next(net.parameters()).device.type
+    dtype = as_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    net.eval().requires_grad_(False)
+    n_lora = merge_lora(net)
+    if tie_embeddings is True or (tie_embeddings == "auto" and embeddings_identical(net)):
+        _tie(net)
+    _cast(net, dtype)
+    n_fused = fuse_qkv(net) if fuse else 0
+    set_grad_checkpointing(net, 0)  # a model prepared for training: its settings don't carry over
+    opts = _engine_options(net)
+    opts["input_dtype"], opts["autocast"] = dtype, None  # one dtype throughout, no training autocast
+    compiled = _compile(net, compile, compile_scope, backend)
+    graphs = compile in _CUDAGRAPH_MODES and not compiled.startswith(("skipped", "off"))
+    net.defectlab_engine = {"dtype": str(dtype).removeprefix("torch."), "tie_embeddings": is_tied(net),
+                            "lora_merged": n_lora, "qkv_fused": n_fused, "compile": compiled, "cudagraphs": graphs}
+    return CudaGraphSampler(net).eval() if graphs else net
+
+
+_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sampler(transformer, **options) -> nn.Module:
+    """``prepare_for_sampling(transformer, **options)``, cached per transformer and rebuilt when
+    any of its parameters changed since (in-place updates bump the tensors' version counters)."""
+    state = (tuple((p.data_ptr(), p._version, p.dtype) for p in transformer.parameters()),
+             tuple(sorted(options.items(), key=lambda kv: kv[0])))
+    hit = _SAMPLERS.get(transformer)
+    if hit is None or hit[0] != state:
+        hit = (state, prepare_for_sampling(transformer, **options))
+        _SAMPLERS[transformer] = hit
+    return hit[1]
+
+
+def attention_backends(heads: int = 16, head_dim: int = 72, tokens: int = 256, batch: int = 2,
+                       dtype=torch.bfloat16, device="cuda") -> dict[str, bool]:
+    """Which SDPA kernels accept DiT's attention shape in ``dtype`` on ``device`` (True = ran)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype)
+    out = {}
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                F.scaled_dot_product_attention(q, q, q)
+            out[name.lower().removesuffix("_attention")] = True
+        except RuntimeError:
+            out[name.lower().removesuffix("_attention")] = False
+    return out
+
+
+def attention_processors(model) -> list[str]:
+    """Distinct attention processor classes (diffusers' SDPA: AttnProcessor2_0 / FusedAttnProcessor2_0)."""
+    return sorted({type(m.processor).__name__ for m in model.modules() if isinstance(m, Attention)})
+
+
+# ----------------------------------------------------------------------------- latent cache
+@dataclass(frozen=True)
+class View:
+    """One augmentation of ``data.augment_pair``: flips, then a rotation (degrees)."""
+    hflip: bool = False
+    vflip: bool = False
+    angle: int = 0
+
+
+def views(cfg: data_mod.DataConfig) -> list[View]:
+    """Every view ``augment_pair`` can produce for ``cfg`` (≤ 2 × 2 × (1 + len(rotations)))."""
+    flips = lambda on: (False, True) if on else (False,)  # noqa: E731
+    angles = list(dict.fromkeys((0, *cfg.rotations)))
+    return [View(h, v, a) for h, v, a in itertools.product(flips(cfg.hflip), flips(cfg.vflip), angles)]
+
+
+def draw_view(cfg: data_mod.DataConfig) -> View:
+    """The view ``augment_pair`` would apply now: the same torch RNG calls, in the same order."""
+    h = bool(cfg.hflip and torch.rand(()) < 0.5)
+    v = bool(cfg.vflip and torch.rand(()) < 0.5)
+    angles = (0, *cfg.rotations)
+    return View(h, v, angles[int(torch.randint(len(angles), ()))])
+
+
+def apply_view(image: torch.Tensor | None, mask: torch.Tensor | None, view: View):
+    """``augment_pair`` with a given view (tests hold the two equal, bit for bit)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    img = None if image is None else tv_tensors.Image(image)
+    msk = None if mask is None else tv_tensors.Mask(mask)
+    for on, flip in ((view.hflip, TF.horizontal_flip), (view.vflip, TF.vertical_flip)):
+        if on:
+            img, msk = (None if img is None else flip(img)), (None if msk is None else flip(msk))
+    if view.angle:
+        if img is not None:  # the un-augmented image's border colour, as augment_pair
+            border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+            img = TF.rotate(img, view.angle, interpolation=v2.InterpolationMode.BILINEAR,
+                            fill=border.median(dim=1).values.tolist())
+        if msk is not None:
+            msk = TF.rotate(msk, view.angle, fill=0)
+    return (None if img is None else img.as_subclass(torch.Tensor),
+            None if msk is None else msk.as_subclass(torch.Tensor))
+
+
+class LatentCache:
+    """Latents of the training images, one per (image, view), each encoded once.
+
+    Keys are ``(image path, View)``: deterministic across epochs and processes. Encodes lazily
+    (``get``) or all views at once (``fill``, batched). Needs a deterministic codec: the VAE's
+    posterior mean (``VAECodec`` default) or pixels. ``dataset()`` replaces ``DefectDataset``
+    in the training loader and yields ``{"latent", "mask", "label"}``."""
+
+    def __init__(self, samples, cfg: data_mod.DataConfig, codec, device="cpu", batch_size: int = 16):
+        if getattr(codec, "sample", False):
+            raise DefectlabError("latent cache: the codec samples its latents (VAECodec(sample=True)); "
+                                 "only the deterministic posterior mean can be cached")
+        self.samples, self.cfg, self.codec = list(samples), cfg, codec
+        self.device, self.batch_size = device, batch_size
+        self._plain = data_mod.DefectDataset(self.samples, cfg, augment=False)
+        self._masks: dict[int, tuple[torch.Tensor, int]] = {}
+        self._latents: dict[tuple[str, View], torch.Tensor] = {}
+        self.encodes = 0   # images encoded so far (each key once)
+
+    def key(self, i: int, view: View) -> tuple[str, View]:
+        return str(self.samples[i].image), view
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def mask_label(self, i: int) -> tuple[torch.Tensor, int]:
+        if i not in self._masks:
+            item = self._plain[i]
+            self._masks[i] = (item["mask"], item["label"])
+        return self._masks[i]
+
+    def get(self, i: int, view: View) -> torch.Tensor:
+        key = self.key(i, view)
+        if key not in self._latents:
+            self._encode([(i, view)])
+        return self._latents[key]
+
+    def fill(self) -> "LatentCache":
+        """Encode every view of every image now, ``batch_size`` at a time."""
+        todo = [(i, v) for i in range(len(self.samples)) for v in views(self.cfg) if self.key(i, v) not in self._latents]
+        for start in range(0, len(todo), self.batch_size):
+            self._encode(todo[start:start + self.batch_size])
+        return self
+
+    def _encode(self, items: list[tuple[int, View]]) -> None:
+        plain = {i: self._plain[i]["image"] for i in dict.fromkeys(i for i, _ in items)}  # each file read once
+        images = [apply_view(plain[i], None, view)[0] for i, view in items]
+        with torch.no_grad():
+            z = self.codec.encode(torch.stack(images).to(self.device)).float().cpu()
+        for (i, view), latent in zip(items, z):
+            self._latents[self.key(i, view)] = latent.clone()
+        self.encodes += len(items)
+
+    def dataset(self, augment: bool = True) -> "CachedLatentDataset":
+        return CachedLatentDataset(self, augment)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """``DefectDataset`` with the image replaced by its cached latent: same views for the same
+    RNG state (``draw_view``), mask augmented with the view, label."""
+
+    def __init__(self, cache: LatentCache, augment: bool = True):
+        self.cache, self.augment = cache, augment
+
+    def __len__(self) -> int:
+        return len(self.cache.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        view = draw_view(self.cache.cfg) if self.augment else View()
+        mask, label = self.cache.mask_label(i)
+        return {"latent": self.cache.get(i, view), "mask": apply_view(None, mask, view)[1], "label": label}
