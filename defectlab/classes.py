@@ -152,7 +152,7 @@ def rank(base: model_mod.Base, data: data_mod.DefectData, cfg: RankConfig) -> di
     per_class = torch.stack([err[:, labels == k].mean(1) for k in range(len(data.classes))])
     order = per_class.argsort(dim=1, stable=True)  # ties: the lower id first
     top = min(cfg.top_k, len(ids))
-    anchor = data_mod.ANCHOR_CLASSES.get(data.product, (None,))[0]
+    anchor = model_mod.anchor_class(base, data.product)
     return {
         "model": base.spec, "product": data.product, "image_size": size, "classes": data.classes,
         "images": {d: int((labels == k).sum()) for k, d in enumerate(data.classes)},
@@ -172,7 +172,10 @@ def rank(base: model_mod.Base, data: data_mod.DefectData, cfg: RankConfig) -> di
 def _as_rank_config(cfg) -> RankConfig:
     if isinstance(cfg, RankConfig):
         return cfg
-    return RankConfig(**{k: getattr(cfg, k) for k in _FROM_TRAIN if hasattr(cfg, k)})
+    fields = {k: getattr(cfg, k) for k in _FROM_TRAIN if hasattr(cfg, k)}
+    if getattr(cfg, "class_init_candidates", ""):  # a TrainConfig's shortlist for nearest/topk
+        fields["candidates"] = cfg.class_init_candidates
+    return RankConfig(**fields)
 
 
 def nearest_rows(base: model_mod.Base, data: data_mod.DefectData, cfg) -> list[int]:

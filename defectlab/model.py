@@ -106,6 +106,7 @@ class Base:
     spec: str                       # what was asked for ("tiny", hub id, path)
     default_image_size: int         # tiny/mini 64, DiT-XL-2-256 → 256
     class_names: list[str] | None   # names of the base's own classes if known
+    anchors: dict | None = None     # product → the base's closest class (model_index.json "defectlab_anchors")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -227,7 +228,18 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None) -> B
     labels = (index or {}).get("id2label")
     names = ([labels.get(str(i), str(i)) for i in range(num_classes(transformer))]
              if isinstance(labels, dict) and len(labels) == num_classes(transformer) else None)
-    return Base(transformer, codec, schedule, spec, cfg.sample_size * codec.downsample, names)
+    return Base(transformer, codec, schedule, spec, cfg.sample_size * codec.downsample, names,
+                (index or {}).get("defectlab_anchors"))
+
+
+def anchor_class(base: Base, product: str) -> int | None:
+    """The base class a product's new classes start from: the base's own mapping (mini ships
+    one), else the ImageNet anchor (hazelnut → 990 buckeye, screw → 783 screw) when it exists."""
+    from .data import ANCHOR_CLASSES
+
+    anchors = base.anchors or {p: c for p, (c, _) in ANCHOR_CLASSES.items()}
+    anchor = anchors.get(product)
+    return anchor if anchor is not None and anchor < num_classes(base.transformer) else None
 
 
 @contextmanager
@@ -365,10 +377,12 @@ def num_classes(transformer) -> int:
     return _label_embedders(transformer)[0].num_classes
 
 
-def set_classes(transformer, k: int, init: str | int | list[int] = "random", seed: int = 0) -> None:
+def set_classes(transformer, k: int, init: str | int | list[int] | list[list[int]] = "random",
+                seed: int = 0) -> None:
     """Replace the class table in every block with K new rows + the old null row.
 
-    ``init``: a base class id (or list of K ids, or a 1-list) to copy, ``"mean"`` of the base's
+    ``init``: a base class id (or list of K ids, or a 1-list) to copy, K lists of ids whose rows
+    are averaged (the mean of each defect class's top-k), ``"mean"`` of the base's
     class rows, or ``"random"`` N(0, 0.02) (the same rows in every block, as the original DiT has
     one table). Call before ``methods.apply`` (it replaces the table parameters). Each block's
     LabelEmbedding keeps its ``dropout_prob`` and now drops to the new null index K; note that
@@ -377,15 +391,20 @@ def set_classes(transformer, k: int, init: str | int | list[int] = "random", see
     old_k = num_classes(transformer)
     if k < 1:
         raise DefectlabError(f"number of classes must be >= 1, got {k}")
-    ids = None
-    if not isinstance(init, str):
+    ids = groups = None
+    if isinstance(init, (list, tuple)) and init and all(isinstance(g, (list, tuple)) for g in init):
+        groups = [[operator.index(i) for i in g] for g in init]
+        if len(groups) != k or not all(g and all(0 <= i < old_k for i in g) for g in groups):
+            raise DefectlabError(f"class init needs {k} non-empty lists of base class ids in [0, {old_k}); got {init!r}")
+        init = "groups"
+    if groups is None and not isinstance(init, str):
         try:  # ints of any kind (numpy, tensors) and any sequence of them
             seq = hasattr(init, "__len__") and getattr(init, "ndim", 1) != 0
             ids = [operator.index(i) for i in (init if seq else [init])]
         except TypeError:
             pass
         ids = ids * k if ids is not None and len(ids) == 1 else ids
-    if not (init in ("mean", "random") if isinstance(init, str)
+    if not (init in ("mean", "random", "groups") if isinstance(init, str)
             else ids is not None and len(ids) == k and all(0 <= i < old_k for i in ids)):
         raise DefectlabError(f"class init must be 'mean', 'random', or {k} (or 1) base class ids in "
                              f"[0, {old_k}); got {init!r}")
@@ -396,6 +415,7 @@ def set_classes(transformer, k: int, init: str | int | list[int] = "random", see
         if w.shape[0] != old_k + 1:
             raise DefectlabError("class table has no null row: classifier-free guidance needs one")
         rows = (w[ids] if ids is not None else noise.to(w) if init == "random"
+                else torch.stack([w[g].mean(0) for g in groups]) if groups is not None
                 else w[:old_k].mean(0, keepdim=True).expand(k, -1))
         new = nn.Embedding(k + 1, w.shape[1], device=w.device, dtype=w.dtype)
         with torch.no_grad():

@@ -357,3 +357,32 @@ def test_load_original_pt_with_local_vae(tmp_path, monkeypatch, offline):
     embs = [b.norm1.emb.class_embedder.embedding_table.weight for b in base.transformer.transformer_blocks]
     assert embs[0].data_ptr() != embs[1].data_ptr()
     base.transformer.save_pretrained(tmp_path / "converted")   # safetensors refuses shared storage
+
+
+def test_set_classes_averages_groups_of_base_rows():
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    from defectlab import model as m
+
+    t = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
+                              num_layers=2, sample_size=8, patch_size=4, num_embeds_ada_norm=10)
+    before = [b.norm1.emb.class_embedder.embedding_table.weight.detach().clone() for b in t.transformer_blocks]
+    m.set_classes(t, 2, init=[[1, 2, 3], [7]])
+    for w0, b in zip(before, t.transformer_blocks):
+        w = b.norm1.emb.class_embedder.embedding_table.weight
+        assert torch.allclose(w[0], w0[[1, 2, 3]].mean(0)) and torch.equal(w[1], w0[7])
+        assert torch.equal(w[2], w0[10])  # the null row survives
+    with pytest.raises(m.DefectlabError, match="non-empty lists"):
+        m.set_classes(t, 2, init=[[0], []])
+
+
+def test_anchor_class_uses_the_base_mapping_then_imagenet():
+    from defectlab import model as m
+
+    tiny = m.load("tiny")
+    assert m.anchor_class(tiny, "hazelnut") == 990 and m.anchor_class(tiny, "screw") == 783
+    assert m.anchor_class(tiny, "bottle") is None
+    mini = m.load("mini")  # ships its own product → class mapping (nut, screw look-alikes)
+    assert m.anchor_class(mini, "hazelnut") == 0 and mini.class_names[0] == "nut"
+    assert m.anchor_class(mini, "screw") == 1

@@ -1,0 +1,102 @@
+"""defectlab-mini: the shipped pre-trained base, its corpus and its pre-training loop."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab import classifier, corpus, data, model, paths, pretrain, runs, sample, train
+
+MINI = paths.ASSETS / "mini"
+needs_mini = pytest.mark.skipif(not (MINI / "config.json").is_file(), reason="defectlab/assets/mini not built")
+
+
+@needs_mini
+def test_shipped_mini_loads_and_matches_its_card():
+    base = model.load("mini")
+    card = (MINI / "MODEL_CARD.md").read_text()
+    digest = re.search(r"sha256 \| `([0-9a-f]{64})`", card).group(1)
+    assert pretrain.sha256(MINI / pretrain.WEIGHTS) == digest
+    assert (MINI / pretrain.WEIGHTS).stat().st_size <= 10 * 2 ** 20
+    t = base.transformer
+    assert t.dtype == torch.float32  # stored as fp16, used as fp32
+    assert model.num_classes(t) == len(corpus.CLASSES) and base.class_names == corpus.CLASSES
+    assert base.default_image_size == 64 and t.config.out_channels == 6
+    assert f"{sum(p.numel() for p in t.parameters()):,}" in card
+    with torch.no_grad():  # the pre-trained model denoises its own corpus far better than chance
+        x0, y = corpus.batch(10_000_000, 18)
+        t_ = torch.full((18,), 300)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        from defectlab.diffusion import Objective
+        obj = Objective(base.scheduler_config)
+        eps = t(obj.add_noise(x0, noise, t_), timestep=t_, class_labels=y).sample[:, :3]
+        assert ((eps - noise) ** 2).mean() < 0.5
+
+
+def test_corpus_is_deterministic_and_varied():
+    assert len(corpus.CLASSES) >= 10 and set(corpus.ANCHORS) == {"hazelnut", "screw"}
+    a, ka, da = corpus.item(123, seed=7, size=32)
+    b, kb, db = corpus.item(123, seed=7, size=32)
+    assert np.array_equal(a, b) and (ka, da) == (kb, db) and a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert not np.array_equal(a, corpus.item(123, seed=8, size=32)[0])
+    x, y = corpus.batch(0, len(corpus.CLASSES), seed=0, size=16)
+    assert y.tolist() == list(range(len(corpus.CLASSES))) and x.shape[1:] == (3, 16, 16)
+    assert -1 <= x.min() and x.max() <= 1
+    defects = {corpus.item(i, size=16)[2] for i in range(60)}
+    assert "good" in defects and len(defects) >= 4
+    # none of the embedded dataset's defect types is in the corpus
+    assert not set(corpus.DEFECTS) & {d for p in ("hazelnut", "screw") for d in data_defects(p)}
+
+
+def data_defects(product):
+    from defectlab import synth
+    return synth.PRODUCTS[product].defects
+
+
+def test_pretraining_resumes_exactly(tmp_path):
+    tiny = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, checkpoint_every=1,
+                progress=False, fp16=False)
+    straight = pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=4, runs_dir=str(tmp_path / "a"),
+                                                    out=str(tmp_path / "m4")))
+    pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=2, runs_dir=str(tmp_path / "b"), out=str(tmp_path / "m2")))
+    folder = runs.resolve("000", tmp_path / "b")
+    resumed = pretrain.run(pretrain.PretrainConfig(resume=str(folder), max_steps=4, progress=False))
+    assert resumed == tmp_path / "m2"  # the saved out folder
+    s4 = runs.load_tensors(runs.latest_checkpoint(runs.resolve("000", tmp_path / "a")) / runs.STATE_FILE)
+    s22 = runs.load_tensors(runs.latest_checkpoint(folder) / runs.STATE_FILE)
+    assert runs.read_json(runs.latest_checkpoint(folder) / runs.META_FILE)["step"] == 4
+    assert s4.keys() == s22.keys() and all(torch.equal(s4[k], s22[k]) for k in s4)
+    a = model.load(str(straight)).transformer.state_dict()
+    b = model.load(str(resumed)).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _small(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.avg_pool2d(x, 2)  # 64 → 32 px: a cheaper fixed classifier
+
+
+@needs_mini
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the shipped mini (15.5k CPU images of pre-training) lowers the few-shot "
+                   "loss but cannot sample recognisable images yet; passes once mini is rebuilt with more steps")
+def test_short_finetune_from_mini_samples_the_intended_classes(tmp_path):
+    """Guidance + class handling end to end: a fixed classifier trained on the real images
+    recognises the class of images sampled after a brief DiffFit fine-tune of mini."""
+    dcfg = data.DataConfig(product="hazelnut", image_size=64)
+    dd = data.load(dcfg)
+    k = len(dd.classes)
+    real = data.DefectDataset(dd.train + dd.test, dcfg, augment=False)
+    xs = torch.stack([real[i]["image"] for i in range(len(real))])
+    ys = torch.tensor([real[i]["label"] for i in range(len(real))])
+    judge = classifier.train(_small(xs), ys, k, steps=60, batch_size=16, lr=2e-3, seed=0)
+    cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=4,
+                            val_per_class=1, val_every=100, val_timesteps=1, runs_dir=str(tmp_path),
+                            progress=False)
+    r = train.restore(train.run(cfg), "latest")
+    per = 6
+    labels = [c for c in range(k) for _ in range(per)]
+    gens = [torch.Generator().manual_seed(1000 * c + i) for c in range(k) for i in range(per)]
+    imgs = sample.generate(r.model, r.base.codec, labels, gens, steps=20, guidance=3.0, scheduler="ddim",
+                           batch_size=32, progress=False)
+    acc = (classifier.predict(judge, _small(imgs)).argmax(1) == np.array(labels)).mean()
+    assert acc >= 1 / k + 0.25, f"accuracy {acc:.2f} on {k} classes"
