@@ -31,7 +31,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
-from . import classifier, data, paths, runs, viz
+from . import classifier, data, runs, viz
 from .errors import DefectlabError
 
 FIDELITY = ("fid", "kid", "is")
@@ -254,13 +254,7 @@ def ic_lpips(gen: torch.Tensor, train: torch.Tensor, distance) -> float | None:
 
 # ----------------------------------------------------------------------------- run(cfg)
 def _run_folder(cfg: EvalConfig) -> Path:
-    base = Path(cfg.runs_dir) if cfg.runs_dir else paths.RUNS
-    if cfg.run != "latest":
-        return runs.resolve(cfg.run, base)
-    found = [p for p in base.glob("*-*") if p.is_dir() and p.name.split("-")[0].isdigit()] if base.is_dir() else []
-    if not found:
-        raise DefectlabError(f"no run folders under {base}: fine-tune first, or pass --run")
-    return max(found, key=lambda p: int(p.name.split("-")[0]))
+    return runs.resolve(cfg.run, Path(cfg.runs_dir) if cfg.runs_dir else None)
 
 
 def _samples_folder(folder: Path, samples: str) -> Path:
@@ -401,6 +395,9 @@ def run(cfg: EvalConfig) -> dict:
                          "batch": cfg.classifier_batch, "size": s, "seeds": cfg.seeds, "n_test": len(test_set[0]),
                          "seconds": round(time.time() - t1, 1)}
         result["downstream"] = down
+    if (samples / "mask_config.json").is_file():  # image + mask pairs: how well defects keep to their masks
+        from . import masks
+        result["masks"] = masks.summarize(samples)
     result["seconds"] = round(time.time() - t0, 1)
     _write(result, folder, cfg.formats)
     return result

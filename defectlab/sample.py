@@ -86,7 +86,9 @@ def make_scheduler(name: str, scheduler_config: dict | None = None, learned_sigm
     """A fresh scheduler (multistep solvers keep state) built from the training schedule."""
     if name not in SCHEDULERS:
         raise DefectlabError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cfg = {**(scheduler_config or TRAINING_SCHEDULE), "clip_sample": False, "timestep_spacing": SPACING[name]}
+    # clip_sample comes from the base: on for pixel-space models (x0 lives in [-1, 1]), off for
+    # VAE latents, as the original DiT samples
+    cfg = {"clip_sample": False, **(scheduler_config or TRAINING_SCHEDULE), "timestep_spacing": SPACING[name]}
     if name == "ddpm":
         # learned_range needs the variance half of the output; a model without it uses DiT's fixed_large
         if not learned_sigma and cfg.get("variance_type") in ("learned", "learned_range"):
@@ -124,8 +126,11 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
              guidance_interval: tuple[float, float] | None = None, scheduler_config: dict | None = None,
              batch_size: int = 16, image_size: int | None = None, progress: bool = True,
              cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             resample: int = 1) -> torch.Tensor:
+             resample: int = 1, fast: bool | dict = False) -> torch.Tensor:
     """Images [N,3,H,W] in [-1, 1] (CPU, float32), image ``i`` of class ``labels[i]`` from ``generators[i]``.
+
+    ``fast``: sample with ``engine.sampler(transformer)`` (bf16 on CUDA, fused q/k/v, tied
+    conditioning, LoRA merged); a dict passes options, e.g. ``{"compile": "reduce-overhead"}``.
 
     ``steps=None`` = ``DEFAULT_STEPS[scheduler]`` (ddpm 250, ddim 50, dpmsolver 25). Guidance is
     applied at timesteps ``lo ≤ t ≤ hi`` of ``guidance_interval`` (None = all). DDPM uses the
@@ -146,6 +151,9 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
         raise DefectlabError(f"batch_size must be ≥ 1 (got {batch_size})")
     if len(labels) != len(generators):
         raise DefectlabError(f"{len(labels)} labels but {len(generators)} generators (one per image)")
+    if fast:  # engine.sampler: a cached copy with fused q/k/v, tied conditioning, merged LoRA (bf16 on CUDA)
+        from . import engine
+        transformer = engine.sampler(transformer, **(fast if isinstance(fast, dict) else {}))
     conf = _dit_config(transformer)
     null = conf.num_embeds_ada_norm  # the null ("unconditional") class row, K after class surgery
     bad = [y for y in labels if not 0 <= int(y) < null]
@@ -246,13 +254,6 @@ class _Source:
     image_size: int
 
 
-def _latest_run() -> Path:
-    found = [p for p in paths.RUNS.glob("*") if p.is_dir() and re.match(r"\d{3,}-", p.name)] if paths.RUNS.is_dir() else []
-    if not found:
-        raise DefectlabError(f"no run folders under {paths.RUNS}: fine-tune first (defectlab finetune)")
-    return max(found, key=lambda p: int(p.name.split("-")[0]))
-
-
 def _load_source(cfg: SampleConfig, device) -> _Source:
     if cfg.run == "base":
         from . import model as model_mod
@@ -266,7 +267,7 @@ def _load_source(cfg: SampleConfig, device) -> _Source:
         return _Source(base.transformer, base.codec, base.scheduler_config, names, list(range(k)), titles, "base",
                        paths.OUTPUTS / "base" / slug, "base", "base", base.spec,
                        cfg.image_size or base.default_image_size)
-    folder = _latest_run() if cfg.run == "latest" else runs.resolve(cfg.run)
+    folder = runs.resolve(cfg.run)
     ckpt = runs.find_checkpoint(folder, cfg.checkpoint)  # DefectlabError before the model loads
     from . import train
 

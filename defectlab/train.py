@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import methods, model as model_mod, runs
+from . import engine, masks, methods, model as model_mod, runs  # masks: mask-conditioning channel (mask_condition)
 from .diffusion import Objective
 from .errors import DefectlabError
 
@@ -51,7 +51,8 @@ class TrainConfig(data_mod.DataConfig):
     mixed_precision: str = "no"    # no | fp16 | bf16
     ema: float = 0.0               # EMA decay of the trained parameters (0 = off)
     label_dropout: float = 0.1     # class-label dropout, so guidance works after fine-tuning
-    class_init: str = "anchor"     # anchor | mean | random | nearest | <ImageNet id>
+    class_init: str = "anchor"     # anchor | nearest | topk (mean of 5 best) | mean | random | <class id>
+    class_init_candidates: str = ""  # shortlist for nearest/topk, e.g. 990,783,0-99 ("" = all base classes)
     lora_rank: int = 8             # LoRA rank (method=lora)
     difffit_blocks: int = 0        # blocks with DiffFit scales (0 = all)
     val_per_class: int = 2         # training images per class held back for validation (0 = use train)
@@ -63,6 +64,12 @@ class TrainConfig(data_mod.DataConfig):
     resume: str = ""               # run folder/name/number to continue from its last checkpoint
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
     progress: bool = True          # tqdm progress bar
+    mask_condition: bool = False   # defect mask as an extra zero-initialised input channel (masks.py); trains with any method
+    frozen_dtype: str = "float32"  # float32 | bfloat16: frozen weights' dtype (trained ones stay float32; bf16 runs under autocast)
+    tie_embeddings: bool = False   # one timestep/class embedder for all blocks, as the original DiT (needs identical copies: hub DiT-XL)
+    grad_checkpointing: int = 0    # blocks recomputed in backward to save memory: 0 none, N the first N, -1 all
+    compile: str = ""              # torch.compile mode, CUDA only: "" off | default | reduce-overhead | max-autotune
+    latent_cache: bool = False     # encode each (image, augmentation view) once; same views and noise as without
 
 
 @dataclass
@@ -97,6 +104,10 @@ def _check(cfg: TrainConfig) -> None:
         raise DefectlabError(f"lr must be a positive number (got {cfg.lr})")
     if not 0 <= cfg.label_dropout < 1:
         raise DefectlabError(f"label_dropout must be in [0, 1) (got {cfg.label_dropout})")
+    if cfg.frozen_dtype not in ("float32", "bfloat16"):
+        raise DefectlabError(f"frozen_dtype must be float32 or bfloat16 (got {cfg.frozen_dtype!r})")
+    if cfg.compile and cfg.compile not in engine.COMPILE_MODES:
+        raise DefectlabError(f"compile must be '' or one of {', '.join(engine.COMPILE_MODES)} (got {cfg.compile!r})")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise DefectlabError(f"mixed_precision must be no, fp16 or bf16 (got {cfg.mixed_precision!r})")
 
@@ -104,17 +115,18 @@ def _check(cfg: TrainConfig) -> None:
 def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.DefectData) -> str | int | list[int]:
     """What the new class rows start from (see ``model.set_classes``)."""
     if cfg.class_init == "anchor":
-        anchor = data_mod.ANCHOR_CLASSES.get(data.product, (None,))[0]
-        n = model_mod.num_classes(base.transformer)
-        return anchor if anchor is not None and anchor < n else "mean"
-    if cfg.class_init == "nearest":
+        anchor = model_mod.anchor_class(base, data.product)
+        return anchor if anchor is not None else "mean"
+    if cfg.class_init in ("nearest", "topk"):
         from . import classes as classes_mod  # ranking with the pre-trained model itself
+        if cfg.class_init == "topk":  # mean of the 5 best-scoring base rows per defect class
+            return classes_mod.topk_mean_rows(base, data, cfg, k=5)
         return classes_mod.nearest_rows(base, data, cfg)
     if cfg.class_init.lstrip("-").isdigit():
         return int(cfg.class_init)
     if cfg.class_init in ("mean", "random"):
         return cfg.class_init
-    raise DefectlabError(f"unknown class_init {cfg.class_init!r}; use anchor, nearest, mean, random or a class id")
+    raise DefectlabError(f"unknown class_init {cfg.class_init!r}; use anchor, nearest, topk, mean, random or a class id")
 
 
 def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tuple[model_mod.Base, torch.nn.Module]:
@@ -126,7 +138,15 @@ def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tupl
         # diffusers draws label dropout independently in each block's own table; drop once,
         # consistently, in the loop instead (see _drop_labels).
         block.norm1.emb.class_embedder.dropout_prob = 0.0
-    net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks)
+    if cfg.mask_condition:  # before apply (it sets requires_grad); zero init: step 0 is the base model
+        masks.add_mask_channel(base.transformer)
+    net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks,
+                        verbose=False)  # run() prints the summary once, on the main process
+    if cfg.mask_condition:  # the new channel must learn whatever the method freezes
+        for p in masks.mask_parameters(net):
+            p.requires_grad_(True)
+    if cfg.tie_embeddings:  # changes which parameters exist: training and restore() must agree
+        engine.tie_embeddings(net)
     return base, net
 
 
@@ -169,7 +189,8 @@ def _split_val(samples: list, per_class: int) -> tuple[list, list]:
 class Validator:
     """Loss on held-out images at fixed timesteps with fixed noise: comparable across epochs."""
 
-    def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device):
+    def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device,
+                 mask_condition: bool = False):
         ds = data_mod.DefectDataset(samples, dcfg, augment=False)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
         self.labels = torch.tensor([ds[i]["label"] for i in range(len(ds))], device=device)
@@ -180,6 +201,9 @@ class Validator:
         self.timesteps = torch.linspace(0, n - 1, timesteps + 2)[1:-1].round().long().to(device)
         self.noise = torch.randn((timesteps, *self.x0.shape), generator=gen).to(device)
         self.objective = objective
+        # mask_condition: the held-out masks on the latent grid, fed as the extra input channel
+        self.cond = (masks.latent_mask(torch.stack([ds[i]["mask"] for i in range(len(ds))]), self.x0.shape[-2:])
+                     .to(device) if mask_condition else None)
 
     @torch.no_grad()
     def __call__(self, net) -> float:
@@ -189,7 +213,8 @@ class Validator:
         for t, noise in zip(self.timesteps, self.noise):
             tt = t.repeat(len(self.x0))
             xt = self.objective.add_noise(self.x0, noise, tt)
-            out = net(xt, timestep=tt, class_labels=self.labels).sample
+            inp = xt if self.cond is None else torch.cat([xt, self.cond.to(xt)], 1)  # mask channel
+            out = net(inp, timestep=tt, class_labels=self.labels).sample
             total += self.objective.loss(out, self.x0, xt, noise, tt)[0].mean().item()
         net.train(was_training)
         return total / len(self.timesteps)
@@ -218,19 +243,25 @@ def run(cfg: TrainConfig) -> Path:
     runs.write_json(folder / "classes.json", data.classes)
 
     base, net = build(cfg, data.classes, device=acc.device, data=data)
+    engine.prepare_for_training(net, frozen_dtype=cfg.frozen_dtype, grad_checkpointing=cfg.grad_checkpointing,
+                                compile=cfg.compile)
     k = len(data.classes)
     trainable = [p for p in net.parameters() if p.requires_grad]
     acc.print(methods.summary(net))
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_set = data_mod.DefectDataset(train_samples, dcfg, augment=True)
+    if cfg.latent_cache:  # the codec is frozen: each (image, view) is encoded once, when first drawn
+        train_set = engine.LatentCache(train_samples, dcfg, base.codec, device=acc.device).dataset()
     loader = torch.utils.data.DataLoader(
-        data_mod.DefectDataset(train_samples, dcfg, augment=True), batch_size=cfg.batch_size,
+        train_set, batch_size=cfg.batch_size,
         shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
     net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
     objective = Objective(base.scheduler_config, acc.device)
-    validate = Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device)
+    validate = Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device,
+                         mask_condition=cfg.mask_condition)
     ema = EMAModel(trainable, decay=cfg.ema) if cfg.ema > 0 else None
 
     step, start_epoch, best, bad = 0, 0, float("inf"), 0
@@ -248,12 +279,16 @@ def run(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         for batch in loader:
             with acc.accumulate(net):
-                x0 = base.codec.encode(batch["image"])
+                engine.step_begin(net)  # CUDA-graph modes: a new iteration starts
+                x0 = batch["latent"] if "latent" in batch else base.codec.encode(batch["image"])
                 labels = _drop_labels(batch["label"], k, cfg.label_dropout)
                 t = torch.randint(0, objective.num_timesteps, (len(x0),), device=x0.device)
                 noise = torch.randn_like(x0)
                 xt = objective.add_noise(x0, noise, t)
-                out = net(xt, timestep=t, class_labels=labels).sample
+                inp = xt  # mask_condition: + the (augmented) defect mask on the latent grid as a channel
+                if cfg.mask_condition:
+                    inp = torch.cat([xt, masks.latent_mask(batch["mask"], x0.shape[-2:]).to(xt)], 1)
+                out = net(inp, timestep=t, class_labels=labels).sample
                 mse, vb = objective.loss(out, x0, xt, noise, t)
                 loss = (mse + vb).mean()
                 if not torch.isfinite(loss):
@@ -323,7 +358,8 @@ def _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, epoch, bes
     opt_tensors["rng.loader"] = loader.generator.get_state() if getattr(loader, "generator", None) is not None \
         else torch.get_rng_state()
     meta = {"epoch": epoch, "best": best, "bad": bad, "optimizer": skeleton,
-            "lr_scheduler": sched.state_dict(), "method": cfg.method, "base_model": cfg.model}
+            "lr_scheduler": sched.state_dict(), "method": cfg.method, "base_model": cfg.model,
+            "ema_step": ema.optimization_step if ema is not None else 0}
     return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=cfg.keep_checkpoints)
 
 
@@ -335,6 +371,7 @@ def _load_state(ckpt: Path, acc, net, opt, sched, loader, ema) -> tuple[int, int
     if ema is not None:
         names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
         ema.shadow_params = [state[f"ema.{n}"].to(acc.device) for n in names]
+        ema.optimization_step = meta["ema_step"]  # the decay warm-up depends on it
     tensors = runs.load_tensors(ckpt / runs.OPTIM_FILE)
     opt.load_state_dict(runs.unflatten_optimizer(tensors, meta["optimizer"]))
     sched.load_state_dict(meta["lr_scheduler"])
@@ -344,33 +381,32 @@ def _load_state(ckpt: Path, acc, net, opt, sched, loader, ema) -> tuple[int, int
     return meta["step"], meta["epoch"], meta["best"], meta["bad"]
 
 
-def plot_loss(folder: Path) -> Path | None:
-    """Training loss (smoothed) and validation loss against optimizer steps."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+def plot_loss(folder: Path, formats: str = "png") -> Path | None:
+    """Training loss (smoothed) and validation loss against optimizer steps → figures/loss_curve.*"""
+    from matplotlib.figure import Figure
+
+    from . import viz
 
     log = runs.read_log(folder)
     train = [(r["step"], r["loss"]) for r in log if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    xs, ys = zip(*train)
-    w = max(1, len(ys) // 50)
-    smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
-    ax.plot(xs, ys, color="0.8", lw=0.8, label="train loss")
-    ax.plot(xs, smooth, color="C0", lw=1.5, label=f"train loss (mean of {w})")
-    if val:
-        vx, vy = zip(*val)
-        ax.plot(vx, vy, "o-", color="C3", lw=1.5, ms=3, label="validation (fixed noise, MSE)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(folder.name)
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    out = Path(folder) / "figures" / "loss_curve.png"
-    runs.atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=200, format="png"))
-    plt.close(fig)
-    return out
+    with viz.style():
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
+        xs, ys = zip(*train)
+        w = max(1, len(ys) // 50)
+        smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+        ax.plot(xs, ys, color="0.8", lw=0.8, label="train loss")
+        ax.plot(xs, smooth, color="C0", lw=1.5, label=f"train loss (mean of {w})")
+        if val:
+            vx, vy = zip(*val)
+            ax.plot(vx, vy, "o-", color="C3", lw=1.5, ms=3, label="validation (fixed noise, MSE)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.set_title(Path(folder).name)
+        ax.legend(frameon=False, fontsize=8)
+        fig.tight_layout()
+        return viz.save_figure(fig, Path(folder) / "figures", "loss_curve", formats)[0]

@@ -4,13 +4,12 @@ Tiny random models on the CPU: a latent DiT (4 → 8 channels, learned variance)
 AutoencoderKL, and an identity codec for the tests that look at latent channels directly.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import sample
+from defectlab import runs, sample
 from defectlab.errors import DefectlabError
 
 
@@ -291,12 +290,12 @@ def test_run_refuses_bad_input(fake_run, tmp_path):
 
 
 def test_latest_run_is_the_highest_number(tmp_path, monkeypatch):
-    monkeypatch.setattr(sample.paths, "RUNS", tmp_path)
+    monkeypatch.setattr(runs.paths, "RUNS", tmp_path)
     with pytest.raises(DefectlabError, match="no run folders"):
-        sample._latest_run()
+        runs.resolve("latest")
     for name in ("002-a", "010-b", "009-c", "notes"):
         (tmp_path / name).mkdir()
-    assert sample._latest_run().name == "010-b"
+    assert runs.resolve("latest").name == "010-b"
 
 
 def test_run_folder_without_checkpoint(tmp_path):

@@ -1,0 +1,228 @@
+"""Mask conditioning and inpainting on the tiny model (CPU): zero-init channel, training under every
+method, exact inpainting, procedural / transformed masks, MVTec pairs read back, bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectlab import data, masks, methods, runs, sample, train
+from defectlab.diffusion import Objective
+from defectlab.errors import DefectlabError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on shared cores OpenMP spinning makes them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(method="difffit", mask_condition=True):
+    cfg = train.TrainConfig(model="tiny", method=method, mask_condition=mask_condition, image_size=32)
+    return train.build(cfg, ["a", "b"])
+
+
+def good_images(n=2, size=32):
+    dd = data.load(data.DataConfig(product="hazelnut", image_size=size))
+    return torch.stack([data.load_image(g, size) for g in dd.good[:n]])
+
+
+# ----------------------------------------------------------------------------- the channel
+def test_mask_channel_at_init_is_bit_identical_to_the_base():
+    _, plain = build(mask_condition=False)
+    _, masked = build()
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 700]), torch.tensor([0, 1])
+    mask = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    with torch.no_grad():
+        ref = plain.eval()(x, timestep=t, class_labels=y).sample
+        out = masked.eval()(torch.cat([x, mask], 1), timestep=t, class_labels=y).sample
+    assert torch.equal(ref, out)
+    assert out.shape[1] == 6  # unpatchify still uses out_channels = 2C
+    assert masked.config.in_channels == 3 and masks.has_mask_channel(masked) and not masks.has_mask_channel(plain)
+
+
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_mask_channel_trains_under_every_method_and_frozen_weights_stay(method):
+    _, net = build(method)
+    weight = net.pos_embed.proj.mask_weight
+    assert weight.requires_grad and "pos_embed.proj.mask_weight" in methods.trainable_state(net)
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen or method == "full"
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    objective = Objective(train.model_mod.dit_schedule())
+    x0, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    mask, t = masks.procedural_mask("ellipse", 32).expand(2, 1, 32, 32), torch.tensor([100, 600])
+    xt = objective.add_noise(x0, noise, t)
+    out = net.train()(torch.cat([xt, mask], 1), timestep=t, class_labels=torch.tensor([0, 1])).sample
+    mse, vb = objective.loss(out, x0, xt, noise, t)
+    (mse + vb).mean().backward()
+    opt.step()
+    assert weight.abs().sum() > 0  # moved off zero
+    assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
+
+
+# ----------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("kind", masks.KINDS)
+def test_procedural_masks_have_the_requested_place_and_size(kind):
+    m = masks.procedural_mask(kind, 64, cx=0.3, cy=0.6, scale=0.4, seed=3)
+    assert m.shape == (1, 64, 64) and set(m.unique().tolist()) <= {0.0, 1.0}
+    x0, y0, x1, y1 = masks.bbox(m)
+    assert abs((x0 + x1) / 2 - 0.3 * 64) <= 1 and abs((y0 + y1) / 2 - 0.6 * 64) <= 1
+    assert abs(max(x1 - x0, y1 - y0) - 0.4 * 64) <= 2
+    assert torch.equal(m, masks.procedural_mask(kind, 64, cx=0.3, cy=0.6, scale=0.4, seed=3))
+    turned = masks.bbox(masks.procedural_mask(kind, 64, cx=0.5, cy=0.5, scale=0.4, angle=90, seed=3))
+    upright = masks.bbox(masks.procedural_mask(kind, 64, cx=0.5, cy=0.5, scale=0.4, seed=3))
+    assert abs((turned[2] - turned[0]) - (upright[3] - upright[1])) <= 2  # width ↔ height
+    if kind != "ellipse":
+        assert not torch.equal(m, masks.procedural_mask(kind, 64, cx=0.3, cy=0.6, scale=0.4, seed=4))
+
+
+def test_dataset_mask_transforms_move_rotate_and_scale():
+    bar = torch.zeros(1, 64, 64)
+    bar[0, 30:34, 32:52] = 1  # a bar from the centre to the right
+    moved = masks.transform_mask(bar, cx=0.25, cy=0.75)
+    x0, y0, x1, y1 = masks.bbox(moved)
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == (16.0, 48.0) and moved.sum() == bar.sum()
+    turned = masks.transform_mask(bar, angle=90)  # counter-clockwise about its centre: now vertical
+    x0, y0, x1, y1 = masks.bbox(turned)
+    assert (x1 - x0, y1 - y0) == (4.0, 20.0) and abs((x0 + x1) / 2 - 42) <= 1 and abs((y0 + y1) / 2 - 32) <= 1
+    big = masks.transform_mask(bar, scale=1.5)
+    assert abs(big.sum() / bar.sum() - 2.25) < 0.25 and set(big.unique().tolist()) == {0.0, 1.0}
+
+
+def test_bad_masks_are_one_clear_line():
+    with pytest.warns(UserWarning, match="64x64; resized to the 32x32"):
+        fitted = masks.fit_mask(masks.procedural_mask("stroke", 64, scale=0.5), 32)
+    assert fitted.shape == (1, 32, 32) and fitted.sum() > 0  # a thin stroke survives the resize
+    cases = [(lambda: masks.fit_mask(torch.ones(1, 32, 48), 32), "48x32, not square"),
+             (lambda: masks.check_mask(torch.zeros(1, 32, 32)), "empty"),
+             (lambda: masks.check_mask(torch.ones(1, 32, 32)), "covers 100% of the image"),
+             (lambda: masks.procedural_mask("star", 32), "unknown mask kind 'star'"),
+             (lambda: masks.transform_mask(torch.zeros(1, 8, 8), cx=0.5), "empty")]
+    for call, message in cases:
+        with pytest.raises(DefectlabError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- inpainting
+@pytest.mark.parametrize("scheduler, resample", [("ddim", 1), ("ddpm", 2)])
+def test_inpainting_keeps_the_outside_and_changes_only_inside(scheduler, resample):
+    base, net = build(mask_condition=False)
+    good = good_images()
+    mask = torch.stack([masks.procedural_mask("blob", 32, 0.5, 0.5, 0.4, seed=s) for s in range(2)])
+    gens = lambda: sample.generators(0, "a", [0, 1])  # noqa: E731
+    out = masks.inpaint(net, base.codec, good, mask, [0, 1], gens(), steps=3, scheduler=scheduler, resample=resample)
+    assert torch.equal(out * (1 - mask), good * (1 - mask))  # exact: final composite in pixel space
+    assert (out - good).abs()[mask.expand_as(good) > 0].mean() > 0.05  # something was generated inside
+    share = masks.change_share(out, good, mask)
+    assert share == 1.0
+    metrics = masks.mask_metrics(out, mask, good)
+    assert metrics["change_in_mask_share"] > 0.95 and metrics["max_change_outside"] == 0.0
+    again = masks.inpaint(net, base.codec, good, mask, [0, 1], gens(), steps=3, scheduler=scheduler, resample=resample)
+    assert torch.equal(out, again)  # per-sample generators
+
+
+def test_defect_detector_finds_real_defects_inside_their_masks():
+    dd = data.load(data.DataConfig(product="hazelnut", image_size=32))
+    picked = dd.train[::4]
+    images = torch.stack([data.load_image(s.image, 32) for s in picked])
+    truth = torch.stack([data.load_mask(s.mask, 32) for s in picked])
+    real = masks.mask_metrics(images, truth)
+    assert real["defect_in_mask_share"] > 0.85 and real["defect_mask_recall"] > 0.2
+    assert masks.defect_pixels(good_images(8)).float().mean() < 0.002  # (almost) nothing on good images
+
+
+# ----------------------------------------------------------------------------- run(cfg) end to end
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = train.run(train.TrainConfig(
+        model="tiny", method="lora", mask_condition=True, product="hazelnut", image_size=16, epochs=1, max_steps=2,
+        batch_size=2, grad_accum=1, val_every=1, val_per_class=1, val_timesteps=1,
+        runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False))
+    return folder
+
+
+def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
+    restored = train.restore(trained)
+    saved = runs.load_tensors(restored.checkpoint / runs.STATE_FILE)
+    weight = restored.model.pos_embed.proj.mask_weight
+    assert torch.equal(weight, saved["pos_embed.proj.mask_weight"]) and weight.abs().sum() > 0
+    cfg = masks.MaskSampleConfig(run=str(trained), mode="condition", classes="crack,hole", per_class=2,
+                                 mask="dataset", cx=0.5, cy=0.5, steps=2, scheduler="ddim", out=str(tmp_path / "c"))
+    out = masks.run(cfg)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["index"]) for r in records] == [("crack", 0), ("crack", 1), ("hole", 0), ("hole", 1)]
+    back = data.load(data.DataConfig(data=str(out), product="hazelnut", image_size=16))
+    assert back.classes == ["crack", "hole"] and all(s.mask is not None for s in back.train + back.test)
+    first = back.train[0]
+    mask = data.load_mask(first.mask, 16)
+    x0, y0, x1, y1 = masks.bbox(mask)
+    assert abs((x0 + x1) / 2 - 8) <= 1 and abs((y0 + y1) / 2 - 8) <= 1  # moved to the requested centre
+    # resumable and seeded per pair: a deleted pair comes back (alone in its batch: equal up to float
+    # rounding, ≤ 1 grey level), the others are not rewritten
+    png = {p: p.read_bytes() for p in out.rglob("*.png")}
+    stamp = (out / records[0]["file"]).stat().st_mtime_ns
+    gone = out / records[3]["file"]
+    before = sample.load_png(gone)
+    gone.unlink()
+    masks.run(cfg)
+    assert (sample.load_png(gone) - before).abs().max() <= 1 / 127.5 + 1e-6
+    assert {p: b for p, b in png.items() if p != gone} == {p: p.read_bytes() for p in out.rglob("*.png") if p != gone}
+    assert (out / records[0]["file"]).stat().st_mtime_ns == stamp
+    # the mask reaches the model: another mask, same seed → another image
+    other = masks.run(masks.MaskSampleConfig(**{**cfg.__dict__, "cx": 0.3, "out": str(tmp_path / "c2")}))
+    assert (other / records[0]["file"]).read_bytes() != png[out / records[0]["file"]]
+    summary = masks.summarize(out)
+    assert summary["mode"] == "condition" and set(summary["per_class"]) == {"crack", "hole"}
+
+
+def test_inpaint_run_with_a_png_mask(trained, tmp_path):
+    png = tmp_path / "m.png"
+    Image.fromarray((masks.procedural_mask("ellipse", 64, 0.5, 0.5, 0.5)[0].numpy() * 255).astype(np.uint8)).save(png)
+    cfg = masks.MaskSampleConfig(run=str(trained), mode="inpaint", classes="cut", per_class=2, mask=str(png),
+                                 steps=2, scheduler="ddpm", resample=2, out=str(tmp_path / "i"))
+    with pytest.warns(UserWarning, match="resized"):
+        out = masks.run(cfg)
+    summary = masks.summarize(out)["overall"]
+    assert summary["n"] == 2 and summary["max_change_outside"] == 0.0 and summary["change_in_mask_share"] == 1.0
+
+
+def test_run_refuses_bad_input(trained, tmp_path):
+    plain = tmp_path / "008-plain"
+    shutil.copytree(trained, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["config"]["mask_condition"] = False
+    (plain / "config.json").write_text(json.dumps(cfg))
+    base = dict(run=str(trained), per_class=1, steps=1, scheduler="ddim", out=str(tmp_path / "o"))
+    cases = [({"run": str(plain), "mode": "condition"}, "run 008-plain was trained without mask conditioning.*--mask-condition"),
+             ({"mask": "nope"}, "mask 'nope' is not dataset"),
+             ({"mode": "paint"}, "unknown mode 'paint'"),
+             ({"mode": "condition", "resample": 3}, "resample applies to --mode inpaint only"),
+             ({"cx": 1.5}, "cx and cy are fractions"),
+             ({"classes": "dent"}, "unknown class dent"),
+             ({"mask": "ellipse", "cx": 0.5, "cy": 0.5, "scale": 2.0}, "covers"),
+             ({"good": str(tmp_path / "none")}, "no defect-free images")]
+    for override, message in cases:
+        with pytest.raises(DefectlabError, match=message) as err:
+            masks.run(masks.MaskSampleConfig(**{**base, **override}))
+        assert "\n" not in str(err.value)
+    masks.run(masks.MaskSampleConfig(**base, classes="crack"))
+    with pytest.raises(DefectlabError, match="another configuration.*seed"):
+        masks.run(masks.MaskSampleConfig(**base, classes="crack", seed=5))
+
+
+def test_cli_entry(monkeypatch, capsys):
+    """The entry to add to cli.STAGES (cli.py is not edited here): flags come from MaskSampleConfig."""
+    from defectlab import cli
+
+    monkeypatch.setitem(cli.STAGES, "synthesize", ("masks", "MaskSampleConfig", "image + mask pairs"))
+    assert cli.main(["synthesize", "--cx", "-1", "--mask", "ellipse", "--mode", "paint"]) == 2
+    assert "unknown mode 'paint'" in capsys.readouterr().err
+    args = cli.build_parser("finetune").parse_args(["finetune", "--mask-condition"])
+    assert cli.config_from_args(train.TrainConfig, args).mask_condition is True
