@@ -1,0 +1,120 @@
+"""The main job on the embedded default: dataset → fine-tune → sample → evaluate.
+
+``make demo`` (``defectlab demo``) executes notebooks 01-04 through papermill on the offline
+embedded default (procedural hazelnut images; the shipped pre-trained ``mini`` pixel-space DiT
+when it is installed, else the random-weight ``tiny`` one) and leaves the executed notebooks,
+the run folder and every figure in ``outputs/demo/``. It is sized for about 3-5 minutes on 2
+CPU cores. ``--no-notebooks`` calls the same stage functions
+directly, without Jupyter.
+
+Every number it prints is an offline proxy: the downstream classifier (ResNet-18 from
+scratch) on real vs real + generated images; no FID (a random-weight Inception would make it
+meaningless). It shows the pipeline works, not how DiT-XL does on real defects.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+
+
+@dataclass
+class DemoConfig:
+    model: str = "auto"            # base model: auto (mini when shipped, else tiny), tiny, mini
+    method: str = ""               # fine-tuning method ("" = difffit on a pre-trained base, full on random tiny)
+    product: str = "hazelnut"      # product of the embedded dataset (hazelnut | screw)
+    image_size: int = 0            # training and sampling size in px (0 = 64 for mini, 32 for tiny)
+    epochs: int = 0                # fine-tuning epochs (0 = 12 for mini, 30 for tiny; batch 8)
+    per_class: int = 12            # generated images per class (the downstream classifier trains on them)
+    steps: int = 20                # DDIM sampling steps
+    classifier_steps: int = 30     # optimizer steps of each downstream classifier (32 px)
+    seeds: int = 2                 # downstream classifier seeds (mean ± std)
+    notebooks: bool = True         # run notebooks 01-04 through papermill (else call the stages directly)
+    out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/demo)
+
+
+# Per base: a random-weight tiny DiT has to learn everything (train all of it, small images,
+# more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 64 px).
+PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3},
+           "mini": {"method": "difffit", "image_size": 64, "epochs": 12, "lr": 1e-3}}
+
+
+def base_model(cfg: DemoConfig) -> str:
+    if cfg.model != "auto":
+        return cfg.model
+    return "mini" if (paths.ASSETS / "mini").is_dir() else "tiny"
+
+
+def params(cfg: DemoConfig) -> dict:
+    """The notebook parameters of the demo (each notebook takes the ones it declares)."""
+    model = base_model(cfg)
+    preset = PRESETS.get(model, PRESETS["tiny"])
+    epochs = cfg.epochs or preset["epochs"]
+    return {
+        # 01 explore
+        "data": "synthetic", "product": cfg.product, "show_per_class": 6, "show_size": 64,
+        # 02 fine-tune
+        "model": model, "method": cfg.method or preset["method"], "image_size": cfg.image_size or preset["image_size"],
+        "epochs": epochs, "lr": preset["lr"], "batch_size": 8, "grad_accum": 1, "val_per_class": 1,
+        "val_timesteps": 4, "val_every": max(1, epochs // 5), "progress": False,
+        # 03 sample
+        "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": 1.5, "explorer_images": 6,
+        # 04 evaluate: downstream only (offline: no Inception weights, and random ones make FID meaningless)
+        "metrics": "downstream", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
+        "classifier_size": 32, "compare_rows": 4,
+    }
+
+
+def run(cfg: DemoConfig) -> Path:
+    t0 = time.time()
+    out = Path(cfg.out) if cfg.out else paths.OUTPUTS / "demo"
+    load = _load()
+    if cfg.notebooks:
+        from . import notebooks
+
+        result = notebooks.run(notebooks.NotebooksConfig(out=str(out)), params=params(cfg))
+        run_folder = Path(notebooks.runs.read_json(result / "batch.json")["run"])
+    else:
+        result = run_folder = _stages(cfg, out)
+    _report(run_folder)
+    print(f"demo finished in {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores "
+          f"(load average {load} at start, {_load()} at the end) → {result}")
+    return result
+
+
+def _stages(cfg: DemoConfig, out: Path) -> Path:
+    """The same steps as the notebooks, without Jupyter."""
+    from . import evaluate, sample, train
+
+    p = params(cfg)
+    keys = ("model", "method", "product", "image_size", "epochs", "lr", "batch_size", "grad_accum",
+            "val_per_class", "val_timesteps", "val_every", "progress")
+    folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
+    sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
+                                   guidance=p["guidance"]))
+    evaluate.run(evaluate.EvalConfig(run=str(folder), metrics="downstream", seeds=p["seeds"],
+                                     classifier_steps=p["classifier_steps"], classifier_size=p["classifier_size"]))
+    return folder
+
+
+def _report(run_folder: Path) -> None:
+    from . import notebooks, runs
+
+    metrics = runs.read_json(run_folder / "metrics.json")
+    summary = notebooks.run_summary(run_folder)
+    print(f"\nrun {run_folder}: {summary['method']}, {summary['train_steps']} steps, "
+          f"best validation loss {summary['best_val_loss']:.4f}")
+    for key, value in notebooks.metrics_summary(metrics).items():
+        if value is not None and not key.startswith("acc_gain_std"):
+            print(f"  {key:<28} {value:+.3f}" if "gain" in key else f"  {key:<28} {value:.3f}")
+    print(notebooks.caption(metrics))
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"

@@ -1,0 +1,475 @@
+"""Run notebooks 01-04 through papermill (batch runs, CI, the demo) and sweep 02-04 over a grid.
+
+``run(NotebooksConfig(...), params)`` executes the notebooks in ``notebooks/`` with the given
+parameters and leaves, in one out folder: the executed notebooks, ``runs/`` (the run folder
+notebook 02 made), ``figures/`` (every figure of the batch) and ``batch.json`` (what ran, with
+which parameters, how long). Each notebook receives only the parameters its ``parameters``
+cell declares; a name that no notebook declares is refused. The stages are wired here, not
+by "latest": 02 trains into ``<out>/runs``, and 03/04 get that run folder.
+
+``run(SweepConfig(spec))`` expands a YAML grid (``base:`` parameters, ``grid:`` lists) and runs
+02-04 once per point into ``<out>/points/<point>/``. A point whose folder holds ``done.json``
+is skipped, so a sweep is resumed by running it again; a point without it (killed, failed) is
+wiped and run from the start. The summary (CSV, Markdown, a figure) is rewritten every time.
+YAML is data: ``yaml.safe_load`` only.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths, runs
+from .errors import DefectlabError
+
+NOTEBOOKS = ("01_explore_data", "02_finetune", "03_sample", "04_evaluate")
+KERNEL = "defectlab"   # registered into sys.prefix only if "python3" would start another interpreter
+STAGES = ("02", "03", "04")  # what one sweep point runs
+
+
+@dataclass
+class NotebooksConfig:
+    params: str = ""               # YAML file of notebook parameters (name: value), see defectlab/configs/params.yaml
+    out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/notebooks/<time>)
+    only: str = ""                 # notebooks to run, e.g. 02,03 ("" = all four)
+    kernel: str = ""               # Jupyter kernel name ("" = this Python interpreter)
+    cell_timeout: int = 0          # seconds a cell may run (0 = no limit)
+
+
+@dataclass
+class SweepConfig:
+    POSITIONAL = ("spec",)         # `defectlab sweep SPEC.yaml`
+    spec: str = ""                 # sweep YAML: base (parameters for every point) and grid (lists to combine)
+    out: str = ""                  # sweep folder ("" = outputs/sweeps/<spec name>); run again to resume
+    kernel: str = ""               # Jupyter kernel name ("" = this Python interpreter)
+
+
+def run(cfg: NotebooksConfig | SweepConfig, params: dict | None = None) -> Path:
+    """``defectlab notebooks`` and ``defectlab sweep`` (both CLI stages land here)."""
+    if isinstance(cfg, SweepConfig):
+        return run_sweep(cfg)
+    return run_notebooks(cfg, params)
+
+
+# ----------------------------------------------------------------------------- parameters
+def notebook_path(name: str) -> Path:
+    path = paths.NOTEBOOKS / f"{name}.ipynb"
+    if not path.is_file():
+        raise DefectlabError(f"notebook not found: {path} (notebooks ship with the source checkout: pip install -e .)")
+    return path
+
+
+def declared(name: str) -> dict[str, dict]:
+    """The notebook's parameters as papermill reads them: name → {inferred_type_name, default, help}."""
+    import papermill
+
+    return papermill.inspect_notebook(notebook_path(name))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping, or a one-line error naming the file and line."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DefectlabError(f"file not found: {p}")
+    try:
+        obj = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise DefectlabError(f"malformed YAML in {p}{where}: {what}") from None
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise DefectlabError(f"{p} must be a mapping of name: value (got {type(obj).__name__})")
+    return obj
+
+
+def _coerce(name: str, value, kind: str, source: str):
+    """YAML gives ``1e-5`` as a string and ``3`` as an int: convert to the declared type."""
+    bad = DefectlabError(f"parameter {name!r} from {source} must be {kind} (got {value!r})")
+    if value is None or isinstance(value, dict):
+        raise bad
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(value, bool):
+        raise bad
+    if kind == "str":
+        if isinstance(value, (list, tuple)):  # classes: [crack, hole] → "crack,hole"
+            return ",".join(str(v) for v in value)
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        raise bad
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if kind == "float":
+        return number
+    if kind == "int" and number.is_integer():
+        return int(number)
+    raise bad
+
+
+def check_names(given: dict, specs: dict[str, dict], source: str) -> None:
+    known = sorted({k for s in specs.values() for k in s})
+    for key in given:
+        if key not in known:
+            raise DefectlabError(f"unknown notebook parameter {key!r} in {source} (known: {', '.join(known)})")
+
+
+def _select(only: str) -> list[str]:
+    wanted = [w.strip() for w in re.split(r"[,\s]+", only) if w.strip()]
+    if not wanted:
+        return list(NOTEBOOKS)
+    out = []
+    for w in wanted:
+        match = [n for n in NOTEBOOKS if n == w or n.split("_")[0] == w.zfill(2)]
+        if not match:
+            raise DefectlabError(f"unknown notebook {w!r} in --only; use {', '.join(n[:2] for n in NOTEBOOKS)}")
+        out += match
+    return [n for n in NOTEBOOKS if n in out]
+
+
+# ----------------------------------------------------------------------------- kernel
+def _runs_this_python(argv: list[str]) -> bool:
+    exe = argv[0] if argv else ""
+    short = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+    # jupyter_client swaps a bare "python" for sys.executable; a path must be in our environment
+    return exe in short or Path(exe).parent == Path(sys.executable).parent
+
+
+def kernel_name(name: str = "", prefix: str | None = None) -> str:
+    """The kernel papermill starts: ``name`` if given, else ``python3`` when it runs this
+    interpreter, else a ``defectlab`` kernel registered into ``prefix`` (this environment)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    if name:
+        try:
+            ksm.get_kernel_spec(name)
+        except NoSuchKernel:
+            found = ", ".join(sorted(ksm.find_kernel_specs())) or "none"
+            raise DefectlabError(f"Jupyter kernel {name!r} not found (installed: {found})") from None
+        return name
+    for candidate in ("python3", KERNEL):
+        try:
+            if _runs_this_python(ksm.get_kernel_spec(candidate).argv):
+                return candidate
+        except NoSuchKernel:
+            pass
+    from ipykernel.kernelspec import install
+
+    try:  # what `python -m ipykernel install --sys-prefix --name defectlab` does
+        install(kernel_name=KERNEL, display_name=f"Python (defectlab, {sys.prefix})", prefix=prefix or sys.prefix)
+    except OSError as err:
+        raise DefectlabError(f"cannot register a Jupyter kernel for {sys.executable} ({err}); "
+                             "pass --kernel NAME of a kernel that has defectlab installed") from None
+    return KERNEL
+
+
+# ----------------------------------------------------------------------------- one batch
+def _run_folders(base: Path) -> set[Path]:
+    return set(runs.numbered(base))
+
+
+def execute(name: str, output: Path, parameters: dict, kernel: str, cell_timeout: int = 0) -> float:
+    """Execute one notebook into ``output``; a failing cell becomes one DefectlabError line."""
+    import papermill
+
+    t0 = time.time()
+    try:
+        with _kernel_env(KERNEL_ENV):
+            papermill.execute_notebook(str(notebook_path(name)), str(output), parameters=parameters,
+                                       kernel_name=kernel, progress_bar=False, execution_timeout=cell_timeout or None,
+                                       extra_arguments=QUIET if kernel in ("python3", KERNEL) else [])
+    except papermill.PapermillExecutionError as err:
+        msg = (str(err.evalue).strip().splitlines() or [""])[0][:300]
+        raise DefectlabError(f"notebook {name} failed in cell {err.exec_count}: {err.ename}: {msg} "
+                             f"(traceback in {output})") from None
+    return time.time() - t0
+
+
+# Set for the kernel process unless the user set them. On shared CPUs (CI, 2 cores, other jobs),
+# OpenMP threads that spin while waiting slow torch down several-fold (measured: a tiny-DiT
+# forward 3.6 s spinning vs 0.6 s passive at load 9 on 2 cores); idle machines lose nothing.
+KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# ipykernel's own log (not cell output: errors in cells end up in the executed notebook): ipykernel 7
+# warns about TCP transport on every start and logs an interrupt at shutdown.
+QUIET = ["--IPKernelApp.log_level=CRITICAL"]
+
+
+@contextlib.contextmanager
+def _kernel_env(values: dict):
+    """The kernel inherits our environment; papermill has no other way to hand it variables."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
+    """Execute the chosen notebooks with ``params`` (over the YAML file's); returns the out folder."""
+    t0 = time.time()
+    chosen = _select(cfg.only)
+    source = cfg.params or "the given parameters"
+    given = {**(load_yaml(cfg.params) if cfg.params else {}), **(params or {})}
+    specs = {name: declared(name) for name in NOTEBOOKS}  # all four: one params file serves any --only
+    check_names(given, specs, source)
+    out = Path(cfg.out).expanduser() if cfg.out else paths.OUTPUTS / "notebooks" / time.strftime("%Y%m%d-%H%M%S")
+    if out.is_dir() and any(out.iterdir()) and not (out / "batch.json").is_file():
+        raise DefectlabError(f"out folder {out} is not empty and holds no batch.json: choose another --out")
+    figures, kernel = out / "figures", kernel_name(cfg.kernel)
+    if chosen == list(NOTEBOOKS) and figures.is_dir():
+        shutil.rmtree(figures)  # a full batch replaces the previous batch's figures
+    figures.mkdir(parents=True, exist_ok=True)
+    record: dict = {"notebooks": {}, "run": None, "kernel": kernel, "python": sys.executable}
+    run_folder = None
+    for i, name in enumerate(chosen, 1):
+        spec = specs[name]
+        p = {k: _coerce(k, v, spec[k]["inferred_type_name"], source) for k, v in given.items() if k in spec}
+        if "figures_dir" in spec:
+            p.setdefault("figures_dir", str(figures))
+        if "runs_dir" in spec:
+            p.setdefault("runs_dir", str(out / "runs"))
+        if "run" in spec:  # the run this batch just trained, else the one asked for, resolved once
+            run_folder = run_folder or resolve_run(p.get("run", ast.literal_eval(spec["run"]["default"])))
+            p["run"] = str(run_folder)
+        runs_dir = Path(p.get("runs_dir") or paths.RUNS)
+        before = _run_folders(runs_dir)
+        print(f"[{i}/{len(chosen)}] {name} …", flush=True)
+        try:
+            seconds = execute(name, out / f"{name}.ipynb", p, kernel, cfg.cell_timeout)
+        except DefectlabError as err:  # keep what ran, and why it stopped, beside the failed notebook
+            record["notebooks"][name] = {"parameters": p, "error": str(err), "output": f"{name}.ipynb"}
+            runs.write_json(out / "batch.json", {**record, "failed": name})
+            raise
+        print(f"[{i}/{len(chosen)}] {name} done in {seconds:.0f} s", flush=True)
+        if name == "02_finetune":
+            new = sorted(_run_folders(runs_dir) - before, key=lambda f: int(f.name.split("-")[0]))
+            if not new:
+                raise DefectlabError(f"notebook 02_finetune made no run folder under {runs_dir}")
+            run_folder = new[-1]
+        record["notebooks"][name] = {"parameters": p, "seconds": round(seconds, 1), "output": f"{name}.ipynb"}
+        record["run"] = str(run_folder) if run_folder else None
+    if run_folder is not None and (run_folder / "figures").is_dir():
+        for f in sorted((run_folder / "figures").iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, figures / f.name)
+    record["figures"] = sorted(f.name for f in figures.iterdir())
+    record["seconds"] = round(time.time() - t0, 1)
+    runs.write_json(out / "batch.json", record)
+    return out
+
+
+# ----------------------------------------------------------------------------- summaries
+def resolve_run(run: str | Path, runs_dir: str | Path = "") -> Path:
+    """A run folder from a path, name, number, or ``latest`` (the highest number under runs_dir)."""
+    return runs.resolve(run, Path(runs_dir) if runs_dir else None)
+
+
+def run_summary(folder: str | Path) -> dict:
+    """What a fine-tuning run did: method, lr, size, steps, time, best validation loss."""
+    folder = Path(folder)
+    cfg = runs.load_config(folder)
+    log = runs.read_log(folder)
+    train = [r for r in log if "loss" in r]
+    best_file = folder / runs.CHECKPOINTS / "best.json"
+    best = runs.read_json(best_file) if best_file.is_file() else {}
+    return {"run": folder.name, "model": cfg.get("model"), "method": cfg.get("method"), "lr": cfg.get("lr"),
+            "image_size": cfg.get("image_size"), "epochs": cfg.get("epochs"),
+            "train_steps": train[-1]["step"] if train else 0, "train_seconds": train[-1]["time"] if train else None,
+            "final_train_loss": train[-1]["loss"] if train else None,
+            "best_val_loss": best.get("val_loss"), "best_step": best.get("step")}
+
+
+def figures_folder(run: str | Path) -> Path:
+    """Where a run's figures go (``<run>/figures``; train, sample and evaluate write there too)."""
+    return Path(run) / "figures"
+
+
+def sample_figure(samples: str | Path) -> Path:
+    """The grid figure ``sample.run`` saved for a sampler output folder ``<run>/samples/<tag>``."""
+    samples = Path(samples)
+    figs = samples.parent.parent / "figures"
+    exact = figs / f"samples-{samples.name}.png"
+    if exact.is_file():
+        return exact
+    found = sorted(figs.glob("samples-*.png"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise DefectlabError(f"no sample grid figure in {figs}")
+    return found[-1]
+
+
+def caption(metrics: dict) -> str:
+    """What the numbers of an evaluation are worth, in one line for notebooks and summaries."""
+    cfg = runs.load_config(Path(metrics["run"]))
+    small = cfg.get("model") in ("tiny", "mini")
+    synthetic = cfg.get("data") == "synthetic"
+    down = metrics.get("downstream", {}).get("setup", {})
+    parts = ["Offline proxy numbers" if (small or synthetic or not down.get("pretrained", True)) else "Numbers"]
+    if small or synthetic:
+        parts.append(f"{cfg.get('model')} base on {'the procedural embedded dataset' if synthetic else cfg.get('data')}: "
+                     "they show the pipeline works, not how DiT-XL does on real defects")
+    if down:
+        parts.append(f"downstream ResNet-18 {'ImageNet init' if down.get('pretrained') else 'from scratch'}, "
+                     f"{down.get('steps')} steps, {down.get('seeds')} seed(s), {down.get('n_test')} held-out real images")
+    fe = metrics.get("feature_extractor")
+    parts.append(f"FID/KID/IS: {fe['note']}" if fe else "no FID/KID/IS (no Inception weights offline)")
+    return " — ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if len(parts) > 2 else "") + "."
+
+
+def metrics_summary(metrics: dict) -> dict:
+    """Headline numbers of an evaluation: downstream accuracy per condition, paired gains, pooled FID."""
+    out: dict = {}
+    down = metrics.get("downstream", {})
+    for cond, r in down.get("conditions", {}).items():
+        out[f"acc[{cond}]"] = r["accuracy"]["mean"]
+        out[f"macro_f1[{cond}]"] = r["macro_f1"]["mean"]
+    for diff, r in down.get("diff", {}).items():
+        out[f"acc_gain[{diff.replace(' - real', '')}]"] = r["accuracy"]["mean"]
+        out[f"acc_gain_std[{diff.replace(' - real', '')}]"] = r["accuracy"]["std"]
+    pooled = metrics.get("distribution", {}).get("pooled", {})
+    for key in ("fid", "kid"):
+        if key in pooled:
+            out[key] = pooled[key]
+    return out
+
+
+# ----------------------------------------------------------------------------- sweeps
+def _fmt(v) -> str:
+    return format(v, "g") if isinstance(v, float) else str(v)
+
+
+def expand(spec: dict, source: str, specs: dict[str, dict]) -> list[dict]:
+    """``base`` merged with every combination of ``grid`` (keys in file order), types coerced."""
+    extra = sorted(set(spec) - {"base", "grid"})
+    if extra:
+        raise DefectlabError(f"unknown key {extra[0]!r} in sweep {source} (expected base: and grid:)")
+    base, grid = spec.get("base") or {}, spec.get("grid") or {}
+    if not isinstance(base, dict) or not isinstance(grid, dict):
+        raise DefectlabError(f"sweep {source}: base and grid must be mappings of parameter: value")
+    if not grid:
+        raise DefectlabError(f"sweep {source} has no grid: (lists of values to combine)")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise DefectlabError(f"sweep {source}: grid {key!r} must be a non-empty list (got {values!r})")
+    check_names({**base, **grid}, specs, f"sweep {source}")
+    kinds = {k: s[k]["inferred_type_name"] for s in specs.values() for k in s}
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point = {k: _coerce(k, v, kinds[k], f"sweep {source}") for k, v in {**base, **dict(zip(grid, combo))}.items()}
+        points.append(point)
+    return points
+
+
+def point_name(point: dict, keys) -> str:
+    """Stable folder name from the grid values: ``method=full__lr=1e-05``."""
+    return "__".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+-]+', '-', _fmt(point[k]))}" for k in keys)
+
+
+def run_sweep(cfg: SweepConfig) -> Path:
+    """Run 02-04 for every grid point (skipping finished ones), then write the summary."""
+    if not cfg.spec:
+        raise DefectlabError("a sweep needs its YAML file: defectlab sweep SPEC.yaml (examples in defectlab/configs/)")
+    spec = load_yaml(cfg.spec)
+    specs = {name: declared(name) for name in NOTEBOOKS if name[:2] in STAGES}
+    points = expand(spec, cfg.spec, specs)
+    keys = list(spec["grid"])
+    out = Path(cfg.out).expanduser() if cfg.out else paths.OUTPUTS / "sweeps" / Path(cfg.spec).stem
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / "sweep.json", {"spec": spec, "source": str(cfg.spec), "points": len(points)})
+    kernel = kernel_name(cfg.kernel)
+    rows, failed = [], []
+    for i, point in enumerate(points, 1):
+        name = point_name(point, keys)
+        folder = out / "points" / name
+        done = folder / "done.json"
+        if done.is_file():
+            row = runs.read_json(done)
+            if row.get("params") != json.loads(json.dumps(point)):
+                raise DefectlabError(f"sweep point {folder} was run with other parameters (was the base changed?): "
+                                     "delete it or choose another --out")
+            print(f"[{i}/{len(points)}] {name}: done before, skipped", flush=True)
+            rows.append(row)
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)  # killed or failed earlier: start this point again from nothing
+        folder.mkdir(parents=True)
+        print(f"[{i}/{len(points)}] {name}", flush=True)
+        try:
+            batch = run_notebooks(NotebooksConfig(out=str(folder), only=",".join(STAGES), kernel=kernel), point)
+        except DefectlabError as err:
+            failed.append(f"{name}: {err}")
+            rows.append({"point": name, "params": point, "status": "failed", "error": str(err)})
+            continue
+        row = _point_row(name, point, runs.read_json(batch / "batch.json"))
+        runs.write_json(done, row)  # written last: its presence means the point is complete
+        rows.append(row)
+    write_summary(out, rows, keys)
+    if failed:
+        raise DefectlabError(f"{len(failed)} of {len(points)} sweep points failed (first: {failed[0]}); the others "
+                             f"are in {out / 'summary.md'}; run the sweep again to retry the failed ones")
+    return out
+
+
+def _point_row(name: str, point: dict, batch: dict) -> dict:
+    folder = Path(batch["run"])
+    metrics = runs.read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
+    return {"point": name, "params": point, "status": "done", "run": str(folder), **run_summary(folder),
+            **(metrics_summary(metrics) if metrics else {}), "note": caption(metrics) if metrics else "",
+            "seconds": round(sum(n["seconds"] for n in batch["notebooks"].values()), 1)}
+
+
+SUMMARY_SKIP = ("params", "run", "note", "error")
+
+
+def write_summary(out: Path, rows: list[dict], keys: list[str]) -> list[Path]:
+    """``summary.csv``, ``summary.md`` and ``figures/sweep-summary.png`` (val loss, downstream accuracy)."""
+    from . import viz
+
+    columns = ["point", "status", *keys]
+    for r in rows:
+        columns += [k for k in r if k not in columns and k not in SUMMARY_SKIP and k not in r.get("params", {})]
+    table = [{**{k: r.get("params", {}).get(k) for k in keys}, **{k: v for k, v in r.items() if k in columns}}
+             for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(table)
+    written = [runs.write_text(out / "summary.csv", buf.getvalue())]
+
+    def cell(v):
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (
+            f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    show = [c for c in columns if c not in ("point", "model", "run")]
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    md = [f"# Sweep summary ({len(rows)} points)", "", *[f"> {n}" for n in notes], "",
+          "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    md += ["| " + " | ".join(cell(t.get(c)) for c in show) + " |" for t in table]
+    md += [f"- {r['point']}: {r['error']}" for r in rows if r.get("status") == "failed"]
+    written.append(runs.write_text(out / "summary.md", "\n".join(md) + "\n"))
+    done = [t for t in table if t.get("status") == "done"]
+    if done:
+        fig = viz.sweep_figure(done, keys)
+        written += viz.save_figure(fig, out / "figures", "sweep-summary", "png")
+    return written

@@ -1,0 +1,426 @@
+"""Figures for reports: one style, image grids, real-vs-generated, saving at print quality.
+
+Figures are built on ``matplotlib.figure.Figure`` directly instead of ``pyplot``: no global
+figure list to leak in loops, no backend needed, and Jupyter still shows a returned figure
+once (pyplot would show it a second time at the end of the cell). ipywidgets is imported only
+inside the explorer, so importing this module stays cheap and needs no notebook extras.
+"""
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Iterable
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from . import runs
+from .errors import DefectlabError
+
+DPI = 200                               # raster figures are saved at this resolution
+FORMATS = ("png", "pdf", "svg")         # what save_figure writes
+CELL = 1.1                              # inches per image cell: readable at 4-16 columns
+STYLE = {                               # shared rcParams: every figure looks the same in a report
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "figure.titlesize": 11,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.05,
+}
+
+
+def style():
+    """``with viz.style(): ...`` — the shared look, without touching the global rcParams."""
+    return matplotlib.rc_context(STYLE)
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """[N,3,H,W] (or [3,H,W]) in [-1, 1] → float array [N,H,W,3] in [0, 1] for imshow."""
+    x = images.detach().float().cpu()
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DefectlabError(f"expected images shaped [N,3,H,W], got {tuple(images.shape)}")
+    x = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
+
+
+def _label(name: str, width: int = 14) -> str:
+    # class folder names use underscores (MVTec "thread_side"); wrap so long names fit a cell
+    return "\n".join(textwrap.wrap(str(name).replace("_", " "), width)) or str(name)
+
+
+def _wrap(title: str | None, width_in: float) -> str | None:
+    """Wrap a figure title to the figure's width (about 11 characters per inch at 11 pt), so a
+    long sampler tag over a 2-column grid is not cut off."""
+    return None if not title else "\n".join(textwrap.wrap(title, max(16, int(width_in * 11)))) or title
+
+
+def _grid(fig, images: list[list[np.ndarray | None]], col_titles: list[str], row_label: str | None = None):
+    """Fill ``fig`` (a Figure or SubFigure) with a rows × cols image grid; ``None`` = empty cell."""
+    rows, cols = len(images), len(col_titles)
+    shape = next((img.shape for row in images for img in row if img is not None), (1, 1, 3))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            img = images[r][c]
+            # a missing image is a light grey cell of the same size, so columns stay aligned
+            ax.imshow(img if img is not None else np.full(shape, 0.94), interpolation="nearest", vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(_label(col_titles[c]), pad=3)
+    if row_label:
+        axes[0, 0].set_ylabel(row_label)
+    return axes
+
+
+def grid_figure(images: torch.Tensor, class_names: list[str], rows: int | None = None,
+                title: str | None = None) -> Figure:
+    """Columns = classes, rows = samples (the original experiments' grid).
+
+    ``images`` are [N,3,H,W] in [-1, 1], ordered class by class: ``images[c * rows + r]`` is
+    sample ``r`` of ``class_names[c]``. ``rows`` defaults to ``N // len(class_names)``.
+    """
+    cols = len(class_names)
+    if cols == 0:
+        raise DefectlabError("grid_figure needs at least one class name")
+    rows = rows or len(images) // cols
+    if rows < 1 or len(images) != rows * cols:
+        raise DefectlabError(f"grid_figure: {len(images)} images do not fill {cols} classes × {rows} rows")
+    arr = to_numpy(images)
+    cells = [[arr[c * rows + r] for c in range(cols)] for r in range(rows)]
+    with style():
+        title = _wrap(title, CELL * cols)
+        extra = 0.3 * (title.count("\n") + 1) if title else 0
+        fig = Figure(figsize=(CELL * cols, CELL * rows + 0.45 + extra), layout="constrained")
+        fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
+        _grid(fig, cells, class_names)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def real_vs_generated_figure(real: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
+                             rows: int = 4, title: str | None = None) -> Figure:
+    """Two stacked grids sharing columns (classes): real images on top, generated below.
+
+    Each dict maps a class name to [n,3,H,W] in [-1, 1]; up to ``rows`` of each are shown and
+    a class missing from one side leaves its cells empty.
+    """
+    names = list(dict.fromkeys([*real, *gen]))
+    if not names:
+        raise DefectlabError("real_vs_generated_figure: no classes given")
+
+    def cells(d: dict[str, torch.Tensor]) -> list[list[np.ndarray | None]]:
+        arrs = {k: to_numpy(v)[:rows] for k, v in d.items() if len(v)}
+        n = max([len(a) for a in arrs.values()], default=1)
+        return [[arrs[k][r] if k in arrs and r < len(arrs[k]) else None for k in names] for r in range(n)]
+
+    top, bottom = cells(real), cells(gen)
+    with style():
+        title = _wrap(title, CELL * len(names) + 0.4)
+        extra = 0.3 * (title.count("\n") + 1) if title else 0
+        fig = Figure(figsize=(CELL * len(names) + 0.4, CELL * (len(top) + len(bottom)) + 1.1 + extra),
+                     layout="constrained")
+        sub_real, sub_gen = fig.subfigures(2, 1, height_ratios=[len(top) + 0.5, len(bottom) + 0.5])
+        for sub, grid, label in ((sub_real, top, "real"), (sub_gen, bottom, "generated")):
+            _grid(sub, grid, names)
+            sub.supylabel(label, fontsize=STYLE["figure.titlesize"])
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, folder: str | Path, name: str, formats: str | Iterable[str] = ("png",)) -> list[Path]:
+    """Write ``<folder>/<name>.<fmt>`` for each format (png at 200 dpi; pdf/svg on request),
+    each atomically so a report never picks up a half-written file."""
+    fmts = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise DefectlabError(f"unknown figure format {', '.join(bad) or '(none)'}; use {', '.join(FORMATS)}")
+    out = []
+    for fmt in fmts:
+        path = Path(folder) / f"{name}.{fmt}"
+        # the temp file has no image suffix, so the format is given explicitly
+        out.append(runs.atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI)))
+    return out
+
+
+# ----------------------------------------------------------------------------- display
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """PNG bytes of a figure (screen resolution by default; ``save_figure`` writes the print copy)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def show(*objs, dpi: int = 100) -> None:
+    """Show figures, saved image files, or ``(name, figure)`` pairs inline as images. Works
+    whatever the matplotlib backend (papermill kernels may inherit ``MPLBACKEND=Agg``, where a
+    returned Figure prints as text); files saved at ``DPI`` are shown at half size, so they look
+    like the on-screen figures."""
+    try:
+        from IPython.display import Image, display
+    except ImportError:  # plain Python: nothing to show inline
+        print(*objs)
+        return
+    for obj in objs:
+        if isinstance(obj, tuple):
+            obj = obj[-1]
+        if isinstance(obj, (str, Path)):
+            display(Image(filename=str(obj), retina=True))
+        else:
+            display(Image(data=figure_png(obj, dpi)))
+
+
+# ----------------------------------------------------------------------------- datasets
+MASK_RGB = np.array([1.0, 0.1, 0.1])    # mask overlay colour (red)
+
+
+def _overlay(img: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    m = mask[..., None] * alpha
+    return img * (1 - m) + MASK_RGB * m
+
+
+def dataset_figure(data, per_class: int = 6, with_masks: bool = True, size: int = 96,
+                   title: str | None = None) -> Figure:
+    """One row per defect class (plus ``good`` when there are defect-free images), ``per_class``
+    examples per row from train + test, masks tinted red with an outline. ``data`` is a
+    ``data.DefectData`` (``data.load``)."""
+    from . import data as data_mod
+
+    if per_class < 1:
+        raise DefectlabError(f"per_class must be ≥ 1 (got {per_class})")
+    by_class = {c: [s for s in [*data.train, *data.test] if s.defect == c] for c in data.classes}
+    rows = ([("good", [(g, None) for g in data.good[:per_class]], len(data.good))] if data.good else []) + \
+        [(c, [(s.image, s.mask) for s in sorted(v, key=lambda s: s.image)[:per_class]], len(v)) for c, v in by_class.items()]
+    cols = max(len(items) for _, items, _ in rows)
+    with style():
+        fig = Figure(figsize=(0.9 * CELL * cols + 0.9, 0.9 * CELL * len(rows) + 0.5 + (0.3 if title else 0)),
+                     layout="constrained")
+        fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
+        axes = fig.subplots(len(rows), cols, squeeze=False)
+        for r, (name, items, count) in enumerate(rows):
+            for c in range(cols):
+                ax = axes[r, c]
+                ax.set_xticks([]), ax.set_yticks([])
+                for side in ax.spines.values():
+                    side.set_visible(False)
+                if c >= len(items):
+                    ax.set_visible(False)
+                    continue
+                image_path, mask_path = items[c]
+                img = to_numpy(data_mod.load_image(image_path, size))[0]
+                if with_masks and mask_path is not None:
+                    mask = data_mod.load_mask(mask_path, size)[0].numpy()
+                    ax.imshow(_overlay(img, mask), interpolation="nearest", vmin=0, vmax=1)
+                    if mask.any():
+                        ax.contour(mask, levels=[0.5], colors=[tuple(MASK_RGB)], linewidths=0.6)
+                else:
+                    ax.imshow(img, interpolation="nearest", vmin=0, vmax=1)
+            axes[r, 0].set_ylabel(f"{_label(name)}\n(n={count})", rotation=0, ha="right", va="center")
+        fig.suptitle(title or f"{data.product} ({data_mod.LAYOUTS.get(data.layout, data.layout)} layout): "
+                     f"{len(data.classes)} defect classes"
+                     + (", masks in red" if with_masks else ""))
+    return fig
+
+
+def counts_figure(data, title: str | None = None) -> Figure:
+    """Images per defect class, fine-tuning (train) and held-out (test) split, and the defect-free
+    (``good``) images, which are not fine-tuned on."""
+    names = list(data.classes)
+    train = [sum(s.defect == c for s in data.train) for c in names]
+    test = [sum(s.defect == c for s in data.test) for c in names]
+    with style():
+        fig = Figure(figsize=(5.5, 0.35 * (len(names) + bool(data.good)) + 1.0), layout="constrained")
+        ax = fig.subplots()
+        y = np.arange(len(names))[::-1]
+        ax.barh(y, train, color="#4c72b0", label="train (fine-tuning)")
+        ax.barh(y, test, left=train, color="#dd8452", label="test (held out)")
+        for yi, a, b in zip(y, train, test):
+            ax.text(a + b, yi, f" {a}+{b}", va="center", fontsize=8)
+        labels = [_label(n, 24).replace("\n", " ") for n in names]
+        if data.good:
+            ax.barh([len(names)], [len(data.good)], color="0.7", label="defect-free (good)")
+            ax.text(len(data.good), len(names), f" {len(data.good)}", va="center", fontsize=8)
+            y, labels = np.r_[len(names), y], ["good", *labels]
+        ax.set_yticks(y, labels)
+        ax.set_xlabel("images")
+        ax.set_xlim(0, max([a + b for a, b in zip(train, test)] + [len(data.good)]) * 1.2 + 1)
+        fig.legend(frameon=False, fontsize=8, loc="outside lower center", ncols=3)
+        fig.suptitle(title or f"{data.product}: images per class")
+    return fig
+
+
+# ----------------------------------------------------------------------------- runs
+def real_vs_generated_for_run(run: str | Path, samples: str | Path, rows: int = 4, real: str = "train") -> Figure:
+    """``real_vs_generated_figure`` of a run: its own ``train`` (what it was fine-tuned on) or
+    held-out ``test`` images from its split manifest, above images from a sampler output folder."""
+    import dataclasses
+
+    from . import data as data_mod
+
+    if real not in ("train", "test"):
+        raise DefectlabError(f"real must be train or test (got {real!r})")
+    folder, samples = Path(run), Path(samples)
+    saved = runs.load_config(folder)
+    fields = {f.name for f in dataclasses.fields(data_mod.DataConfig)}
+    dcfg = data_mod.DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    dcfg.image_size = dcfg.image_size or 64
+    dd = data_mod.load(dcfg, manifest=folder / "split.json")
+    size = dcfg.image_size
+
+    def stack(paths_, crop=0):
+        return torch.stack([data_mod.load_image(p, size, crop) for p in paths_]) if paths_ else torch.zeros(0, 3, size, size)
+
+    pool = dd.train if real == "train" else dd.test
+    real_imgs = {c: stack([s.image for s in pool if s.defect == c][:rows], dcfg.crop) for c in dd.classes}
+    gen = {c: stack(sorted((samples / dd.product / "test" / c).glob("*.png"))[:rows]) for c in dd.classes}
+    return real_vs_generated_figure(real_imgs, gen, rows, title=f"{dd.product}: real ({real} split) vs generated, {size} px")
+
+
+def trainable_table(model: torch.nn.Module) -> str:
+    """Markdown table: trainable / total parameters by kind (what a fine-tuning method touches)."""
+    def kind(name: str) -> str:
+        if "class_embedder.embedding_table" in name:
+            return "class tables"
+        if "difffit_gamma" in name:
+            return "DiffFit scales γ"
+        if ".lora_" in name:
+            return "LoRA adapters"
+        if name.endswith(".bias"):
+            return "biases"
+        if "norm" in name:
+            return "adaLN / norm weights"
+        return "other weights"
+
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        c = counts.setdefault(kind(name), [0, 0])
+        c[0] += p.numel() if p.requires_grad else 0
+        c[1] += p.numel()
+    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+    lines = ["| parameters | trainable | total | share trained |", "|---|---:|---:|---:|"]
+    for k, (t, n) in [*sorted(counts.items()), ("**all**", total)]:
+        lines.append(f"| {k} | {t:,} | {n:,} | {100 * t / max(n, 1):.1f}% |")
+    return "\n".join(lines)
+
+
+def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
+    """Best validation loss and downstream accuracy per condition, one bar group per sweep point
+    (``rows``: the sweep summary rows; ``keys``: the grid parameters that label the points)."""
+    def fmt(v):
+        return format(v, "g") if isinstance(v, float) else str(v)
+
+    labels = [" · ".join(fmt(r.get(k)) for k in keys) for r in rows]
+    x = np.arange(len(rows))
+    accs = [k for k in rows[0] if k.startswith("acc[")]
+    with style():
+        fig = Figure(figsize=(min(max(4.5, 2.5 + 0.45 * len(rows)), 24), 5.2), layout="constrained")
+        ax1, ax2 = fig.subplots(2, 1, sharex=True)
+        ax1.bar(x, [r.get("best_val_loss") or np.nan for r in rows], color="#4c72b0")
+        ax1.set_ylabel("best validation loss")
+        width = 0.8 / max(len(accs), 1)
+        for i, k in enumerate(accs):
+            ax2.bar(x + (i - (len(accs) - 1) / 2) * width, [r.get(k) if r.get(k) is not None else np.nan for r in rows],
+                    width, label=k[4:-1])
+        ax2.set_ylabel("downstream accuracy")
+        ax2.set_ylim(0, 1.05)
+        if accs:
+            ax2.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="trained on",
+                       title_fontsize=7)
+        ax2.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax2.set_xlabel(" · ".join(keys))
+        fig.suptitle(f"sweep: {len(rows)} points")
+    return fig
+
+
+# ----------------------------------------------------------------------------- explorer
+ALL_CLASSES = "(all classes)"
+
+
+class Explorer:
+    """Sample a fine-tuned model interactively (class, steps, seed, guidance, a Run button).
+
+    The model is loaded once by the caller (``train.restore``) and handed in; ``render`` only
+    samples, with per-image generators (``sample.generators(seed, class, range(n))``), so a seed
+    gives exactly the images ``sample.run`` exports for the same settings. ``widget()`` builds
+    the ipywidgets UI; ``render`` is the same thing without a browser.
+    """
+
+    def __init__(self, restored, steps: int = 50, guidance: float = 1.5, seed: int = 0, n: int = 4,
+                 scheduler: str = "ddim", cfg_channels: str = "all", image_size: int = 0, max_steps: int = 250):
+        self.restored, self.classes = restored, list(restored.classes)
+        self.steps, self.guidance, self.seed, self.n = steps, guidance, seed, n
+        self.scheduler, self.cfg_channels, self.max_steps = scheduler, cfg_channels, max(max_steps, steps)
+        self.image_size = image_size or restored.config.get("image_size") or restored.base.default_image_size
+        self.last_images: torch.Tensor | None = None
+        self.controls: dict = {}
+
+    def render(self, class_name: str, steps: int, seed: int, guidance: float, n: int | None = None) -> Figure:
+        """One class: ``n`` images in a row; ``ALL_CLASSES`` (or ""): columns = classes, rows = ``n``."""
+        from . import sample
+
+        n = self.n if n is None else n
+        if n < 1:
+            raise DefectlabError(f"n must be ≥ 1 (got {n})")
+        names = self.classes if class_name in ("", ALL_CLASSES) else [class_name]
+        if names[0] not in self.classes:
+            raise DefectlabError(f"unknown class {class_name!r} (known: {', '.join(self.classes)})")
+        labels = [self.classes.index(c) for c in names for _ in range(n)]
+        gens = [g for c in names for g in sample.generators(seed, c, range(n))]
+        base = self.restored.base
+        images = sample.generate(self.restored.model, base.codec, labels, gens, steps, guidance, self.scheduler,
+                                 self.cfg_channels, scheduler_config=base.scheduler_config,
+                                 image_size=self.image_size, progress=False)
+        self.last_images = images
+        title = f"{self.scheduler} {steps} steps · guidance {guidance:g} · seed {seed}"
+        if len(names) == 1:
+            return grid_figure(images, [f"{names[0]} #{i}" for i in range(n)], rows=1, title=title)
+        return grid_figure(images, names, rows=n, title=title)
+
+    def widget(self):
+        """The ipywidgets UI; nothing is sampled until Run is pressed."""
+        import html
+        import time
+
+        import ipywidgets as w
+
+        c = self.controls = {
+            "class": w.Dropdown(options=[*self.classes, ALL_CLASSES], value=self.classes[0], description="class"),
+            "steps": w.IntSlider(value=self.steps, min=1, max=self.max_steps, description="steps",
+                                 continuous_update=False),
+            "seed": w.IntText(value=self.seed, description="seed"),
+            "guidance": w.FloatSlider(value=self.guidance, min=1.0, max=8.0, step=0.25, description="guidance",
+                                      continuous_update=False),
+            "n": w.IntSlider(value=self.n, min=1, max=16, description="images", continuous_update=False),
+            "run": w.Button(description="Run", button_style="primary", icon="play"),
+            "status": w.HTML(value="press Run to sample"),
+            "image": w.Image(format="png"),
+        }
+
+        def on_run(_button=None):
+            c["run"].disabled, t0 = True, time.time()
+            c["status"].value = "sampling…"
+            try:
+                fig = self.render(c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value)
+                c["image"].value = figure_png(fig)
+                c["status"].value = f"done in {time.time() - t0:.1f} s"
+            except DefectlabError as err:
+                c["status"].value = f"<span style='color:#b00020'>{html.escape(str(err))}</span>"
+            finally:
+                c["run"].disabled = False
+
+        c["run"].on_click(on_run)
+        return w.VBox([w.HBox([c["class"], c["steps"]]), w.HBox([c["seed"], c["guidance"]]),
+                       w.HBox([c["n"], c["run"], c["status"]]), c["image"]])

@@ -1,0 +1,80 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Fine-tune a DiT on the defect classes
+#
+# One fine-tuning method (full, bitfit, difffit, bias_norm or LoRA) with the defect types as new
+# classes. Writes a run folder (config, log, checkpoints, figures) that 03 and 04 read.
+
+# %% tags=["parameters"]
+data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder
+product: str = "hazelnut"  # product folder name
+model: str = "tiny"  # base model: tiny, mini, facebook/DiT-XL-2-256, a diffusers folder or a DiT .pt
+method: str = "difffit"  # fine-tuning method: full, bitfit, difffit, bias_norm or lora
+image_size: int = 0  # training image side in px (0 means the model's default: tiny/mini 64, DiT-XL 128)
+lr: float = 0.0  # learning rate (0 means the preset: 1e-5 real model, 1e-3 tiny/mini)
+epochs: int = 0  # passes over the training images (0 means the preset: 100 real model, 60 tiny/mini)
+max_steps: int = 0  # stop after this many optimizer steps (0 means no limit)
+batch_size: int = 4  # images per micro-batch
+grad_accum: int = 2  # micro-batches per optimizer step
+mixed_precision: str = "no"  # no, fp16 or bf16 (bf16 on a GPU for DiT-XL)
+lora_rank: int = 8  # LoRA rank (method lora)
+class_init: str = "anchor"  # new class rows start from: anchor, nearest, mean, random or an ImageNet id
+label_dropout: float = 0.1  # class-label dropout, so that guidance works after fine-tuning
+ema: float = 0.0  # EMA decay of the trained parameters (0 means off)
+val_per_class: int = 2  # training images per class held back for the validation loss
+val_timesteps: int = 8  # fixed timesteps of the validation loss
+val_every: int = 5  # validate and checkpoint every N epochs
+patience: int = 0  # stop after N validations without improvement (0 means off)
+seed: int = 0  # seeds data order, noise, label dropout and new class rows
+name: str = ""  # run name ("" means <product>-<method>)
+runs_dir: str = ""  # parent of run folders ("" means outputs/runs)
+progress: bool = True  # progress bar while training
+
+# %%
+from IPython.display import Markdown, display
+
+from defectlab import notebooks, train, viz
+
+config = train.TrainConfig(
+    data=data, product=product, model=model, method=method, image_size=image_size, lr=lr, epochs=epochs,
+    max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, mixed_precision=mixed_precision,
+    lora_rank=lora_rank, class_init=class_init, label_dropout=label_dropout, ema=ema,
+    val_per_class=val_per_class, val_timesteps=val_timesteps, val_every=val_every, patience=patience,
+    seed=seed, name=name, runs_dir=runs_dir, progress=progress)
+
+# %% [markdown]
+# ## Fine-tune
+
+# %%
+run_folder = train.run(config)
+run_folder
+
+# %% [markdown]
+# ## Trainable parameters
+# What the method trains, from the restored best checkpoint (the same model 03 and 04 use).
+
+# %%
+restored = train.restore(run_folder)
+display(Markdown(viz.trainable_table(restored.model)))
+
+# %% [markdown]
+# ## Loss curve
+# Training loss per optimizer step and the validation loss (held-back images, fixed noise and
+# timesteps, so epochs are comparable). Saved as `figures/loss_curve.png` in the run folder.
+
+# %%
+viz.show(train.plot_loss(run_folder))
+notebooks.run_summary(run_folder)

@@ -1,0 +1,64 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Sample the fine-tuned model
+#
+# A grid of generated images (columns are defect classes, rows are samples), exported as PNGs
+# with a manifest for 04, then an explorer to try classes, steps, seeds and guidance. Image `i`
+# of class `c` is seeded from `(seed, c, i)`: the explorer shows exactly the exported images for
+# the same settings.
+
+# %% tags=["parameters"]
+run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
+checkpoint: str = "best"  # best, latest or a step number
+classes: str = ""  # comma-separated class names ("" means all)
+per_class: int = 8  # images per class (rows of the grid)
+scheduler: str = "ddpm"  # ddpm, ddim or dpmsolver
+steps: int = 250  # sampling steps
+guidance: float = 1.5  # classifier-free guidance scale (1 means off)
+sample_seed: int = 0  # image i of class c is seeded from (sample_seed, c, i)
+explorer_images: int = 4  # images per Run in the explorer
+formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+
+# %%
+from defectlab import notebooks, sample, train, viz
+
+run_folder = notebooks.resolve_run(run)
+config = sample.SampleConfig(run=str(run_folder), checkpoint=checkpoint, classes=classes, per_class=per_class,
+                             scheduler=scheduler, steps=steps, guidance=guidance, seed=sample_seed, formats=formats)
+
+# %% [markdown]
+# ## Sample grid
+
+# %%
+samples = sample.run(config)
+viz.show(notebooks.sample_figure(samples))
+samples
+
+# %% [markdown]
+# ## Explorer
+# The model is loaded once here; pressing **Run** only samples. Below the controls, a preview of
+# the first class with the parameters above (what a batch run keeps).
+
+# %%
+restored = train.restore(run_folder, checkpoint)
+explorer = viz.Explorer(restored, steps=steps, guidance=guidance, seed=sample_seed, n=explorer_images,
+                        scheduler=scheduler)
+
+# %%
+viz.show(explorer.render(restored.classes[0], steps, sample_seed, guidance))
+
+# %%
+explorer.widget()

@@ -1,0 +1,301 @@
+"""Notebooks 01-04 executed through papermill with tiny parameters (one shared batch), their
+parameters and pairing, the explorer against the exported samples, batch errors, sweeps."""
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+
+import jupytext
+import nbformat
+import papermill
+import pytest
+import torch
+from PIL import Image
+
+from defectlab import cli, demo, notebooks, paths, runs, sample, train, viz
+from defectlab.errors import DefectlabError
+
+# tiny model, 32 px, one epoch, 2 images per class, 4 sampling steps, 2 classifier steps
+TRAIN = dict(model="tiny", image_size=32, epochs=1, batch_size=4, grad_accum=1, val_per_class=1, val_timesteps=2,
+             val_every=1, progress=False)
+LATER = dict(guidance=1.5, per_class=2, scheduler="ddim", steps=4, explorer_images=2, metrics="downstream", seeds=1,
+             classifier_steps=2, classifier_size=32, compare_rows=2)
+TINY = dict(show_per_class=2, show_size=32, **TRAIN, **LATER)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """One executed batch for every assertion below; under pytest-xdist the first worker that
+    needs it runs it and the other waits and reuses it (xdist's documented shared-fixture way)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return notebooks.run(notebooks.NotebooksConfig(out=str(tmp_path_factory.mktemp("batch"))), params=TINY)
+    from filelock import FileLock
+
+    out = tmp_path_factory.getbasetemp().parent / "notebook-batch"
+    with FileLock(f"{out}.lock"):
+        if not (out / "batch.json").is_file() or runs.read_json(out / "batch.json").get("failed"):
+            shutil.rmtree(out, ignore_errors=True)
+            notebooks.run(notebooks.NotebooksConfig(out=str(out)), params=TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def record(batch):
+    return runs.read_json(batch / "batch.json")
+
+
+# ----------------------------------------------------------------------------- the executed batch
+def test_batch_leaves_notebooks_metrics_and_figures(batch, record):
+    run = batch / "runs" / next(p.name for p in (batch / "runs").iterdir())
+    assert record["run"] == str(run) and list(record["notebooks"]) == list(notebooks.NOTEBOOKS)
+    for name in notebooks.NOTEBOOKS:
+        nb = nbformat.read(batch / f"{name}.ipynb", as_version=4)
+        assert not [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"], name
+    # 03 and 04 got the run 02 made, and only the parameters they declare
+    assert record["notebooks"]["03_sample"]["parameters"]["run"] == str(run)
+    assert "epochs" not in record["notebooks"]["03_sample"]["parameters"]
+    assert record["notebooks"]["02_finetune"]["parameters"]["epochs"] == 1
+
+    metrics = runs.read_json(run / "metrics.json")
+    acc = metrics["downstream"]["conditions"]
+    assert set(acc) == {"real", "real+gen"}
+    assert all(math.isfinite(acc[c]["accuracy"]["mean"]) for c in acc)
+    summary = notebooks.run_summary(run)
+    assert summary["train_steps"] > 0 and math.isfinite(summary["best_val_loss"])
+
+    figures = {p.name: p for p in (batch / "figures").iterdir()}
+    for name in ("hazelnut-examples-per-class.png", "hazelnut-images-per-class.png", "loss_curve.png",
+                 "eval-downstream.png", "real-vs-generated.png"):
+        assert name in figures and figures[name].stat().st_size > 5000, name
+    grid = [n for n in figures if n.startswith("samples-")]
+    assert grid and all((run / "figures" / n).is_file() for n in grid)
+    with Image.open(figures["real-vs-generated.png"]) as im:
+        assert round(im.info["dpi"][0]) >= 200
+    assert sorted(record["figures"]) == sorted(figures)
+
+
+def test_executed_notebooks_show_figures_and_the_widget(batch):
+    nb = nbformat.read(batch / "03_sample.ipynb", as_version=4)
+    mimes = [set(o.get("data", {})) for c in nb.cells for o in c.get("outputs", [])]
+    assert sum("image/png" in m for m in mimes) >= 2  # saved grid + explorer preview
+    assert any("application/vnd.jupyter.widget-view+json" in m for m in mimes)
+    nb4 = nbformat.read(batch / "04_evaluate.ipynb", as_version=4)
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") for c in nb4.cells for o in c.get("outputs", [])])
+    assert "Offline proxy numbers" in text and "Downstream defect-type classifier" in text
+
+
+def test_explorer_reproduces_the_exported_samples(batch, record):
+    run = record["run"]
+    p = record["notebooks"]["03_sample"]["parameters"]
+    exported = sample.run(sample.SampleConfig(run=run, per_class=2, scheduler="ddim", steps=4, guidance=p["guidance"]))
+    explorer = viz.Explorer(train.restore(run), steps=4, scheduler="ddim", n=2)
+    fig = explorer.render("crack", p["steps"], 0, p["guidance"])
+    assert len(fig.axes) == 2
+    for i in range(2):
+        saved = sample.load_png(exported / "hazelnut" / "test" / "crack" / f"{i:04d}.png")
+        assert torch.allclose(explorer.last_images[i], saved, atol=1 / 127.5 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- the notebooks as files
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_parameters_are_typed_and_documented(name):
+    path = notebooks.notebook_path(name)
+    params = papermill.inspect_notebook(path)
+    assert params
+    for p in params.values():
+        assert p["inferred_type_name"] in ("str", "int", "float", "bool"), p
+        assert p["help"], p
+    # the parameters cell is the first code cell and holds typed literals only
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].metadata.get("tags") == ["parameters"]
+    tree = ast.parse(code[0].source)
+    assert all(isinstance(s, ast.AnnAssign) and isinstance(s.value, ast.Constant) for s in tree.body)
+    assert {s.target.id for s in tree.body} == set(params)
+    # what `papermill --help-notebook` prints
+    from click.testing import CliRunner
+    from papermill.cli import papermill as papermill_cli
+
+    shown = CliRunner().invoke(papermill_cli, ["--help-notebook", str(path)]).output
+    for p in params.values():
+        assert f"{p['name']}: {p['inferred_type_name']} (default {p['default']})" in shown
+        assert p["help"] in shown
+
+
+@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+def test_py_and_ipynb_are_in_sync_and_ipynb_has_no_outputs(name):
+    py = jupytext.read(paths.NOTEBOOKS / f"{name}.py")
+    ipynb = nbformat.read(paths.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+
+    def cells(nb):
+        return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+    assert cells(py) == cells(ipynb), f"run: jupytext --sync notebooks/{name}.py"
+    for c in ipynb.cells:
+        if c.cell_type == "code":
+            assert c.outputs == [] and c.execution_count is None
+    assert ipynb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_notebooks_hold_no_path_strings_or_loops():
+    for name in notebooks.NOTEBOOKS:
+        nb = nbformat.read(paths.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        for c in nb.cells[1:]:
+            if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []):
+                continue
+            tree = ast.parse(c.source)
+            assert not [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))], name
+            strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            assert not [s for s in strings if "/" in s and "**" not in s], (name, strings)
+
+
+# ----------------------------------------------------------------------------- batch errors and wiring
+def test_unknown_parameter_is_one_line(tmp_path):
+    with pytest.raises(DefectlabError, match="unknown notebook parameter 'epochz'") as err:
+        notebooks.run(notebooks.NotebooksConfig(out=str(tmp_path / "x")), params={"epochz": 3})
+    assert "\n" not in str(err.value)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("epochs: 2\nlearning_rate: 1.0e-3\n")
+    with pytest.raises(DefectlabError, match=f"'learning_rate' in {bad}"):
+        notebooks.run(notebooks.NotebooksConfig(params=str(bad), out=str(tmp_path / "y")))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_failing_cell_is_one_line_naming_notebook_and_error(tmp_path):
+    out = tmp_path / "failed"
+    with pytest.raises(DefectlabError, match=r"notebook 01_explore_data failed in cell \d+: DefectlabError: "
+                                             r"unknown product 'nut' .*\(traceback in .*01_explore_data.ipynb\)") as err:
+        notebooks.run(notebooks.NotebooksConfig(out=str(out), only="01"), params={"product": "nut"})
+    assert "\n" not in str(err.value)
+    record = runs.read_json(out / "batch.json")
+    assert record["failed"] == "01_explore_data" and "unknown product" in record["notebooks"]["01_explore_data"]["error"]
+
+
+@pytest.mark.parametrize("text, line", [("epochs: 2\nlr: [1, 2\nmodel: tiny\n", 3), ("a: 1\n  b: 2\n", 2),
+                                        ("model: 'tiny\n", 2)])
+def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    with pytest.raises(DefectlabError, match=rf"malformed YAML in {bad} line {line}:") as err:
+        notebooks.load_yaml(bad)
+    assert "\n" not in str(err.value)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(DefectlabError, match="must be a mapping"):
+        notebooks.load_yaml(bad)
+    bad.write_text("!!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(DefectlabError, match="malformed YAML"):  # safe_load: YAML is data
+        notebooks.load_yaml(bad)
+
+
+def test_values_are_converted_to_the_declared_type():
+    assert notebooks._coerce("lr", "1e-5", "float", "f") == 1e-5  # YAML 1.1 reads 1e-5 as text
+    assert notebooks._coerce("epochs", 3.0, "int", "f") == 3
+    assert notebooks._coerce("classes", ["crack", "hole"], "str", "f") == "crack,hole"
+    assert notebooks._coerce("run", 7, "str", "f") == "7"
+    for name, value, kind in (("epochs", "many", "int"), ("epochs", 2.5, "int"), ("with_masks", "yes", "bool"),
+                              ("lr", True, "float"), ("lr", None, "float")):
+        with pytest.raises(DefectlabError, match=f"parameter '{name}' from f must be {kind}"):
+            notebooks._coerce(name, value, kind, "f")
+
+
+def test_only_picks_notebooks():
+    assert notebooks._select("") == list(notebooks.NOTEBOOKS)
+    assert notebooks._select("3, 02") == ["02_finetune", "03_sample"]
+    with pytest.raises(DefectlabError, match="unknown notebook '05'"):
+        notebooks._select("05")
+
+
+def test_kernel_runs_this_python_and_is_registered_when_shadowed(tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = notebooks.kernel_name()
+    assert notebooks._runs_this_python(KernelSpecManager().get_kernel_spec(name).argv)
+    # a user-level "python3" that starts another interpreter: register our own kernel instead
+    shadow = tmp_path / "jupyter" / "kernels" / "python3"
+    shadow.mkdir(parents=True)
+    (shadow / "kernel.json").write_text(json.dumps({"argv": ["/opt/other/bin/python", "-m", "ipykernel_launcher",
+                                                             "-f", "{connection_file}"], "display_name": "other",
+                                                    "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path / 'jupyter'}:{tmp_path / 'prefix' / 'share' / 'jupyter'}")
+    assert not notebooks._runs_this_python(KernelSpecManager().get_kernel_spec("python3").argv)
+    assert notebooks.kernel_name(prefix=str(tmp_path / "prefix")) == notebooks.KERNEL
+    assert KernelSpecManager().get_kernel_spec(notebooks.KERNEL).argv[0] == sys.executable
+    with pytest.raises(DefectlabError, match="kernel 'nope' not found"):
+        notebooks.kernel_name("nope")
+
+
+def test_cli_maps_notebooks_and_sweep(tmp_path, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(notebooks, "run", lambda cfg, params=None: seen.append(cfg) or tmp_path)
+    assert cli.main(["sweep", "grid.yaml", "--out", "o"]) == 0
+    assert cli.main(["notebooks", "--only", "02,03", "--params", "p.yaml"]) == 0
+    assert seen == [notebooks.SweepConfig(spec="grid.yaml", out="o"), notebooks.NotebooksConfig(only="02,03", params="p.yaml")]
+    monkeypatch.undo()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  method: [full\n")
+    capsys.readouterr()
+    assert cli.main(["sweep", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("defectlab: error: malformed YAML in") and err.count("\n") == 1
+
+
+def test_demo_and_shipped_configs_use_declared_parameters():
+    specs = {name: notebooks.declared(name) for name in notebooks.NOTEBOOKS}
+    notebooks.check_names(demo.params(demo.DemoConfig()), specs, "demo")
+    notebooks.check_names(notebooks.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
+    stages = {k: v for k, v in specs.items() if k[:2] in notebooks.STAGES}
+    for name, count in (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60)):
+        spec = notebooks.load_yaml(paths.PACKAGE / "configs" / name)
+        points = notebooks.expand(spec, name, stages)
+        assert len(points) == count
+        assert len({notebooks.point_name(p, spec["grid"]) for p in points}) == count
+    xl = notebooks.expand(notebooks.load_yaml(paths.PACKAGE / "configs" / "sweep-dit-xl.yaml"), "xl", stages)
+    assert {p["lr"] for p in xl} == {1e-6, 1e-5, 2e-5, 3e-5} and {p["image_size"] for p in xl} == {64, 128, 256}
+
+
+# ----------------------------------------------------------------------------- sweeps
+def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
+    spec = tmp_path / "sweep.yaml"
+    base = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in {**TRAIN, **LATER}.items())
+    spec.write_text(f"base:\n{base}\ngrid:\n  method: [full, difffit]\n")
+    cfg = notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "sweep"))
+    out = notebooks.run(cfg)
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("point,status,method,")
+    assert (out / "summary.md").read_text().count("| done |") == 2
+    assert (out / "figures" / "sweep-summary.png").stat().st_size > 5000
+    points = sorted((out / "points").iterdir())
+    assert [p.name for p in points] == ["method=difffit", "method=full"]
+    rows = [runs.read_json(p / "done.json") for p in points]
+    assert all(math.isfinite(r["best_val_loss"]) and math.isfinite(r["acc[real+gen]"]) for r in rows)
+    assert (points[0] / "03_sample.ipynb").is_file() and not (points[0] / "01_explore_data.ipynb").exists()
+
+    calls = []
+
+    def spy(cfg, params=None):
+        calls.append((cfg.out, dict(params)))
+        raise KeyboardInterrupt  # killed in the middle of the point
+
+    monkeypatch.setattr(notebooks, "run_notebooks", spy)
+    assert notebooks.run(cfg) == out and calls == []  # everything done: nothing re-runs
+    (points[1] / "done.json").unlink()
+    (points[1] / "stale.txt").write_text("half a point")
+    with pytest.raises(KeyboardInterrupt):
+        notebooks.run(cfg)
+    assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["method"] == "full"
+    assert points[1].is_dir() and not list(points[1].iterdir())  # restarted from an empty folder
+
+
+def test_sweep_refuses_bad_specs(tmp_path):
+    spec = tmp_path / "s.yaml"
+    for text, message in (("base: {epochs: 1}\n", "has no grid"), ("grid: {method: full}\n", "non-empty list"),
+                          ("grid: {methd: [full]}\n", "unknown notebook parameter 'methd'"),
+                          ("grid: {method: [full]}\nbse: {}\n", "unknown key 'bse'"),
+                          ("grid: {show_per_class: [1]}\n", "'show_per_class'")):  # 01 is not in a sweep
+        spec.write_text(text)
+        with pytest.raises(DefectlabError, match=message):
+            notebooks.run(notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "o")))
+    with pytest.raises(DefectlabError, match="needs its YAML"):
+        notebooks.run(notebooks.SweepConfig())

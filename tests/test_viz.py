@@ -1,0 +1,166 @@
+"""Figure helpers: grid layout, titles, no ticks, saving formats and resolution."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from defectlab import viz
+from defectlab.errors import DefectlabError
+
+
+def images(n, size=16, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_grid_figure_columns_are_classes():
+    names = ["crack", "thread_side", "a_very_long_defect_class_name"]
+    imgs = images(6)
+    fig = viz.grid_figure(imgs, names, rows=2)
+    axes = fig.axes
+    assert len(axes) == 6
+    assert [ax.get_title() for ax in axes[:3]] == ["crack", "thread side", "a very long\ndefect class\nname"]
+    assert all(ax.get_xticks().size == 0 and ax.get_yticks().size == 0 for ax in axes)
+    # class by class: images[c * rows + r] sits in row r, column c
+    shown = axes[1 * 3 + 2].get_images()[0].get_array()  # row 1, column 2 → image 2*2+1
+    assert torch.allclose(torch.as_tensor(shown), (imgs[5].permute(1, 2, 0) + 1) / 2, atol=1e-6)
+    with pytest.raises(DefectlabError, match="do not fill"):
+        viz.grid_figure(images(5), names, rows=2)
+
+
+def test_real_vs_generated_figure():
+    real = {"crack": images(2), "hole": images(1, seed=1)}
+    gen = {"crack": images(3, seed=2), "hole": images(3, seed=3), "scratch": images(3, seed=4)}
+    fig = viz.real_vs_generated_figure(real, gen, rows=2, title="screw")
+    sub_real, sub_gen = fig.subfigs
+    assert len(sub_real.axes) == 2 * 3 and len(sub_gen.axes) == 2 * 3  # rows capped, columns = union
+    assert [ax.get_title() for ax in sub_gen.axes[:3]] == ["crack", "hole", "scratch"]
+    assert (sub_real.axes[2].get_images()[0].get_array() == 0.94).all()  # no real scratch: grey cell
+    assert sub_real.get_supylabel() == "real" and sub_gen.get_supylabel() == "generated"
+
+
+def test_save_figure_formats_and_dpi(tmp_path):
+    fig = viz.grid_figure(images(2), ["crack", "hole"])
+    paths = viz.save_figure(fig, tmp_path / "figures", "grid", formats=("png", "pdf", "svg"))
+    assert [p.name for p in paths] == ["grid.png", "grid.pdf", "grid.svg"]
+    assert paths[1].read_bytes()[:4] == b"%PDF" and b"<svg" in paths[2].read_bytes()[:1000]
+    with Image.open(paths[0]) as im:
+        assert round(im.info["dpi"][0]) == viz.DPI
+        assert im.width > viz.CELL * 2 * viz.DPI * 0.8  # saved at 200 dpi, not the screen's 100
+    assert viz.save_figure(fig, tmp_path, "x", formats="png,svg")[1].suffix == ".svg"
+    assert not list(tmp_path.glob("**/.*.tmp"))
+    with pytest.raises(DefectlabError, match="jpg"):
+        viz.save_figure(fig, tmp_path, "grid", formats=("jpg",))
+
+
+def test_import_is_light():
+    """ipywidgets and pyplot only inside functions: importing viz needs no notebook extras."""
+    tree = ast.parse(Path(viz.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top for a in n.names} | {n.module for n in top if isinstance(n, ast.ImportFrom)}
+    assert not {"ipywidgets", "matplotlib.pyplot"} & names
+
+
+# ----------------------------------------------------------------------------- datasets, runs, explorer
+@pytest.fixture(scope="module")
+def hazelnut():
+    from defectlab import data
+
+    return data.load(data.DataConfig(image_size=32))
+
+
+def test_dataset_figure_rows_are_classes_with_masks(hazelnut):
+    fig = viz.dataset_figure(hazelnut, per_class=3, with_masks=True, size=32)
+    rows = ["good", *hazelnut.classes]
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 3 * len(rows)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert [lab.split("\n")[0] for lab in labels] == rows and labels[1].endswith("(n=20)")
+    crack = fig.axes[3 * 1]  # first crack image: red tint + the mask outline
+    assert crack.collections and not fig.axes[0].collections  # good images have no mask
+    plain = viz.dataset_figure(hazelnut, per_class=3, with_masks=False, size=32)
+    assert not any(ax.collections for ax in plain.axes)
+    assert not (crack.get_images()[0].get_array() == plain.axes[3].get_images()[0].get_array()).all()
+    with pytest.raises(DefectlabError, match="per_class"):
+        viz.dataset_figure(hazelnut, per_class=0)
+
+
+def test_dataset_figure_on_a_real_mvtec_root(shared_screws):
+    from defectlab import data
+
+    product = data.detect_layout(shared_screws)[1][0]
+    real = data.load(data.DataConfig(data=str(shared_screws), product=product))
+    fig = viz.dataset_figure(real, per_class=2, size=48)
+    assert len([ax for ax in fig.axes if ax.get_ylabel()]) == len(real.classes) + bool(real.good)
+
+
+def test_counts_figure_and_trainable_table(hazelnut):
+    from defectlab import methods, train
+
+    fig = viz.counts_figure(hazelnut)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["good", *hazelnut.classes]
+    assert len(ax.patches) == 2 * len(hazelnut.classes) + 1  # train + test per class, one good bar
+    _, net = train.build(train.TrainConfig(method="bitfit"), hazelnut.classes)
+    table = viz.trainable_table(net)
+    trainable, total = methods.count(net)
+    assert f"| **all** | {trainable:,} | {total:,} |" in table and "| class tables |" in table
+
+
+def test_show_accepts_figures_files_and_pairs(tmp_path, capsys):
+    fig = viz.grid_figure(images(2), ["crack", "hole"])
+    path = viz.save_figure(fig, tmp_path, "grid")[0]
+    viz.show(fig, path, ("grid", fig))  # outside a kernel IPython prints a repr; nothing raises
+    assert viz.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def explorer():
+    """An untrained tiny model: enough to check what the explorer draws and that seeds work."""
+    from defectlab import train
+
+    classes = ["crack", "cut", "hole", "print"]
+    cfg = train.TrainConfig(image_size=16)
+    base, net = train.build(cfg, classes)
+    restored = train.Restored(base, net, classes, {"image_size": 16}, None)
+    return viz.Explorer(restored, steps=2, guidance=1.5, n=3, scheduler="ddim")
+
+
+def test_explorer_render_shape_and_seeds(explorer):
+    fig = explorer.render("hole", steps=2, seed=5, guidance=2.0, n=3)
+    assert len(fig.axes) == 3 and [ax.get_title() for ax in fig.axes] == ["hole #0", "hole #1", "hole #2"]
+    first = explorer.last_images.clone()
+    assert first.shape == (3, 3, 16, 16)
+    explorer.render("hole", steps=2, seed=5, guidance=2.0, n=3)
+    assert torch.equal(explorer.last_images, first)              # same seed: same grid
+    explorer.render("hole", steps=2, seed=6, guidance=2.0, n=3)
+    assert not torch.allclose(explorer.last_images, first)       # another seed: another grid
+    explorer.render("hole", steps=2, seed=5, guidance=2.0, n=2)
+    assert torch.equal(explorer.last_images, first[:2])          # image i does not depend on n
+    fig = explorer.render(viz.ALL_CLASSES, steps=2, seed=5, guidance=2.0, n=2)
+    assert len(fig.axes) == 4 * 2 and [ax.get_title() for ax in fig.axes[:4]] == explorer.classes
+    assert torch.equal(explorer.last_images[2 * 2:2 * 2 + 2], first[:2])  # column "hole" = the same images
+    with pytest.raises(DefectlabError, match="unknown class 'dent'"):
+        explorer.render("dent", 2, 0, 1.5)
+
+
+def test_explorer_widget_runs_on_click(explorer):
+    ui = explorer.widget()
+    c = explorer.controls
+    assert {"class", "steps", "seed", "guidance", "run", "image"} <= set(c) and c["image"].value == b""
+    c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value = "cut", 2, 3, 1.0, 2
+    c["run"].click()
+    assert c["image"].value[:8] == b"\x89PNG\r\n\x1a\n" and c["status"].value.startswith("done")
+    assert explorer.last_images.shape[0] == 2 and not c["run"].disabled
+    assert ui.children  # a VBox the notebook displays
+
+
+def test_sweep_figure_one_bar_group_per_point():
+    rows = [{"method": m, "lr": lr, "best_val_loss": 0.1 * i + 0.05, "acc[real]": 0.6, "acc[real+gen]": 0.5 + 0.1 * i}
+            for i, (m, lr) in enumerate([("full", 1e-3), ("full", 3e-3), ("lora", 1e-3)])]
+    fig = viz.sweep_figure(rows, ["method", "lr"])
+    loss, acc = fig.axes
+    assert len(loss.patches) == 3 and len(acc.patches) == 2 * 3
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["full · 0.001", "full · 0.003", "lora · 0.001"]
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["real", "real+gen"]
