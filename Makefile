@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/defectlab demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean-outputs:
 	rm -rf outputs/runs outputs/demo outputs/models

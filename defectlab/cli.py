@@ -20,6 +20,8 @@ from .errors import DefectlabError
 STAGES = {
     "finetune": ("train", "TrainConfig", "fine-tune a DiT on a defect dataset (writes a run folder)"),
     "sample": ("sample", "SampleConfig", "generate images from a run (grids, bulk export, manifest)"),
+    "synthesize": ("masks", "MaskSampleConfig", "image + mask pairs: defects inside given masks (mask-conditioned "
+                   "run) or inpainted onto good images"),
     "evaluate": ("evaluate", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
     "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
@@ -86,14 +88,15 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**given)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build, inspect and download datasets").add_subparsers(dest="action", required=True)
     p = data.add_parser("synth", help="generate the embedded procedural defect dataset (MVTec AD layout)")
-    p.add_argument("--out", type=Path, default=None, help="destination (default: data/synthetic)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="destination (default: data/synthetic for the default settings, else data/synthetic-<settings>)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
     p.add_argument("--per-class", type=int, default=20, help="images per defect class (default: 20)")
@@ -108,11 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, cls_name, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(stage=(module, cls_name))
-        try:
+        if name == command:  # import only the stage that runs: torch/diffusers imports are slow
             cls = getattr(importlib.import_module(f"defectlab.{module}"), cls_name)
-        except (ImportError, AttributeError):
-            continue  # a stage whose module is not there in this build
-        add_dataclass_args(p, cls, positional=getattr(cls, "POSITIONAL", ()))
+            add_dataclass_args(p, cls, positional=getattr(cls, "POSITIONAL", ()))
     return parser
 
 
@@ -120,7 +121,12 @@ def _run_data(args) -> int:
     from . import data, fetch, paths, synth
 
     if args.action == "synth":
-        out = synth.generate(args.out or paths.SYNTHETIC, seed=args.seed, size=args.size, per_class=args.per_class)
+        settings = {"seed": args.seed, "size": args.size, "per_class": args.per_class}
+        if args.out is None and all(data.SYNTHETIC[k] == v for k, v in settings.items()):
+            out = data.resolve_root("synthetic")  # the embedded default, stamped, reused by every stage
+        else:
+            out = synth.generate(args.out or paths.DATA / "synthetic-s{seed}-{size}px-{per_class}".format(**settings),
+                                 **settings)
         print(data.format_info(data.info(out)))
     elif args.action == "info":
         print(data.format_info(data.info(data.resolve_root(args.root))))
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        command = next((a for a in argv if not a.startswith("-")), None)
+        args = build_parser(command).parse_args(argv)
         if args.command == "data":
             return _run_data(args)
         module, cls_name = args.stage

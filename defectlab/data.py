@@ -104,7 +104,8 @@ def _ensure_synthetic() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # processes started together (a sweep, parallel CI jobs) must not swap the folder under
     # a reader: one generates, the others wait and then find the stamp
-    with FileLock(str(target.parent / f".{target.name}.lock")):
+    lock = Path(tempfile.gettempdir()) / f"defectlab-{zlib.crc32(str(target.resolve()).encode()):08x}.lock"
+    with FileLock(str(lock)):  # outside the data folder: nothing stray is left beside the dataset
         if _read_stamp(target) == stamp:
             return target
         return _generate_synthetic(target, stamp)

@@ -29,6 +29,9 @@ META_FILE = "meta.json"                  # step, epoch, RNG states, optimizer la
 
 
 # ----------------------------------------------------------------------------- atomic I/O
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` then move ``tmp`` onto ``path``; a crash never leaves a partial file."""
     path = Path(path)
@@ -37,6 +40,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are not
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -133,12 +137,24 @@ def create(name: str, config: Any, base: Path | None = None) -> Path:
     return folder
 
 
+def numbered(base: Path | None = None) -> list[Path]:
+    """Run folders ``<NNN>-<name>`` under ``base``, oldest first."""
+    base = Path(base or paths.RUNS)
+    found = [p for p in base.iterdir() if p.is_dir() and re.match(r"\d{3,}-", p.name)] if base.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[0]))
+
+
 def resolve(run: str | Path, base: Path | None = None) -> Path:
-    """A run given as a path, a folder name, or its number (``7`` → ``007-…``)."""
+    """A run given as a path, a folder name, its number (``7`` → ``007-…``) or ``latest``."""
+    base = Path(base or paths.RUNS)
+    if str(run) == "latest":
+        found = numbered(base)
+        if not found:
+            raise DefectlabError(f"no run folders under {base}: fine-tune first (defectlab finetune)")
+        return found[-1]
     candidate = Path(run)
     if candidate.is_dir():
         return candidate
-    base = Path(base or paths.RUNS)
     if base.is_dir():
         for p in sorted(base.iterdir()):
             if p.name == str(run) or (str(run).isdigit() and p.name.startswith(f"{int(run):03d}-")):

@@ -1,0 +1,110 @@
+"""Fine-tuning on the tiny model and the embedded dataset: learning, resume, run folder, bad input."""
+import dataclasses
+
+import pytest
+import torch
+
+from defectlab import methods, runs, train
+from defectlab.errors import DefectlabError
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(model="tiny", method="full", product="hazelnut", image_size=32, epochs=3, lr=2e-3,
+                batch_size=4, grad_accum=2, val_every=1, val_per_class=1, val_timesteps=4,
+                runs_dir=str(tmp_path), progress=False, seed=0)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def test_validation_loss_goes_down_and_run_folder_is_complete(tmp_path):
+    folder = train.run(tiny_cfg(tmp_path, epochs=4))
+    log = runs.read_log(folder)
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(val) == 4
+    assert min(val[1:]) < val[0]  # fixed noise, fixed timesteps: comparable across epochs
+    for name in ("config.json", "classes.json", "split.json", "log.jsonl", "figures/loss_curve.png"):
+        assert (folder / name).is_file(), name
+    cfg = runs.load_config(folder)
+    assert cfg["lr"] == 2e-3 and cfg["image_size"] == 32 and cfg["method"] == "full"
+    assert runs.read_json(folder / "classes.json") == ["crack", "cut", "hole", "print"]
+    best = runs.read_json(folder / "checkpoints" / "best.json")
+    assert best["val_loss"] == pytest.approx(min(val))
+
+
+def test_restore_gives_the_checkpointed_parameters(tmp_path):
+    folder = train.run(tiny_cfg(tmp_path, method="difffit", epochs=2))
+    restored = train.restore(folder, "latest")
+    saved = runs.load_tensors(runs.find_checkpoint(folder, "latest") / runs.STATE_FILE)
+    state = methods.trainable_state(restored.model)
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert restored.classes == ["crack", "cut", "hole", "print"]
+    # only trained tensors are stored: DiffFit keeps a small share of the model
+    n_saved = sum(v.numel() for v in saved.values())
+    n_all = sum(p.numel() for p in restored.model.parameters())
+    assert n_saved < 0.5 * n_all
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, method="difffit", epochs=4, ema=0.9)
+    straight = train.run(cfg)
+
+    real_save = train._save_state
+    calls = {"n": 0}
+
+    def save_then_die(*args, **kw):
+        out = real_save(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Interrupt
+        return out
+
+    monkeypatch.setattr(train, "_save_state", save_then_die)
+    with pytest.raises(_Interrupt):
+        train.run(dataclasses.replace(cfg, name="interrupted"))
+    monkeypatch.setattr(train, "_save_state", real_save)
+    interrupted = next(p for p in tmp_path.iterdir() if p.name.endswith("interrupted"))
+    assert runs.latest_checkpoint(interrupted) is not None
+    resumed = train.run(train.TrainConfig(resume=str(interrupted), progress=False))
+    assert resumed == interrupted
+    a = runs.load_tensors(runs.find_checkpoint(straight, "latest") / runs.STATE_FILE)
+    b = runs.load_tensors(runs.find_checkpoint(resumed, "latest") / runs.STATE_FILE)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "prefix"}, "unknown method 'prefix'"),
+    ({"model": "/no/such/model"}, "/no/such/model"),
+    ({"batch_size": 500}, "batch_size 500 is larger than the"),
+    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"class_init": "closest"}, "unknown class_init 'closest'"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, override, message):
+    with pytest.raises(DefectlabError, match=message) as err:
+        train.run(tiny_cfg(tmp_path, **override))
+    assert "\n" not in str(err.value)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, epochs=3)
+    real_loss = train.Objective.loss
+    state = {"calls": 0}
+
+    def poisoned(self, *a, **kw):
+        mse, vb = real_loss(self, *a, **kw)
+        state["calls"] += 1
+        if state["calls"] > 30 and torch.is_grad_enabled():
+            mse = mse * float("nan")
+        return mse, vb
+
+    monkeypatch.setattr(train.Objective, "loss", poisoned)
+    with pytest.raises(DefectlabError, match=r"loss became nan at step \d+ .*last good checkpoint: .*0000"):
+        train.run(cfg)
+    folder = next(tmp_path.iterdir())
+    assert runs.latest_checkpoint(folder) is not None
