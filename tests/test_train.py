@@ -108,3 +108,27 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, monkeyp
         train.run(cfg)
     folder = next(tmp_path.iterdir())
     assert runs.latest_checkpoint(folder) is not None
+
+
+def test_two_cpu_processes_under_accelerate_launch_write_one_run(tmp_path, home):
+    """The same loop under ``accelerate launch``: one run folder, shared by both processes."""
+    import os
+    import subprocess
+    import sys
+
+    runs_dir = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "defectlab", "finetune",
+           "--model", "tiny", "--method", "difffit", "--image-size", "16", "--epochs", "2", "--val-every", "1",
+           "--val-per-class", "1", "--val-timesteps", "2", "--no-progress", "--runs-dir", str(runs_dir)]
+    env = {**os.environ, "DEFECTLAB_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folders = runs.numbered(runs_dir)
+    assert len(folders) == 1  # the main process made the folder, the other joined it
+    log = runs.read_log(folders[0])
+    assert [r["epoch"] for r in log if "val_loss" in r] == [0, 1]
+    assert runs.latest_checkpoint(folders[0]) is not None
+    assert all(r["loss"] == r["loss"] for r in log if "loss" in r)  # finite, logged once per step
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == sorted(set(steps))  # only the main process logs
