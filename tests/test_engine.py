@@ -22,14 +22,6 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "stock_dit_baseline.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fresh(method=None, seed=0, same_copies=True):
     """A micro DiT with 3 classes; ``same_copies``: every block's embedder = block 0's values
     (the converted DiT-XL checkpoint's layout)."""

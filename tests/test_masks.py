@@ -13,15 +13,6 @@ from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on shared cores OpenMP spinning makes them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(method="difffit", mask_condition=True):
     cfg = train.TrainConfig(model="tiny", method=method, mask_condition=mask_condition, image_size=32)
     return train.build(cfg, ["a", "b"])

@@ -12,16 +12,6 @@ XL = dict(model.TINY_CONFIG, sample_size=32, patch_size=2, in_channels=4, out_ch
           num_attention_heads=16, attention_head_dim=72)  # DiT-XL/2 at 256 px (latents 32x32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models: thread hand-offs cost more than they save, and on a busy 2-core machine two
-    OpenMP threads were measured 50-70x slower than one. Restored for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def base(seed=0):
     torch.manual_seed(seed)
     return DiTTransformer2DModel(**MICRO).eval()

@@ -15,16 +15,6 @@ from defectlab.errors import DefectlabError
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=2, num_attention_heads=2)  # 16 tokens, width 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models: thread hand-offs cost more than they save, and on a busy 2-core machine two
-    OpenMP threads were measured 50-70x slower than one. Restored for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def micro(seed=0, **over):
     torch.manual_seed(seed)
     return DiTTransformer2DModel(**{**MICRO, **over}).eval()
