@@ -53,6 +53,17 @@ class SweepConfig:
     spec: str = ""                 # sweep YAML: base (parameters for every point) and grid (lists to combine)
     out: str = ""                  # sweep folder ("" = outputs/sweeps/<spec name>); run again to resume
     kernel: str = ""               # Jupyter kernel name ("" = this Python interpreter)
+    shard: str = ""                # "i/n": run only points i, i+n, i+2n, ... (0-based), e.g. one process per core/GPU
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` → (i, n); ``""`` → (0, 1)."""
+    if not shard:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise DefectlabError(f"--shard must be i/n with 0 <= i < n, e.g. 0/2 (got {shard!r})")
+    return int(m.group(1)), int(m.group(2))
 
 
 def run(cfg: NotebooksConfig | SweepConfig, params: dict | None = None) -> Path:
@@ -321,8 +332,10 @@ def sample_figure(samples: str | Path) -> Path:
 
 def caption(metrics: dict) -> str:
     """What the numbers of an evaluation are worth, in one line for notebooks and summaries."""
+    from .train import SMALL_BASES
+
     cfg = runs.load_config(Path(metrics["run"]))
-    small = cfg.get("model") in ("tiny", "mini")
+    small = cfg.get("model") in SMALL_BASES
     synthetic = cfg.get("data") == "synthetic"
     down = metrics.get("downstream", {}).get("setup", {})
     parts = ["Offline proxy numbers" if (small or synthetic or not down.get("pretrained", True)) else "Numbers"]
@@ -359,31 +372,45 @@ def _fmt(v) -> str:
     return format(v, "g") if isinstance(v, float) else str(v)
 
 
+def grid_keys(spec: dict) -> list[str]:
+    """The swept parameter names, in file order, over all sub-grids."""
+    grids = spec.get("grid")
+    keys: list[str] = []
+    for grid in grids if isinstance(grids, list) else [grids or {}]:
+        keys += [k for k in (grid if isinstance(grid, dict) else {}) if k not in keys]
+    return keys
+
+
 def expand(spec: dict, source: str, specs: dict[str, dict]) -> list[dict]:
-    """``base`` merged with every combination of ``grid`` (keys in file order), types coerced."""
+    """``base`` merged with every combination of ``grid`` (keys in file order), types coerced.
+    ``grid`` may also be a list of such mappings: their combinations are joined, in order
+    (e.g. all methods on one base, two of them on another)."""
     extra = sorted(set(spec) - {"base", "grid"})
     if extra:
         raise DefectlabError(f"unknown key {extra[0]!r} in sweep {source} (expected base: and grid:)")
-    base, grid = spec.get("base") or {}, spec.get("grid") or {}
-    if not isinstance(base, dict) or not isinstance(grid, dict):
-        raise DefectlabError(f"sweep {source}: base and grid must be mappings of parameter: value")
-    if not grid:
+    base, grids = spec.get("base") or {}, spec.get("grid") or {}
+    grids = grids if isinstance(grids, list) else [grids]
+    if not isinstance(base, dict) or not all(isinstance(g, dict) for g in grids):
+        raise DefectlabError(f"sweep {source}: base and grid must be mappings of parameter: value "
+                             "(grid may be a list of them)")
+    if not any(grids):
         raise DefectlabError(f"sweep {source} has no grid: (lists of values to combine)")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise DefectlabError(f"sweep {source}: grid {key!r} must be a non-empty list (got {values!r})")
-    check_names({**base, **grid}, specs, f"sweep {source}")
     kinds = {k: s[k]["inferred_type_name"] for s in specs.values() for k in s}
     points = []
-    for combo in itertools.product(*grid.values()):
-        point = {k: _coerce(k, v, kinds[k], f"sweep {source}") for k, v in {**base, **dict(zip(grid, combo))}.items()}
-        points.append(point)
+    for grid in grids:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise DefectlabError(f"sweep {source}: grid {key!r} must be a non-empty list (got {values!r})")
+        check_names({**base, **grid}, specs, f"sweep {source}")
+        for combo in itertools.product(*grid.values()):
+            point = {k: _coerce(k, v, kinds[k], f"sweep {source}") for k, v in {**base, **dict(zip(grid, combo))}.items()}
+            points.append(point)
     return points
 
 
 def point_name(point: dict, keys) -> str:
     """Stable folder name from the grid values: ``method=full__lr=1e-05``."""
-    return "__".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+-]+', '-', _fmt(point[k]))}" for k in keys)
+    return "__".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+-]+', '-', _fmt(point[k]))}" for k in keys if k in point)
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
@@ -391,9 +418,10 @@ def run_sweep(cfg: SweepConfig) -> Path:
     if not cfg.spec:
         raise DefectlabError("a sweep needs its YAML file: defectlab sweep SPEC.yaml (examples in defectlab/configs/)")
     spec = load_yaml(cfg.spec)
+    shard, shards = parse_shard(cfg.shard)
     specs = {name: declared(name) for name in NOTEBOOKS if name[:2] in STAGES}
     points = expand(spec, cfg.spec, specs)
-    keys = list(spec["grid"])
+    keys = grid_keys(spec)
     out = Path(cfg.out).expanduser() if cfg.out else paths.OUTPUTS / "sweeps" / Path(cfg.spec).stem
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / "sweep.json", {"spec": spec, "source": str(cfg.spec), "points": len(points)})
@@ -403,6 +431,9 @@ def run_sweep(cfg: SweepConfig) -> Path:
         name = point_name(point, keys)
         folder = out / "points" / name
         done = folder / "done.json"
+        if (i - 1) % shards != shard:  # another shard's point: never touched, reported below
+            rows.append({"point": name, "params": point, "status": "pending", "done": done})
+            continue
         if done.is_file():
             row = runs.read_json(done)
             if row.get("params") != json.loads(json.dumps(point)):
@@ -424,6 +455,9 @@ def run_sweep(cfg: SweepConfig) -> Path:
         row = _point_row(name, point, runs.read_json(batch / "batch.json"))
         runs.write_json(done, row)  # written last: its presence means the point is complete
         rows.append(row)
+    # other shards' points as they stand now (finished while this shard ran, or still pending)
+    rows = [runs.read_json(r["done"]) if "done" in r and r["done"].is_file() else
+            {k: v for k, v in r.items() if k != "done"} for r in rows]
     write_summary(out, rows, keys)
     if failed:
         raise DefectlabError(f"{len(failed)} of {len(points)} sweep points failed (first: {failed[0]}); the others "
@@ -461,7 +495,7 @@ def write_summary(out: Path, rows: list[dict], keys: list[str]) -> list[Path]:
         return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (
             f"{v:.4g}" if isinstance(v, float) else str(v))
 
-    show = [c for c in columns if c not in ("point", "model", "run")]
+    show = [c for c in columns if c not in ("point", "run") and (c != "model" or c in keys)]
     notes = sorted({r["note"] for r in rows if r.get("note")})
     md = [f"# Sweep summary ({len(rows)} points)", "", *[f"> {n}" for n in notes], "",
           "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]

@@ -328,8 +328,12 @@ def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
     with style():
         fig = Figure(figsize=(min(max(4.5, 2.5 + 0.45 * len(rows)), 24), 5.2), layout="constrained")
         ax1, ax2 = fig.subplots(2, 1, sharex=True)
-        ax1.bar(x, [r.get("best_val_loss") or np.nan for r in rows], color="#4c72b0")
+        losses = np.array([r.get("best_val_loss") or np.nan for r in rows], dtype=float)
+        ax1.bar(x, losses, color="#4c72b0")
         ax1.set_ylabel("best validation loss")
+        finite = losses[np.isfinite(losses) & (losses > 0)]
+        if len(finite) and finite.max() > 20 * finite.min():  # one diverged point would flatten the rest
+            ax1.set_yscale("log")
         width = 0.8 / max(len(accs), 1)
         for i, k in enumerate(accs):
             ax2.bar(x + (i - (len(accs) - 1) / 2) * width, [r.get(k) if r.get(k) is not None else np.nan for r in rows],

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import jupytext
 import nbformat
@@ -246,11 +247,13 @@ def test_demo_and_shipped_configs_use_declared_parameters():
     notebooks.check_names(demo.params(demo.DemoConfig()), specs, "demo")
     notebooks.check_names(notebooks.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
     stages = {k: v for k, v in specs.items() if k[:2] in notebooks.STAGES}
-    for name, count in (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60)):
+    shipped = (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60), ("sweep-mini.yaml", 7), ("sweep-mini-lr-size.yaml", 6),
+               ("sweep-mini-long.yaml", 3))
+    for name, count in shipped:
         spec = notebooks.load_yaml(paths.PACKAGE / "configs" / name)
         points = notebooks.expand(spec, name, stages)
         assert len(points) == count
-        assert len({notebooks.point_name(p, spec["grid"]) for p in points}) == count
+        assert len({notebooks.point_name(p, notebooks.grid_keys(spec)) for p in points}) == count
     xl = notebooks.expand(notebooks.load_yaml(paths.PACKAGE / "configs" / "sweep-dit-xl.yaml"), "xl", stages)
     assert {p["lr"] for p in xl} == {1e-6, 1e-5, 2e-5, 3e-5} and {p["image_size"] for p in xl} == {64, 128, 256}
 
@@ -286,6 +289,43 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
         notebooks.run(cfg)
     assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["method"] == "full"
     assert points[1].is_dir() and not list(points[1].iterdir())  # restarted from an empty folder
+
+
+def test_sweep_grid_lists_and_shards(tmp_path, monkeypatch):
+    """A list of grids joins their combinations; --shard i/n runs every n-th point and leaves the
+    others alone (reported as pending until their shard finishes them)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: {epochs: 1}\ngrid:\n  - {model: [mini], method: [full, difffit]}\n"
+                    "  - {model: [mini-scratch], method: [full], lr: [0.01]}\n")
+    stages = {k: notebooks.declared(k) for k in notebooks.NOTEBOOKS if k[:2] in notebooks.STAGES}
+    points = notebooks.expand(notebooks.load_yaml(spec), "s", stages)
+    assert [(p["model"], p["method"], p.get("lr")) for p in points] == [
+        ("mini", "full", None), ("mini", "difffit", None), ("mini-scratch", "full", 0.01)]
+    assert notebooks.grid_keys(notebooks.load_yaml(spec)) == ["model", "method", "lr"]
+    assert notebooks.point_name(points[2], ["model", "method", "lr"]) == "model=mini-scratch__method=full__lr=0.01"
+    calls = []
+
+    def fail(cfg, params=None):
+        calls.append(Path(cfg.out).name)
+        late = tmp_path / "o" / "points" / "model=mini-scratch__method=full__lr=0.01"
+        late.mkdir(parents=True)  # shard 0 finishes another point meanwhile: the summary shows it
+        runs.write_json(late / "done.json", {"point": late.name, "params": points[2], "status": "done",
+                                             "best_val_loss": 0.5})
+        raise DefectlabError("boom")
+
+    monkeypatch.setattr(notebooks, "run_notebooks", fail)
+    other = tmp_path / "o" / "points" / "model=mini__method=full"
+    other.mkdir(parents=True)
+    (other / "half.txt").write_text("shard 0 is still working on this")
+    with pytest.raises(DefectlabError, match="1 of 3 sweep points failed"):
+        notebooks.run(notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "o"), shard="1/2"))
+    assert calls == ["model=mini__method=difffit"] and (other / "half.txt").is_file()
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert summary.count("| pending |") == 1 and "| pending | mini | full |" in summary
+    assert "| done | mini-scratch | full | 0.01 |" in summary and "| failed | mini | difffit |" in summary
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(DefectlabError, match="--shard must be i/n"):
+            notebooks.run(notebooks.SweepConfig(spec=str(spec), shard=bad))
 
 
 def test_sweep_refuses_bad_specs(tmp_path):

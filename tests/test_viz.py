@@ -102,7 +102,7 @@ def test_counts_figure_and_trainable_table(hazelnut):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["good", *hazelnut.classes]
     assert len(ax.patches) == 2 * len(hazelnut.classes) + 1  # train + test per class, one good bar
-    _, net = train.build(train.TrainConfig(method="bitfit"), hazelnut.classes)
+    _, net = train.build(train.TrainConfig(model="tiny", method="bitfit"), hazelnut.classes)
     table = viz.trainable_table(net)
     trainable, total = methods.count(net)
     assert f"| **all** | {trainable:,} | {total:,} |" in table and "| class tables |" in table
@@ -121,7 +121,7 @@ def explorer():
     from defectlab import train
 
     classes = ["crack", "cut", "hole", "print"]
-    cfg = train.TrainConfig(image_size=16)
+    cfg = train.TrainConfig(model="tiny", image_size=16)
     base, net = train.build(cfg, classes)
     restored = train.Restored(base, net, classes, {"image_size": 16}, None)
     return viz.Explorer(restored, steps=2, guidance=1.5, n=3, scheduler="ddim")
@@ -164,3 +164,6 @@ def test_sweep_figure_one_bar_group_per_point():
     assert len(loss.patches) == 3 and len(acc.patches) == 2 * 3
     assert [t.get_text() for t in acc.get_xticklabels()] == ["full · 0.001", "full · 0.003", "lora · 0.001"]
     assert [t.get_text() for t in acc.get_legend().get_texts()] == ["real", "real+gen"]
+    assert loss.get_yscale() == "linear"
+    rows[2]["best_val_loss"] = 5.0  # a diverged point (0.05 vs 5.0): log scale keeps the others readable
+    assert viz.sweep_figure(rows, ["method", "lr"]).axes[0].get_yscale() == "log"
