@@ -33,7 +33,7 @@ class RankConfig:
     crop: int = 0                  # centre crop (px, before resize); 0 = none
     test_fraction: float = 0.25    # held out per class; only the training images are scored
     split_seed: int = 0            # seed of the per-class split (fine-tuning's split)
-    model: str = "tiny"            # tiny | mini | facebook/DiT-XL-2-256 | local folder | original .pt
+    model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
     candidates: str = ""           # base class ids or ranges, comma-separated (990,783,0-15); empty = all
     timesteps: int = 8             # fixed timesteps, evenly spaced over the schedule
     noise_draws: int = 1           # noise samples per (image, timestep)
@@ -113,8 +113,8 @@ def _image_size(cfg, base: model_mod.Base) -> int:
     if cfg.image_size:
         size = cfg.image_size
     else:  # what fine-tuning uses by default, so `defectlab classes` previews --class-init nearest
-        from .train import PRESETS, SMALL_BASES
-        size = PRESETS["small" if cfg.model in SMALL_BASES else "real"]["image_size"]
+        from .train import preset
+        size = preset(cfg.model)["image_size"]
     step = base.transformer.config.patch_size * base.codec.downsample
     if size % step:
         raise DefectlabError(f"image_size {size} must be a multiple of {step} for {base.spec}")

@@ -26,7 +26,7 @@ class DemoConfig:
     model: str = "auto"            # base model: auto (mini when shipped, else tiny), tiny, mini
     method: str = ""               # fine-tuning method ("" = difffit on a pre-trained base, full on random tiny)
     product: str = "hazelnut"      # product of the embedded dataset (hazelnut | screw)
-    image_size: int = 0            # training and sampling size in px (0 = 64 for mini, 32 for tiny)
+    image_size: int = 0            # training and sampling size in px (0 = 32 for mini and tiny)
     epochs: int = 0                # fine-tuning epochs (0 = 12 for mini, 30 for tiny; batch 8)
     per_class: int = 12            # generated images per class (the downstream classifier trains on them)
     steps: int = 20                # DDIM sampling steps
@@ -37,9 +37,9 @@ class DemoConfig:
 
 
 # Per base: a random-weight tiny DiT has to learn everything (train all of it, small images,
-# more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 64 px).
+# more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 32 px).
 PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3},
-           "mini": {"method": "difffit", "image_size": 64, "epochs": 12, "lr": 1e-3}}
+           "mini": {"method": "difffit", "image_size": 32, "epochs": 12, "lr": 1e-3}}
 
 
 def base_model(cfg: DemoConfig) -> str:

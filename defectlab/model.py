@@ -50,6 +50,7 @@ def dit_schedule(learned_sigma: bool = True, clip_sample: bool = False) -> dict:
 class PixelCodec:
     """Identity: the transformer works on pixels in [-1, 1] (tiny / mini)."""
     channels, downsample = 3, 1
+    clip_sample = True  # x0 lives in [-1, 1]: samplers clip its prediction (without it samples saturate)
 
     def to(self, device=None, dtype=None) -> "PixelCodec":
         return self
@@ -71,6 +72,8 @@ class VAECodec:
     sampling adds almost nothing while the mean makes latents deterministic (cacheable per
     augmented view, identical across runs). ``sample=True`` gives DiT's ``latent_dist.sample()``.
     """
+
+    clip_sample = False  # latents are unbounded: no clipping, as the original DiT samples
 
     def __init__(self, vae: AutoencoderKL, scaling_factor: float = 0.18215, sample: bool = False):
         self.vae, self.scaling_factor, self.sample = vae.eval().requires_grad_(False), scaling_factor, sample
@@ -104,7 +107,7 @@ class Base:
     codec: PixelCodec | VAECodec
     scheduler_config: dict          # DDPM training schedule (1000 steps, linear betas, learned_range)
     spec: str                       # what was asked for ("tiny", hub id, path)
-    default_image_size: int         # tiny/mini 64, DiT-XL-2-256 → 256
+    default_image_size: int         # tiny 64, mini 32, DiT-XL-2-256 → 256
     class_names: list[str] | None   # names of the base's own classes if known
     anchors: dict | None = None     # product → the base's closest class (model_index.json "defectlab_anchors")
 
@@ -122,6 +125,8 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None) -
             raise DefectlabError(f"the 'mini' base model is not in this install (looked in {folder}); "
                                  "use --model tiny, a hub id, a diffusers folder or a DiT .pt")
         base = _load_folder(folder, spec, vae)
+    elif spec == "mini-scratch":
+        base = _load_folder(_ensure_mini_scratch(), spec, vae)
     elif Path(spec).expanduser().is_file():
         base = _load_original(Path(spec).expanduser(), spec, vae)
     elif Path(spec).expanduser().is_dir():
@@ -130,7 +135,7 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None) -
           and not spec.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         base = _load_hub(spec, vae)
     else:
-        raise DefectlabError(f"model not found: {spec} is not a file or folder (expected tiny, mini, "
+        raise DefectlabError(f"model not found: {spec} is not a file or folder (expected tiny, mini, mini-scratch, "
                              f"a hub id like {HUB_DIT}, a diffusers folder or a DiT .pt file)")
     base.transformer.to(device).eval()
     if base.transformer.dtype != dtype:  # a dtype-less .to() when none is needed: diffusers warns on every cast
@@ -148,6 +153,21 @@ def _realign(module: nn.Module | None) -> None:
     for p in module.parameters() if module is not None else ():
         if p.device.type == "cpu" and p.data_ptr() % 64:
             p.data = p.data.clone()
+
+
+def _ensure_mini_scratch() -> Path:
+    """mini's architecture and classes with seeded random weights, built once: the from-scratch
+    baseline that shows what pre-training buys (``--model mini-scratch``)."""
+    from filelock import FileLock
+
+    from . import pretrain
+
+    final = paths.MODELS / "mini-scratch"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / ".mini-scratch.lock")):
+        if not (final / "config.json").is_file():
+            pretrain.scratch(final)
+    return final
 
 
 def _ensure_tiny() -> Path:
@@ -222,7 +242,7 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None) -> B
     cfg = transformer.config
     # Keep DiT's DDPM training schedule; take the numbers a shipped scheduler config pins down
     # (the hub's is a DDIM config: same betas, but no variance_type).
-    schedule = dit_schedule(cfg.out_channels == 2 * cfg.in_channels, clip_sample=isinstance(codec, PixelCodec))
+    schedule = dit_schedule(cfg.out_channels == 2 * cfg.in_channels, clip_sample=codec.clip_sample)
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
     schedule.update({k: v for k, v in (sched or {}).items() if k in keys})
     labels = (index or {}).get("id2label")
@@ -259,7 +279,7 @@ def _hub_errors(repo: str, what: str = "model"):
         raise DefectlabError(
             f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
             f"Hugging Face cache {constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
-            "a local folder or .pt file (presets: tiny, mini)") from err
+            "a local folder or .pt file (presets: tiny, mini, mini-scratch)") from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -49,7 +49,7 @@ GRID_ROWS, GRID_CLASSES = 8, 16    # the saved grid figure shows at most this ma
 @dataclass
 class SampleConfig:
     run: str = "latest"            # run folder/name/number, latest, or base (the pre-trained model, its own class ids)
-    model: str = "tiny"            # base model sampled when run=base (tiny | mini | hub id | folder | .pt)
+    model: str = "mini"            # base model sampled when run=base (mini | tiny | hub id | folder | .pt)
     classes: str = ""              # comma-separated class names ("" = all); for run=base: class ids
     per_class: int = 8             # images per class
     steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
@@ -137,6 +137,8 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
     learned variance (``learned_range``); DDIM (eta 0) and DPM-Solver++ use the eps half; the
     guided eps replaces channels [0, k) and the rest (incl. variance) is the conditional half's.
     ``image_size`` None = the transformer's native latent size, else ``codec.latent_shape(size)``.
+    ``scheduler_config`` None = DiT's training schedule, clipping x0 when ``codec.clip_sample``
+    (pixel space; unclipped pixel samples saturate); pass ``Base.scheduler_config`` normally.
 
     Masks (masks.py): ``cond`` [N,c,h,w] extra input channels (the defect mask of a mask-conditioned
     model; area-resized to the latent grid), concatenated at every step, the same for both guidance
@@ -145,8 +147,10 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
     result is blended with ``known``; ``resample`` > 1 re-noises each step and repeats it (RePaint).
     """
     steps = DEFAULT_STEPS.get(scheduler, 1) if steps is None else steps
+    if scheduler_config is None:  # DiT's schedule; clip x0 where the codec says it is bounded (pixels)
+        scheduler_config = {**TRAINING_SCHEDULE, "clip_sample": getattr(codec, "clip_sample", False)}
     _check(steps, guidance, scheduler, cfg_channels, guidance_interval,
-           (scheduler_config or TRAINING_SCHEDULE).get("num_train_timesteps", 1000))
+           scheduler_config.get("num_train_timesteps", 1000))
     if batch_size < 1:
         raise DefectlabError(f"batch_size must be ≥ 1 (got {batch_size})")
     if len(labels) != len(generators):

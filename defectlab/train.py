@@ -28,15 +28,21 @@ from .errors import DefectlabError
 # lr 1e-5, 128 px, 100 epochs); the small pixel-space bases need a larger step size.
 PRESETS = {
     "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
-    "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},
+    "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},   # tiny
+    "mini": {"lr": 1e-3, "image_size": 32, "epochs": 60},    # mini, mini-scratch: their native 32 px
 }
-SMALL_BASES = ("tiny", "mini")
+SMALL_BASES = ("tiny", "mini", "mini-scratch")
+
+
+def preset(model: str) -> dict:
+    """Defaults for lr / image_size / epochs that depend on the base model."""
+    return PRESETS["mini" if model in ("mini", "mini-scratch") else "small" if model in SMALL_BASES else "real"]
 
 
 @dataclass
 class TrainConfig(data_mod.DataConfig):
     image_size: int = 0            # 0 = the model's default (tiny/mini 64 px, DiT-XL 128 px)
-    model: str = "tiny"            # tiny | mini | facebook/DiT-XL-2-256 | local folder | original .pt
+    model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
     method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora
     name: str = ""                 # run name ("" = <product>-<method>)
     lr: float = 0.0                # 0 = preset (1e-5 real model, 1e-3 tiny/mini)
@@ -84,11 +90,11 @@ class Restored:
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """Fill the preset-dependent zeros so the saved config says what actually ran."""
-    preset = PRESETS["small" if cfg.model in SMALL_BASES else "real"]
+    defaults = preset(cfg.model)
     out = dataclasses.replace(cfg)
     for key in ("lr", "image_size", "epochs"):
         if not getattr(out, key):
-            setattr(out, key, preset[key])
+            setattr(out, key, defaults[key])
     if not out.name:
         out.name = f"{out.product}-{out.method}"
     return out

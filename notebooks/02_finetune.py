@@ -21,9 +21,9 @@
 # %% tags=["parameters"]
 data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder
 product: str = "hazelnut"  # product folder name
-model: str = "tiny"  # base model: tiny, mini, facebook/DiT-XL-2-256, a diffusers folder or a DiT .pt
+model: str = "mini"  # base model: mini (pre-trained, shipped), tiny (random weights), facebook/DiT-XL-2-256, a diffusers folder or a DiT .pt
 method: str = "difffit"  # fine-tuning method: full, bitfit, difffit, bias_norm or lora
-image_size: int = 0  # training image side in px (0 means the model's default: tiny/mini 64, DiT-XL 128)
+image_size: int = 0  # training image side in px (0 means the model's default: mini 32, tiny 64, DiT-XL 128)
 lr: float = 0.0  # learning rate (0 means the preset: 1e-5 real model, 1e-3 tiny/mini)
 epochs: int = 0  # passes over the training images (0 means the preset: 100 real model, 60 tiny/mini)
 max_steps: int = 0  # stop after this many optimizer steps (0 means no limit)

@@ -27,7 +27,7 @@ def hazelnuts(root):
 
 def test_ranking_is_deterministic_and_independent_of_batching(root, hazelnuts):
     base = model.load("tiny")
-    cfg = classes.RankConfig(data=str(root), image_size=SIZE, candidates="0-3,990", timesteps=2, batch_size=64,
+    cfg = classes.RankConfig(model="tiny", data=str(root), image_size=SIZE, candidates="0-3,990", timesteps=2, batch_size=64,
                              progress=False)
     a = classes.rank(base, hazelnuts, cfg)
     b = classes.rank(base, hazelnuts, cfg)
@@ -111,7 +111,7 @@ def test_train_with_nearest_init_starts_from_the_best_base_rows(tmp_path, root, 
 
 def test_topk_lists_best_first(root, hazelnuts):
     base = model.load("tiny")
-    cfg = classes.RankConfig(data=str(root), image_size=SIZE, candidates="0-5", timesteps=1, progress=False)
+    cfg = classes.RankConfig(model="tiny", data=str(root), image_size=SIZE, candidates="0-5", timesteps=1, progress=False)
     top = classes.topk_mean_rows(base, hazelnuts, cfg, k=3)
     assert len(top) == len(hazelnuts.classes) and all(len(ids) == 3 for ids in top)
     assert [ids[0] for ids in top] == classes.nearest_rows(base, hazelnuts, cfg)
@@ -126,8 +126,8 @@ def test_a_bad_shortlist_is_one_line(shortlist):
 
 def test_bad_shortlist_fails_before_and_after_loading_the_model(tmp_path, root):
     with pytest.raises(DefectlabError, match="not a class id"):
-        classes.run(classes.RankConfig(candidates="990,screw", out=str(tmp_path)))
+        classes.run(classes.RankConfig(model="tiny", candidates="990,screw", out=str(tmp_path)))
     with pytest.raises(DefectlabError, match="outside the base model's classes 0-999"):
-        classes.run(classes.RankConfig(data=str(root), candidates="7,1000", image_size=SIZE, out=str(tmp_path)))
+        classes.run(classes.RankConfig(model="tiny", data=str(root), candidates="7,1000", image_size=SIZE, out=str(tmp_path)))
     assert classes.parse_candidates("", 4) == [0, 1, 2, 3]
     assert classes.parse_candidates(" 990, 783,0-2,1 ", 1000) == [990, 783, 0, 1, 2]

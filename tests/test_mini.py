@@ -21,16 +21,26 @@ def test_shipped_mini_loads_and_matches_its_card():
     t = base.transformer
     assert t.dtype == torch.float32  # stored as fp16, used as fp32
     assert model.num_classes(t) == len(corpus.CLASSES) and base.class_names == corpus.CLASSES
-    assert base.default_image_size == 64 and t.config.out_channels == 6
+    assert base.default_image_size == 32 and t.config.out_channels == 6
     assert f"{sum(p.numel() for p in t.parameters()):,}" in card
     with torch.no_grad():  # the pre-trained model denoises its own corpus far better than chance
-        x0, y = corpus.batch(10_000_000, 18)
+        x0, y = corpus.batch(10_000_000, 18, size=32)
         t_ = torch.full((18,), 300)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
         from defectlab.diffusion import Objective
         obj = Objective(base.scheduler_config)
         eps = t(obj.add_noise(x0, noise, t_), timestep=t_, class_labels=y).sample[:, :3]
         assert ((eps - noise) ** 2).mean() < 0.5
+
+
+@needs_mini
+def test_mini_scratch_is_mini_with_seeded_random_weights():
+    mini, scratch = model.load("mini").transformer, model.load("mini-scratch").transformer
+    assert {**scratch.config, "_name_or_path": 0} == {**mini.config, "_name_or_path": 0}
+    a, b = mini.state_dict(), scratch.state_dict()
+    assert a.keys() == b.keys() and not torch.equal(a["proj_out_2.weight"], b["proj_out_2.weight"])
+    again = model.load("mini-scratch").transformer.state_dict()  # built once, then loaded
+    assert all(torch.equal(b[k], again[k]) for k in b)
 
 
 def test_corpus_is_deterministic_and_varied():
@@ -55,7 +65,7 @@ def data_defects(product):
 
 def test_pretraining_resumes_exactly(tmp_path):
     tiny = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, checkpoint_every=1,
-                progress=False, fp16=False)
+                progress=False, fp16=False, preview=0)
     straight = pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=4, runs_dir=str(tmp_path / "a"),
                                                     out=str(tmp_path / "m4")))
     pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=2, runs_dir=str(tmp_path / "b"), out=str(tmp_path / "m2")))
@@ -69,34 +79,32 @@ def test_pretraining_resumes_exactly(tmp_path):
     a = model.load(str(straight)).transformer.state_dict()
     b = model.load(str(resumed)).transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _small(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.avg_pool2d(x, 2)  # 64 → 32 px: a cheaper fixed classifier
+    png = pretrain.preview(straight, per_class=1, steps=2)  # the card's picture: one sample per class
+    assert png == straight / "samples.png" and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
 @needs_mini
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the shipped mini (15.5k CPU images of pre-training) lowers the few-shot "
-                   "loss but cannot sample recognisable images yet; passes once mini is rebuilt with more steps")
+@pytest.mark.xfail(strict=False, reason="measured at chance (README, defectlab-mini): the shipped mini is still weak "
+                   "at high noise, so samples keep its prior; passes once mini is pre-trained longer")
 def test_short_finetune_from_mini_samples_the_intended_classes(tmp_path):
     """Guidance + class handling end to end: a fixed classifier trained on the real images
     recognises the class of images sampled after a brief DiffFit fine-tune of mini."""
-    dcfg = data.DataConfig(product="hazelnut", image_size=64)
+    dcfg = data.DataConfig(product="hazelnut", image_size=32)
     dd = data.load(dcfg)
     k = len(dd.classes)
     real = data.DefectDataset(dd.train + dd.test, dcfg, augment=False)
     xs = torch.stack([real[i]["image"] for i in range(len(real))])
     ys = torch.tensor([real[i]["label"] for i in range(len(real))])
-    judge = classifier.train(_small(xs), ys, k, steps=60, batch_size=16, lr=2e-3, seed=0)
-    cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=4,
+    judge = classifier.train(xs, ys, k, steps=100, batch_size=8, lr=2e-3, seed=0)
+    cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=6,
                             val_per_class=1, val_every=100, val_timesteps=1, runs_dir=str(tmp_path),
                             progress=False)
     r = train.restore(train.run(cfg), "latest")
     per = 6
     labels = [c for c in range(k) for _ in range(per)]
     gens = [torch.Generator().manual_seed(1000 * c + i) for c in range(k) for i in range(per)]
-    imgs = sample.generate(r.model, r.base.codec, labels, gens, steps=20, guidance=3.0, scheduler="ddim",
-                           batch_size=32, progress=False)
-    acc = (classifier.predict(judge, _small(imgs)).argmax(1) == np.array(labels)).mean()
+    imgs = sample.generate(r.model, r.base.codec, labels, gens, steps=25, guidance=3.0, scheduler="ddim",
+                           scheduler_config=r.base.scheduler_config, batch_size=32, progress=False)
+    acc = (classifier.predict(judge, imgs).argmax(1) == np.array(labels)).mean()
     assert acc >= 1 / k + 0.25, f"accuracy {acc:.2f} on {k} classes"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import runs, sample
+from defectlab import model, runs, sample
+from defectlab.model import PixelCodec
 from defectlab.errors import DefectlabError
 
 
@@ -328,3 +329,19 @@ def test_run_folder_end_to_end(tmp_path):
                           guidance=2.0, scheduler="ddpm", scheduler_config=restored.base.scheduler_config,
                           image_size=16, progress=False)
     assert torch.allclose(sample.load_png(out / records[1]["file"]), img[0], atol=1.5 / 127.5)
+
+
+def test_pixel_space_sampling_clips_x0_by_default():
+    """Without a scheduler_config, a pixel-space codec still gets DiT's clipped x0 (what
+    Base.scheduler_config says for tiny/mini): unclipped pixel samples saturate to ±1."""
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4).eval()
+    run = dict(steps=4, guidance=2.0, scheduler="ddim", progress=False)
+    default = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run)
+    clipped = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run,
+                              scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": True})
+    raw = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run,
+                          scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": False})
+    assert torch.equal(default, clipped) and not torch.allclose(default, raw, atol=1e-3)
+    assert PixelCodec.clip_sample and not model.VAECodec.clip_sample
