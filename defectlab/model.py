@@ -164,9 +164,14 @@ def _ensure_mini_scratch() -> Path:
 
     final = paths.MODELS / "mini-scratch"
     final.parent.mkdir(parents=True, exist_ok=True)
+    want = pretrain.model_config(pretrain.PretrainConfig())
     with FileLock(str(final.parent / ".mini-scratch.lock")):
-        if not (final / "config.json").is_file():
-            pretrain.scratch(final)
+        try:
+            saved = json.loads((final / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = {}  # absent or unreadable: build it
+        if any(saved.get(k) != v for k, v in want.items() if not k.startswith("_")):
+            pretrain.scratch(final)  # absent, or built for an older mini architecture
     return final
 
 

@@ -41,6 +41,9 @@ def test_mini_scratch_is_mini_with_seeded_random_weights():
     assert a.keys() == b.keys() and not torch.equal(a["proj_out_2.weight"], b["proj_out_2.weight"])
     again = model.load("mini-scratch").transformer.state_dict()  # built once, then loaded
     assert all(torch.equal(b[k], again[k]) for k in b)
+    config = paths.MODELS / "mini-scratch" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 64'))  # an older build
+    assert model.load("mini-scratch").transformer.config.sample_size == mini.config.sample_size == 32
 
 
 def test_corpus_is_deterministic_and_varied():
