@@ -10,7 +10,6 @@ import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
 from defectlab import model, runs, sample
-from defectlab.model import PixelCodec
 from defectlab.errors import DefectlabError
 
 
@@ -338,10 +337,10 @@ def test_pixel_space_sampling_clips_x0_by_default():
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4).eval()
     run = dict(steps=4, guidance=2.0, scheduler="ddim", progress=False)
-    default = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run)
-    clipped = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run,
+    default = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run)
+    clipped = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
                               scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": True})
-    raw = sample.generate(dit, PixelCodec(), [1, 2], gens(1, 2), **run,
+    raw = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
                           scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": False})
     assert torch.equal(default, clipped) and not torch.allclose(default, raw, atol=1e-3)
-    assert PixelCodec.clip_sample and not model.VAECodec.clip_sample
+    assert model.PixelCodec.clip_sample and not model.VAECodec.clip_sample
