@@ -1,7 +1,7 @@
 """Rank the base model's classes by how well they denoise each defect class.
 
 A class-conditional diffusion model is also a classifier: the class whose embedding gives the
-lowest noise-prediction error on an image is the class the model thinks the image shows. The
+lowest denoising error (noise or v prediction) on an image is the class the model thinks the image shows. The
 original write-up started each new class from a hand-picked ImageNet row (buckeye 990 for
 hazelnut, screw 783); ``run`` scores every candidate row on each defect class's *training*
 images, so that choice can be checked, and ``nearest_rows`` gives ``train --class-init nearest``
@@ -76,7 +76,7 @@ def fixed_timesteps(num_train_timesteps: int, count: int) -> torch.Tensor:
 @torch.no_grad()
 def scores(transformer, x0: torch.Tensor, ids: list[int], scheduler_config: dict, timesteps: int = 8,
            noise_draws: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Mean noise-prediction MSE ``[len(ids), N]`` of each candidate class on each clean latent
+    """Mean prediction MSE (noise or v, as the base predicts) ``[len(ids), N]`` of each candidate class on each clean latent
     ``x0 [N,C,H,W]``, over fixed timesteps and fixed noise shared by all candidates."""
     device, dtype = x0.device, next(transformer.parameters()).dtype
     obj = Objective(scheduler_config, device)
@@ -88,6 +88,7 @@ def scores(transformer, x0: torch.Tensor, ids: list[int], scheduler_config: dict
     tt = ts.repeat_interleave(n).repeat(noise_draws).to(device)
     x0 = x0.float().repeat(noise_draws * timesteps, 1, 1, 1)
     xt = obj.add_noise(x0, noise, tt)  # shared by every candidate: built once
+    target = obj.target(x0, noise, tt)  # the noise, or v for a v-prediction base
     m = len(xt)
     per_in = min(m, batch_size)                    # noisy inputs per batch ...
     per_cand = max(1, batch_size // per_in)        # ... times this many candidate classes
@@ -102,7 +103,7 @@ def scores(transformer, x0: torch.Tensor, ids: list[int], scheduler_config: dict
             k, b = len(labels), len(x)
             out = transformer(x.repeat(k, 1, 1, 1).to(dtype), timestep=tt[i:i + b].repeat(k),
                               class_labels=labels.repeat_interleave(b)).sample
-            mse = ((out[:, :c].float() - noise[i:i + b].repeat(k, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
+            mse = ((out[:, :c].float() - target[i:i + b].repeat(k, 1, 1, 1)) ** 2).mean(dim=(1, 2, 3))
             err[j:j + k, i:i + b] = mse.view(k, b).cpu()
     finally:
         transformer.train(was_training)
@@ -216,7 +217,7 @@ def figure(result: dict):
             pad = (max(mse) - min(mse)) or 0.01 * min(mse) or 1e-6
             ax.set_xlim(min(mse) - pad, max(mse) + 0.2 * pad)
             ax.set_title(f"{defect} ({result['images'][defect]} images)")
-            ax.set_xlabel("noise MSE (lower = closer)")
+            ax.set_xlabel("denoising MSE (lower = closer)")
         for ax in list(axes.flat)[len(classes):]:
             ax.set_visible(False)
         fig.suptitle(f"{result['product']}: nearest classes of {result['model']}"

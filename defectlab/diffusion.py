@@ -5,6 +5,13 @@ DiT predicts noise *and* a per-pixel interpolation between the two variance boun
 is fine when fine-tuning a pre-trained base and wrong when training from scratch, so the
 loss is the one DiT was trained with: ``mse(eps) + L_vlb`` where the bound term sees a
 frozen (detached) mean, exactly as in guided-diffusion / DiT.
+
+The first half of the output is what the schedule's ``prediction_type`` says: ``epsilon`` (DiT)
+or ``v_prediction`` (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022). In x0 terms
+the eps loss weights timestep t by SNR(t), which is ~0 where the image layout is decided; v
+weights it by SNR(t) + 1, so a small model trained briefly still learns what a clean image
+looks like at high noise (defectlab-mini uses it). The bound term always sees the eps implied
+by the output, so the variance head trains the same way under both.
 """
 from __future__ import annotations
 
@@ -12,6 +19,11 @@ import math
 
 import torch
 from diffusers import DDPMScheduler
+
+from .errors import DefectlabError
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class Objective:
@@ -21,6 +33,10 @@ class Objective:
         sched = DDPMScheduler.from_config(scheduler_config)
         self.scheduler = sched
         self.num_timesteps = sched.config.num_train_timesteps
+        self.prediction_type = sched.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise DefectlabError(f"prediction_type {self.prediction_type!r} is not supported for training; "
+                                 f"choose one of {', '.join(PREDICTION_TYPES)}")
         betas = sched.betas.double()
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, 0)
@@ -45,13 +61,25 @@ class Objective:
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self._at("sqrt_abar", t, x0.ndim) * x0 + self._at("sqrt_1m_abar", t, x0.ndim) * noise
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the first half of the output is trained to be: the noise, or v."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return self._at("sqrt_abar", t, x0.ndim) * noise - self._at("sqrt_1m_abar", t, x0.ndim) * x0
+
+    def eps(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise implied by the first half of the output."""
+        if self.prediction_type == "epsilon":
+            return pred
+        return self._at("sqrt_abar", t, xt.ndim) * pred + self._at("sqrt_1m_abar", t, xt.ndim) * xt
+
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise: torch.Tensor,
              t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses ``(mse, vb)``, each of shape [B]."""
         c = x0.shape[1]
         model_out = model_out.float()
-        eps = model_out[:, :c]
-        mse = ((eps - noise) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        pred = model_out[:, :c]
+        mse = ((pred - self.target(x0, noise, t)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         if model_out.shape[1] != 2 * c:  # no learned variance: plain epsilon objective
             return mse, torch.zeros_like(mse)
         v = model_out[:, c:]
@@ -60,7 +88,8 @@ class Objective:
         min_log, max_log = self._at("post_logvar", t, nd), self._at("log_betas", t, nd)
         model_logvar = frac * max_log + (1 - frac) * min_log
         # frozen mean: the bound only trains the variance (guided-diffusion's learn_sigma trick)
-        x0_pred = (xt - self._at("sqrt_1m_abar", t, nd) * eps.detach()) / self._at("sqrt_abar", t, nd)
+        eps = self.eps(pred.detach(), xt, t)
+        x0_pred = (xt - self._at("sqrt_1m_abar", t, nd) * eps) / self._at("sqrt_abar", t, nd)
         model_mean = self._at("coef1", t, nd) * x0_pred + self._at("coef2", t, nd) * xt
         true_mean = self._at("coef1", t, nd) * x0 + self._at("coef2", t, nd) * xt
         true_logvar = min_log.expand_as(model_logvar)

@@ -164,14 +164,18 @@ def _ensure_mini_scratch() -> Path:
 
     final = paths.MODELS / "mini-scratch"
     final.parent.mkdir(parents=True, exist_ok=True)
-    want = pretrain.model_config(pretrain.PretrainConfig())
+    want = {"config.json": pretrain.model_config(pretrain.PretrainConfig()),
+            "scheduler/scheduler_config.json": pretrain.schedule(pretrain.PretrainConfig())}
     with FileLock(str(final.parent / ".mini-scratch.lock")):
-        try:
-            saved = json.loads((final / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            saved = {}  # absent or unreadable: build it
-        if any(saved.get(k) != v for k, v in want.items() if not k.startswith("_")):
-            pretrain.scratch(final)  # absent, or built for an older mini architecture
+        saved = {}
+        for name in want:
+            try:
+                saved[name] = json.loads((final / name).read_text())
+            except (OSError, json.JSONDecodeError):
+                saved[name] = {}  # absent or unreadable: build it
+        if any(saved[name].get(k) != v for name, keys in want.items() for k, v in keys.items()
+               if not k.startswith("_")):
+            pretrain.scratch(final)  # absent, or built for an older mini architecture or objective
     return final
 
 

@@ -2,8 +2,9 @@
 
 ``run(PretrainConfig(...))`` (CLI: ``defectlab pretrain-mini``) trains a ``DiTTransformer2DModel``
 from scratch on ``corpus.py`` (each product type a class, like ImageNet for DiT) with DiT's
-objective (``diffusion.Objective``: mse + vb, learned sigma), class-label dropout 0.1 (once per
-sample, to the null row), AdamW and an EMA of the weights, then exports the EMA weights with
+objective (``diffusion.Objective``: mse + vb, learned sigma; v-prediction by default: a small
+model learns the image layout at high noise far sooner than with DiT's eps), class-label
+dropout 0.1 (once per sample, to the null row), AdamW and an EMA of the weights, then exports the EMA weights with
 ``save_pretrained`` (fp16 storage; ``model.load`` casts to fp32) plus ``model_index.json``
 (class names, anchors) and ``MODEL_CARD.md`` (recipe, seeds, corpus version, sha256).
 
@@ -60,6 +61,7 @@ class PretrainConfig:
     fp16: bool = True              # store the exported weights as float16 (half the file size)
     progress: bool = True          # print a line every 20 steps
     preview: int = 2               # samples per class drawn into <out>/samples.png after export (0 = none)
+    prediction_type: str = "v_prediction"  # what the output predicts: v_prediction | epsilon (DiT's)
 
 
 def model_config(cfg: PretrainConfig) -> dict:
@@ -70,6 +72,12 @@ def model_config(cfg: PretrainConfig) -> dict:
     return dict(model_mod._DIT, sample_size=cfg.image_size, patch_size=cfg.patch_size, in_channels=3,
                 out_channels=6, num_layers=cfg.depth, num_attention_heads=cfg.heads,
                 attention_head_dim=cfg.width // cfg.heads, num_embeds_ada_norm=len(corpus.CLASSES))
+
+
+def schedule(cfg: PretrainConfig) -> dict:
+    """The training schedule, exported as ``scheduler/scheduler_config.json`` beside the weights
+    (``model.load`` reads its ``prediction_type``)."""
+    return {**model_mod.dit_schedule(True, clip_sample=True), "prediction_type": cfg.prediction_type}
 
 
 def build(cfg: PretrainConfig) -> DiTTransformer2DModel:
@@ -93,7 +101,7 @@ def run(cfg: PretrainConfig) -> Path:
     """Train (or resume) and export; returns the export folder."""
     if cfg.resume:
         folder = runs.resolve(cfg.resume, Path(cfg.runs_dir) if cfg.runs_dir else None)
-        saved = runs.load_config(folder)
+        saved = {"prediction_type": "epsilon", **runs.load_config(folder)}  # runs from before the field: eps
         keep = {"resume": str(folder), "time_budget": cfg.time_budget, "threads": cfg.threads,
                 "progress": cfg.progress, "max_steps": cfg.max_steps, "out": cfg.out or saved.get("out", "")}
         cfg = PretrainConfig(**{**saved, **keep})
@@ -106,7 +114,7 @@ def run(cfg: PretrainConfig) -> Path:
     params = list(net.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    objective = Objective(model_mod.dit_schedule(True, clip_sample=True), device)
+    objective = Objective(schedule(cfg), device)
     k = len(corpus.CLASSES)
     step, seen, wall = 0, 0, 0.0
     last = runs.latest_checkpoint(folder)
@@ -240,6 +248,8 @@ def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card:
         index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
                  "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule(cfg), indent=1))
         n_params = sum(p.numel() for p in net.parameters())
         if card is not None:
             (tmp / "MODEL_CARD.md").write_text(model_card(cfg, card, sha256(tmp / WEIGHTS), n_params))
@@ -291,8 +301,9 @@ DiT-XL/2's role at toy scale; it is not an ImageNet model and makes no claim bey
 
 ## Recipe
 
-DiT objective (`defectlab.diffusion.Objective`: eps-MSE + variational bound on the learned
-variance, 1000-step linear schedule), class-label dropout {cfg.label_dropout} (once per sample, to the
+DiT objective (`defectlab.diffusion.Objective`: MSE on the {cfg.prediction_type} output + variational
+bound on the learned variance, 1000-step linear schedule; `scheduler/scheduler_config.json`
+records the prediction type for samplers and fine-tuning), class-label dropout {cfg.label_dropout} (once per sample, to the
 null row), AdamW lr {cfg.lr:g} (linear warmup {cfg.warmup_steps} steps), weight decay
 {cfg.weight_decay:g}, grad clip {cfg.grad_clip:g}, EMA {cfg.ema} (shipped weights = EMA), seed
 {cfg.seed}; training stopped by the wall-clock budget ({cfg.time_budget:g} min per call).

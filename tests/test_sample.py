@@ -4,10 +4,11 @@ Tiny random models on the CPU: a latent DiT (4 → 8 channels, learned variance)
 AutoencoderKL, and an identity codec for the tests that look at latent channels directly.
 """
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from defectlab import model, runs, sample
 from defectlab.errors import DefectlabError
@@ -344,3 +345,36 @@ def test_pixel_space_sampling_clips_x0_by_default():
                           scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": False})
     assert torch.equal(default, clipped) and not torch.allclose(default, raw, atol=1e-3)
     assert model.PixelCodec.clip_sample and not model.VAECodec.clip_sample
+
+
+class Oracle(torch.nn.Module):
+    """Knows the one clean image ``x0`` and returns its exact eps or v for any (x_t, t): every
+    correct sampler lands on ``x0``, whatever the noise."""
+
+    def __init__(self, x0: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.x0, self.kind, self.anchor = x0, prediction_type, torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=x0.shape[-1], num_embeds_ada_norm=2)
+        self.abar = DDPMScheduler.from_config(sample.TRAINING_SCHEDULE).alphas_cumprod
+
+    def forward(self, x, timestep, class_labels):
+        a = self.abar[timestep.long()].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        out = eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
+        return SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver"])
+def test_samplers_follow_the_bases_prediction_type(scheduler):
+    """A v-prediction base (defectlab-mini) is sampled as v: with its own prediction type an
+    oracle's samples are its image; read as eps, the same outputs are not."""
+    x0 = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
+    oracle = Oracle(x0, "v_prediction")
+    run = dict(steps=10, guidance=1.0, scheduler=scheduler, progress=False)
+    v = {**sample.TRAINING_SCHEDULE, "variance_type": "fixed_small", "prediction_type": "v_prediction"}
+    out = sample.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run, scheduler_config=v)
+    assert (out - x0).abs().max() < 0.02
+    if scheduler != "ddpm":  # ddpm's last step is t=0, where v = eps: the oracle would mend it there
+        as_eps = sample.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run,
+                                 scheduler_config={**v, "prediction_type": "epsilon"})
+        assert (as_eps - x0).abs().max() > 0.3
