@@ -29,8 +29,10 @@ def test_shipped_mini_loads_and_matches_its_card():
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
         from defectlab.diffusion import Objective
         obj = Objective(base.scheduler_config)
-        eps = t(obj.add_noise(x0, noise, t_), timestep=t_, class_labels=y).sample[:, :3]
-        assert ((eps - noise) ** 2).mean() < 0.5
+        assert obj.prediction_type == "v_prediction"  # from the shipped scheduler/scheduler_config.json
+        pred = t(obj.add_noise(x0, noise, t_), timestep=t_, class_labels=y).sample[:, :3]
+        target = obj.target(x0, noise, t_)
+        assert ((pred - target) ** 2).mean() < 0.25 * (target ** 2).mean()
 
 
 @needs_mini
@@ -44,6 +46,9 @@ def test_mini_scratch_is_mini_with_seeded_random_weights():
     config = paths.MODELS / "mini-scratch" / "config.json"
     config.write_text(config.read_text().replace('"sample_size": 32', '"sample_size": 64'))  # an older build
     assert model.load("mini-scratch").transformer.config.sample_size == mini.config.sample_size == 32
+    sched = paths.MODELS / "mini-scratch" / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace("v_prediction", "epsilon"))  # built before mini predicted v
+    assert model.load("mini-scratch").scheduler_config["prediction_type"] == "v_prediction"
 
 
 def test_corpus_is_deterministic_and_varied():
@@ -82,15 +87,59 @@ def test_pretraining_resumes_exactly(tmp_path):
     a = model.load(str(straight)).transformer.state_dict()
     b = model.load(str(resumed)).transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert model.load(str(straight)).scheduler_config["prediction_type"] == "v_prediction"  # exported with it
     png = pretrain.preview(straight, per_class=1, steps=2)  # the card's picture: one sample per class
     assert png == straight / "samples.png" and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
+def test_runs_from_before_prediction_type_resume_as_epsilon(tmp_path):
+    """A run folder written before the field existed trained eps: resuming it must not switch
+    the objective to the new default."""
+    tiny = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, progress=False,
+                fp16=False, preview=0, runs_dir=str(tmp_path))
+    pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=1, out=str(tmp_path / "m"), prediction_type="epsilon"))
+    folder = runs.resolve("000", tmp_path)
+    saved = runs.read_json(folder / "config.json")
+    del saved["config"]["prediction_type"]
+    runs.write_json(folder / "config.json", saved)
+    out = pretrain.run(pretrain.PretrainConfig(resume=str(folder), max_steps=2, progress=False))
+    assert model.load(str(out)).scheduler_config["prediction_type"] == "epsilon"
+    assert "epsilon output" in (out / "MODEL_CARD.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def short_finetune(tmp_path_factory):
+    """A brief DiffFit fine-tune of mini on the embedded hazelnut set (4 new classes, ~40 steps)."""
+    cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=6,
+                            val_per_class=1, val_every=100, val_timesteps=1,
+                            runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
+    return train.restore(train.run(cfg), "latest")
+
+
 @needs_mini
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured at chance (README, defectlab-mini): the shipped mini is still weak "
-                   "at high noise, so samples keep its prior; passes once mini is pre-trained longer")
-def test_short_finetune_from_mini_samples_the_intended_classes(tmp_path):
+def test_short_finetune_from_mini_tells_the_new_classes_apart(short_finetune):
+    """Class surgery, labels and class-conditional training end to end: after a brief DiffFit
+    fine-tune, the class whose conditioning denoises a *held-out* real image best is its defect
+    type far more often than chance (a diffusion classifier, ``classes.scores``). Measured 0.50
+    on the 20 test images (chance 0.25); wrong labels or a class table that does not train give chance."""
+    from defectlab import classes
+    r = short_finetune
+    dcfg = data.DataConfig(product="hazelnut", image_size=32)
+    dd = data.load(dcfg)
+    test = data.DefectDataset(dd.test, dcfg, augment=False)
+    x0 = torch.stack([test[i]["image"] for i in range(len(test))])
+    y = torch.tensor([test[i]["label"] for i in range(len(test))])
+    err = classes.scores(r.model, x0, list(range(len(dd.classes))), r.base.scheduler_config, noise_draws=4)
+    acc = (err.argmin(0) == y).float().mean().item()
+    assert acc >= 1 / len(dd.classes) + 0.15, f"accuracy {acc:.2f} on {len(dd.classes)} classes"
+
+
+@needs_mini
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="measured near chance (README, defectlab-mini): samples have the hazelnut "
+                   "layout but not yet the few-pixel defect types; passes once mini renders them")
+def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
     """Guidance + class handling end to end: a fixed classifier trained on the real images
     recognises the class of images sampled after a brief DiffFit fine-tune of mini."""
     dcfg = data.DataConfig(product="hazelnut", image_size=32)
@@ -100,10 +149,7 @@ def test_short_finetune_from_mini_samples_the_intended_classes(tmp_path):
     xs = torch.stack([real[i]["image"] for i in range(len(real))])
     ys = torch.tensor([real[i]["label"] for i in range(len(real))])
     judge = classifier.train(xs, ys, k, steps=100, batch_size=8, lr=2e-3, seed=0)
-    cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=6,
-                            val_per_class=1, val_every=100, val_timesteps=1, runs_dir=str(tmp_path),
-                            progress=False)
-    r = train.restore(train.run(cfg), "latest")
+    r = short_finetune
     per = 6
     labels = [c for c in range(k) for _ in range(per)]
     gens = [torch.Generator().manual_seed(1000 * c + i) for c in range(k) for i in range(per)]
