@@ -80,7 +80,7 @@ class Objective:
         model_out = model_out.float()
         pred = model_out[:, :c]
         mse = ((pred - self.target(x0, noise, t)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
-        if model_out.shape[1] != 2 * c:  # no learned variance: plain epsilon objective
+        if model_out.shape[1] != 2 * c:  # no learned variance: the prediction MSE alone
             return mse, torch.zeros_like(mse)
         v = model_out[:, c:]
         nd = x0.ndim
