@@ -71,9 +71,13 @@ def data_defects(product):
     return synth.PRODUCTS[product].defects
 
 
+# a pre-training run small enough for a test: a few CPU-seconds per step
+TINY_PRETRAIN = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, progress=False,
+                     fp16=False, preview=0)
+
+
 def test_pretraining_resumes_exactly(tmp_path):
-    tiny = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, checkpoint_every=1,
-                progress=False, fp16=False, preview=0)
+    tiny = dict(TINY_PRETRAIN, checkpoint_every=1)
     straight = pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=4, runs_dir=str(tmp_path / "a"),
                                                     out=str(tmp_path / "m4")))
     pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=2, runs_dir=str(tmp_path / "b"), out=str(tmp_path / "m2")))
@@ -95,9 +99,7 @@ def test_pretraining_resumes_exactly(tmp_path):
 def test_runs_from_before_prediction_type_resume_as_epsilon(tmp_path):
     """A run folder written before the field existed trained eps: resuming it must not switch
     the objective to the new default."""
-    tiny = dict(image_size=16, patch_size=4, width=16, heads=1, depth=1, batch_size=2, progress=False,
-                fp16=False, preview=0, runs_dir=str(tmp_path))
-    pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=1, out=str(tmp_path / "m"), prediction_type="epsilon"))
+    pretrain.run(pretrain.PretrainConfig(**TINY_PRETRAIN, runs_dir=str(tmp_path), max_steps=1, out=str(tmp_path / "m"), prediction_type="epsilon"))
     folder = runs.resolve("000", tmp_path)
     saved = runs.read_json(folder / "config.json")
     del saved["config"]["prediction_type"]

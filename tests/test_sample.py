@@ -347,21 +347,20 @@ def test_pixel_space_sampling_clips_x0_by_default():
     assert model.PixelCodec.clip_sample and not model.VAECodec.clip_sample
 
 
-class Oracle(torch.nn.Module):
-    """Knows the one clean image ``x0`` and returns its exact eps or v for any (x_t, t): every
-    correct sampler lands on ``x0``, whatever the noise."""
+class VOracle(torch.nn.Module):
+    """Knows the one clean image ``x0`` and returns its exact v for any (x_t, t): every correct
+    v sampler lands on ``x0``, whatever the noise."""
 
-    def __init__(self, x0: torch.Tensor, prediction_type: str):
+    def __init__(self, x0: torch.Tensor):
         super().__init__()
-        self.x0, self.kind, self.anchor = x0, prediction_type, torch.nn.Parameter(torch.zeros(1))
+        self.x0, self.anchor = x0, torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=x0.shape[-1], num_embeds_ada_norm=2)
         self.abar = DDPMScheduler.from_config(sample.TRAINING_SCHEDULE).alphas_cumprod
 
     def forward(self, x, timestep, class_labels):
         a = self.abar[timestep.long()].view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
-        out = eps if self.kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
-        return SimpleNamespace(sample=out)
+        return SimpleNamespace(sample=a.sqrt() * eps - (1 - a).sqrt() * self.x0)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmsolver"])
@@ -369,7 +368,7 @@ def test_samplers_follow_the_bases_prediction_type(scheduler):
     """A v-prediction base (defectlab-mini) is sampled as v: with its own prediction type an
     oracle's samples are its image; read as eps, the same outputs are not."""
     x0 = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
-    oracle = Oracle(x0, "v_prediction")
+    oracle = VOracle(x0)
     run = dict(steps=10, guidance=1.0, scheduler=scheduler, progress=False)
     v = {**sample.TRAINING_SCHEDULE, "variance_type": "fixed_small", "prediction_type": "v_prediction"}
     out = sample.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run, scheduler_config=v)
