@@ -1,8 +1,12 @@
 """The pre-training corpus of ``defectlab-mini``: many procedural product types, regenerated from a seed.
 
-It plays ImageNet's role for the small shipped base model: each product type (nut, screw, pill,
-washer, cable, fabric, wood, …) is one class, drawn with random pose, colour, lighting and
-background, half of them with a *generic* defect (stain, chip, scuff, specks, fold, smear). The
+It plays ImageNet's role for the small shipped base model: 18 product types (nut, screw, pill,
+washer, cable, fabric, wood, …) drawn with random pose, colour, lighting and background, each
+either good or with one *generic* defect (stain, missing chunk, scuff, specks, fold, smear). A
+class is a (product, defect) pair — ``nut``, ``nut_stain``, ``nut_fold``, … — the way ImageNet has
+fine-grained classes that differ in a detail: the base has to learn that a class embedding
+controls a small local mark, which is exactly what a few-shot defect class asks of it (version 1
+had one class per product and put the marks at random, so no class ever meant a mark). The
 embedded dataset's own defect drawers (crack, cut, hole, print, scratch_head, thread_side,
 thread_top, manipulated_front) are never used, and its products are not either: ``nut`` and
 ``screw`` are look-alike classes (a walnut-ish nut, a hex bolt), the way ImageNet has
@@ -11,7 +15,7 @@ thread_top, manipulated_front) are never used, and its products are not either: 
 
 Nothing is stored: ``image(i, seed)`` draws item ``i`` from its own ``numpy`` generator, seeded
 from (seed, i) only, so the corpus is byte-identical whatever order or process draws it. The
-class of item ``i`` is ``i % len(CLASSES)`` (every batch of consecutive items is balanced).
+class of item ``i`` is ``i % len(CLASSES)`` (consecutive items are balanced over classes).
 Pictures are drawn at 2x and box-downsampled (anti-aliased edges, like the resized dataset).
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from .synth import _capsule, _disk, _edge, _grid, _pick, _smooth_noise
 
-CORPUS_VERSION = 1   # bump whenever a picture changes: the model card records it
+CORPUS_VERSION = 2   # bump whenever a picture changes: the model card records it
 
 Array = np.ndarray
 
@@ -263,15 +267,12 @@ def _bead(rng, s):  # a pile of small spheres
     return img, obj
 
 
-PRODUCTS = {  # class id = position here; never reorder, only append (and bump CORPUS_VERSION)
+PRODUCTS = {  # order fixes the class ids (PAIRS below); never reorder, only append (and bump CORPUS_VERSION)
     "nut": _nut, "screw": _screw, "pill": _pill, "capsule": _capsule_pill, "washer": _washer,
     "cable": _cable, "fabric": _fabric, "carpet": _carpet, "wood": _wood, "tile": _tile,
     "leather": _leather, "metal_plate": _metal_plate, "mesh": _grid_mesh, "chip": _chip,
     "bottle": _bottle, "zipper": _zipper, "gear": _gear, "beads": _bead,
 }
-CLASSES = list(PRODUCTS)
-# embedded-dataset product → corpus class id of its look-alike (ImageNet: hazelnut→990, screw→783)
-ANCHORS = {"hazelnut": CLASSES.index("nut"), "screw": CLASSES.index("screw")}
 
 
 # ----------------------------------------------------------------------------- generic defects
@@ -337,20 +338,25 @@ def _smear(rng, img, obj, s):  # a smeared swipe, blurred colour along a stroke
 
 
 DEFECTS = {"stain": _stain, "missing": _missing, "scuff": _scuff, "specks": _specks, "fold": _fold, "smear": _smear}
-DEFECT_FRACTION = 0.5   # share of corpus items that carry one generic defect
+
+# ----------------------------------------------------------------------------- classes
+# class id → (product, "good" | defect), product-major: nut, nut_stain, …, nut_smear, screw, …
+PAIRS = [(p, d) for p in PRODUCTS for d in ("good", *DEFECTS)]
+CLASSES = [p if d == "good" else f"{p}_{d}" for p, d in PAIRS]
+# embedded-dataset product → corpus class id of its good look-alike (ImageNet: hazelnut→990, screw→783)
+ANCHORS = {"hazelnut": CLASSES.index("nut"), "screw": CLASSES.index("screw")}
 
 
 # ----------------------------------------------------------------------------- items
 def item(index: int, seed: int = 0, size: int = 64) -> tuple[Array, int, str]:
     """Corpus item ``index``: ``(uint8 [size, size, 3], class id, defect name or "good")``."""
     k = int(index) % len(CLASSES)
+    product, defect = PAIRS[k]
     rng = _rng(seed, index)
     s = 2 * int(size)                     # drawn at 2x, box-downsampled: anti-aliased edges
-    img, obj = PRODUCTS[CLASSES[k]](rng, s)
-    defect = "good"
-    if rng.random() < DEFECT_FRACTION and obj.any():
-        defect = str(rng.choice(list(DEFECTS)))
-        shape, paint = DEFECTS[defect](rng, img, obj, s)
+    img, obj = PRODUCTS[product](rng, s)
+    if defect != "good":
+        shape, paint = DEFECTS[defect](rng, img, obj if obj.any() else np.ones_like(obj), s)
         img = np.where(shape[..., None], paint, img)
     img = np.clip(img, 0, 255).reshape(size, 2, size, 2, 3).mean((1, 3))
     return np.rint(img).astype(np.uint8), k, defect

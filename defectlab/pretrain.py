@@ -1,7 +1,8 @@
 """Pre-train ``defectlab-mini``: a small pixel-space class-conditional DiT on the procedural corpus.
 
 ``run(PretrainConfig(...))`` (CLI: ``defectlab pretrain-mini``) trains a ``DiTTransformer2DModel``
-from scratch on ``corpus.py`` (each product type a class, like ImageNet for DiT) with DiT's
+from scratch on ``corpus.py`` (each product good or with one generic defect a class, like
+ImageNet's fine-grained classes for DiT) with DiT's
 objective (``diffusion.Objective``: mse + vb, learned sigma; v-prediction by default: a small
 model learns the image layout at high noise far sooner than with DiT's eps), class-label
 dropout 0.1 (once per sample, to the null row), AdamW and an EMA of the weights, then exports the EMA weights with
@@ -176,14 +177,20 @@ def run(cfg: PretrainConfig) -> Path:
 
 
 def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, guidance: float = 3.0) -> Path:
-    """``<folder>/samples.png``: ``per_class`` samples of every class of an exported mini (DDIM,
-    guidance, image ``i`` of class ``c`` seeded by ``sample.generators(seed, name, i)``), the
-    model card's picture of what the base draws."""
+    """``<folder>/samples.png``: ``per_class`` samples of every product (good) and of every
+    defect class of the first product (DDIM, guidance, image ``i`` of class ``c`` seeded by
+    ``sample.generators(seed, name, i)``), the model card's picture of what the base draws."""
     from . import sample, viz
 
     base = model_mod.load(str(folder))
-    names = base.class_names or [str(c) for c in range(model_mod.num_classes(base.transformer))]
-    labels = [c for c in range(len(names)) for _ in range(per_class)]
+    all_names = base.class_names or [str(c) for c in range(model_mod.num_classes(base.transformer))]
+    shown = list(range(len(all_names)))
+    if all_names == corpus.CLASSES:
+        first = corpus.PAIRS[0][0]
+        shown = [c for c in shown if corpus.PAIRS[c][0] == first] + \
+                [c for c in shown if corpus.PAIRS[c][1] == "good" and corpus.PAIRS[c][0] != first]
+    names = [all_names[c] for c in shown]
+    labels = [c for c in shown for _ in range(per_class)]
     gens = [g for name in names for g in sample.generators(seed, name, range(per_class))]
     images = sample.generate(base.transformer, base.codec, labels, gens, steps, guidance, "ddim",
                              scheduler_config=base.scheduler_config, batch_size=64, progress=False)
@@ -292,7 +299,7 @@ DiT-XL/2's role at toy scale; it is not an ImageNet model and makes no claim bey
 | parameters | {n_params:,} |
 | classes | {len(corpus.CLASSES)} (null row = index {len(corpus.CLASSES)}): {', '.join(corpus.CLASSES)} |
 | anchors (`--class-init anchor`) | {', '.join(f'{p} → {corpus.CLASSES[i]} ({i})' for p, i in corpus.ANCHORS.items())} |
-| corpus | `defectlab.corpus` version {corpus.CORPUS_VERSION}, seed {cfg.corpus_seed}, item i = class i % {len(corpus.CLASSES)}, {int(corpus.DEFECT_FRACTION * 100)}% with a generic defect ({', '.join(corpus.DEFECTS)}) |
+| corpus | `defectlab.corpus` version {corpus.CORPUS_VERSION}, seed {cfg.corpus_seed}, item i = class i % {len(corpus.CLASSES)}; a class is a product ({len(corpus.PRODUCTS)}) good or with one generic defect ({', '.join(corpus.DEFECTS)}) |
 | optimizer steps | {info['step']:,} (batch {cfg.batch_size}) |
 | images seen | {info['images']:,} |
 | wall time | {info['wall_s'] / 60:.1f} min on {info['device']}, {cfg.threads or 'default'} torch thread(s), {info['images'] / max(info['wall_s'], 1e-9):.0f} images/s |
@@ -324,7 +331,7 @@ thread_side/thread_top/manipulated_front) and its two products are **not** in th
 corpus has look-alike `nut` / `screw` classes with other generic defects, which is what
 few-shot transfer needs to start from.
 
-`samples.png` (when present) shows what this base draws for each of its classes
-(`defectlab.pretrain.preview`). Limitations: a short CPU pre-training (see images seen) on a
+`samples.png` (when present) shows what this base draws for each product (its good class) and
+for each defect class of `nut` (`defectlab.pretrain.preview`). Limitations: a short CPU pre-training (see images seen) on a
 procedural corpus; a proxy for DiT-XL's ImageNet pre-training, not a model of real products.
 """
