@@ -137,10 +137,12 @@ def test_explorer_render_shape_and_seeds(explorer):
     explorer.render("hole", steps=2, seed=6, guidance=2.0, n=3)
     assert not torch.allclose(explorer.last_images, first)       # another seed: another grid
     explorer.render("hole", steps=2, seed=5, guidance=2.0, n=2)
-    assert torch.equal(explorer.last_images, first[:2])          # image i does not depend on n
+    # image i does not depend on n: same noise, same result up to the last bits (CPU kernels may
+    # differ with the batch size: 4e-5 measured on an AMX machine, where torch.equal failed)
+    assert torch.allclose(explorer.last_images, first[:2], rtol=0, atol=1e-4)
     fig = explorer.render(viz.ALL_CLASSES, steps=2, seed=5, guidance=2.0, n=2)
     assert len(fig.axes) == 4 * 2 and [ax.get_title() for ax in fig.axes[:4]] == explorer.classes
-    assert torch.equal(explorer.last_images[2 * 2:2 * 2 + 2], first[:2])  # column "hole" = the same images
+    assert torch.allclose(explorer.last_images[2 * 2:2 * 2 + 2], first[:2], rtol=0, atol=1e-4)  # column "hole" = the same images
     with pytest.raises(DefectlabError, match="unknown class 'dent'"):
         explorer.render("dent", 2, 0, 1.5)
 
