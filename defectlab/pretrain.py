@@ -185,10 +185,9 @@ def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, gu
     base = model_mod.load(str(folder))
     all_names = base.class_names or [str(c) for c in range(model_mod.num_classes(base.transformer))]
     shown = list(range(len(all_names)))
-    if all_names == corpus.CLASSES:
+    if all_names == corpus.CLASSES:  # product-major ids: the first product's classes, then the other goods
         first = corpus.PAIRS[0][0]
-        shown = [c for c in shown if corpus.PAIRS[c][0] == first] + \
-                [c for c in shown if corpus.PAIRS[c][1] == "good" and corpus.PAIRS[c][0] != first]
+        shown = [c for c, (product, defect) in enumerate(corpus.PAIRS) if defect == "good" or product == first]
     names = [all_names[c] for c in shown]
     labels = [c for c in shown for _ in range(per_class)]
     gens = [g for name in names for g in sample.generators(seed, name, range(per_class))]

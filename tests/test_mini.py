@@ -96,7 +96,7 @@ def test_pretraining_resumes_exactly(tmp_path):
     b = model.load(str(resumed)).transformer.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert model.load(str(straight)).scheduler_config["prediction_type"] == "v_prediction"  # exported with it
-    png = pretrain.preview(straight, per_class=1, steps=2)  # the card's picture: one sample per class
+    png = pretrain.preview(straight, per_class=1, steps=2)  # the card's picture: every product, and the nut's defects
     assert png == straight / "samples.png" and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
