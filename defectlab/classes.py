@@ -34,6 +34,8 @@ class RankConfig:
     test_fraction: float = 0.25    # held out per class; only the training images are scored
     split_seed: int = 0            # seed of the per-class split (fine-tuning's split)
     model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
+    numerics: str = "auto"         # timestep frequencies: auto (the model's own) | original | diffusers
+    model_heads: int = 0           # attention heads of an original .pt whose width is not DiT-S/B/L/XL (0 = from its shape)
     candidates: str = ""           # base class ids or ranges, comma-separated (990,783,0-15); empty = all
     timesteps: int = 8             # fixed timesteps, evenly spaced over the schedule
     noise_draws: int = 1           # noise samples per (image, timestep)
@@ -46,7 +48,8 @@ class RankConfig:
 
 # TrainConfig fields that mean the same here; ranking settings keep RankConfig's defaults
 # (train's batch_size counts training images, not forwards).
-_FROM_TRAIN = ("data", "product", "image_size", "crop", "test_fraction", "split_seed", "model", "seed", "progress")
+_FROM_TRAIN = ("data", "product", "image_size", "crop", "test_fraction", "split_seed", "model", "numerics",
+               "model_heads", "seed", "progress")
 # Names of the anchor ids, for a 1000-class base that ships no id2label (tiny, a bare .pt).
 _ANCHOR_NAMES = {cid: name for cid, name in data_mod.ANCHOR_CLASSES.values()}
 
@@ -228,7 +231,8 @@ def figure(result: dict):
 def run(cfg: RankConfig) -> dict:
     """Load the base and the data, rank, write ``ranking.json`` and ``ranking.png``; returns the result."""
     parse_candidates(cfg.candidates)  # a typo fails before a slow model load
-    base = model_mod.load(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu")
+    base = model_mod.load(cfg.model, device="cuda" if torch.cuda.is_available() else "cpu", numerics=cfg.numerics,
+                          heads=cfg.model_heads)
     data = data_mod.load(_data_cfg(cfg, _image_size(cfg, base)))
     result = rank(base, data, cfg)
     folder = (Path(cfg.out).expanduser() if cfg.out

@@ -37,6 +37,15 @@ TINY_CONFIG = dict(  # pixel-space DiT, 1.9M parameters (0.5M in the class table
     num_embeds_ada_norm=1000,  # ImageNet-sized table: anchor ids (990, 783) and DiTPipeline's null 1000 work
 )
 _HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}   # DiT XL/L/B/S; head count is not in the weights
+HEADS_FILE = "config.json"  # beside an original .pt: {"num_attention_heads": N} for a width not in _HEADS
+
+# How the timestep is turned into frequencies before the timestep MLP. The original DiT
+# (models.py TimestepEmbedder) uses exp(-ln(10000) * i / half); diffusers' DiT builds
+# Timesteps(downscale_freq_shift=1), i.e. / (half - 1). Weights trained by the original code
+# (a DiT-*.pt, facebook/DiT-* on the hub, any DiTPipeline folder converted from them) only
+# compute what they were trained to with the original's; models defectlab trains itself (tiny,
+# mini, mini-scratch, their exports) were trained with diffusers' and keep it.
+NUMERICS = {"original": 0, "diffusers": 1}   # name → Timesteps.downscale_freq_shift
 
 
 def dit_schedule(learned_sigma: bool = True, clip_sample: bool = False) -> dict:
@@ -110,12 +119,20 @@ class Base:
     default_image_size: int         # tiny 64, mini 32, DiT-XL-2-256 → 256
     class_names: list[str] | None   # names of the base's own classes if known
     anchors: dict | None = None     # product → the base's closest class (model_index.json "defectlab_anchors")
+    numerics: str = "diffusers"     # timestep frequencies the transformer computes with (NUMERICS)
 
 
 # ----------------------------------------------------------------------------- loading
-def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None) -> Base:
+def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None, numerics: str = "auto",
+         heads: int = 0) -> Base:
     """``tiny``, ``mini``, a hub id, a diffusers folder (full layout or bare transformer) or an
-    original ``.pt``. ``vae`` (or ``$DEFECTLAB_VAE``) is used when the spec brings none."""
+    original ``.pt``. ``vae`` (or ``$DEFECTLAB_VAE``) is used when the spec brings none.
+
+    ``numerics``: ``auto`` (the original DiT's timestep frequencies for weights trained by the
+    original code, diffusers' for everything else; see ``NUMERICS``), ``original`` or
+    ``diffusers``; the result is ``Base.numerics``. ``heads``: attention heads of an original
+    ``.pt`` whose width is not DiT-S/B/L/XL (0 = from the shape or a ``config.json`` beside it)."""
+    check_numerics(numerics)
     vae = vae or os.environ.get(VAE_ENV) or DEFAULT_VAE
     if spec == "tiny":
         base = _load_folder(_ensure_tiny(), spec, vae)
@@ -128,7 +145,7 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None) -
     elif spec == "mini-scratch":
         base = _load_folder(_ensure_mini_scratch(), spec, vae)
     elif Path(spec).expanduser().is_file():
-        base = _load_original(Path(spec).expanduser(), spec, vae)
+        base = _load_original(Path(spec).expanduser(), spec, vae, heads)
     elif Path(spec).expanduser().is_dir():
         base = _load_folder(Path(spec).expanduser(), spec, vae)
     elif (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith(".")
@@ -143,7 +160,60 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None) -
     base.codec.to(device, dtype)
     for module in (base.transformer, getattr(base.codec, "vae", None)):
         _realign(module)
+    if numerics != "auto":
+        base.numerics = numerics
+    set_numerics(base.transformer, base.numerics)
     return base
+
+
+def check_numerics(numerics: str) -> None:
+    if numerics not in ("auto", *NUMERICS):
+        raise DefectlabError(f"numerics must be auto, original or diffusers (got {numerics!r})")
+
+
+def set_numerics(transformer, numerics: str) -> None:
+    """Make every block's timestep projection compute the ``numerics`` frequencies (``NUMERICS``).
+
+    ``downscale_freq_shift`` is the constructor argument of diffusers' ``Timesteps`` that the
+    DiT model fixes at 1 and gives no config switch for; it is a plain setting read in forward,
+    so it survives ``deepcopy``, peft wrapping and the engine's copies."""
+    if numerics not in NUMERICS:
+        raise DefectlabError(f"numerics must be original or diffusers (got {numerics!r})")
+    for block in _blocks(transformer):
+        block.norm1.emb.time_proj.downscale_freq_shift = NUMERICS[numerics]
+
+
+def numerics_of(transformer) -> str:
+    """The numerics a transformer computes with now (``set_numerics``); a model without DiT
+    blocks (a test oracle) has no timestep projection and counts as diffusers'."""
+    shifts = {block.norm1.emb.time_proj.downscale_freq_shift for block in _blocks(transformer)}
+    if not shifts:
+        return "diffusers"
+    found = [name for name, shift in NUMERICS.items() if {shift} == shifts]
+    if not found:
+        raise DefectlabError(f"blocks disagree on their timestep frequencies (shifts {sorted(shifts)})")
+    return found[0]
+
+
+def _blocks(transformer) -> list[nn.Module]:
+    inner = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer  # peft
+    return list(getattr(inner, "transformer_blocks", []))
+
+
+def default_numerics(index: dict | None, original_pt: bool = False) -> str:
+    """What ``auto`` means for a model: ``original`` for an original ``.pt`` and for DiTPipeline
+    folders / hub repos (every published one is converted from the original weights); a folder
+    that says which it was trained with (``model_index.json`` ``defectlab_numerics``, written by
+    defectlab) keeps that; bare transformer folders (``save_pretrained``: tiny) are diffusers'."""
+    if original_pt:
+        return "original"
+    index = index or {}
+    said = index.get("defectlab_numerics")
+    if said is not None:
+        if said not in NUMERICS:
+            raise DefectlabError(f"model_index.json: defectlab_numerics must be original or diffusers (got {said!r})")
+        return said
+    return "original" if index.get("_class_name") == "DiTPipeline" else "diffusers"
 
 
 def _realign(module: nn.Module | None) -> None:
@@ -247,7 +317,7 @@ def _codec_for(transformer, vae: str) -> PixelCodec | VAECodec:
         return VAECodec(AutoencoderKL.from_pretrained(vae))
 
 
-def _base(transformer, codec, spec, sched: dict | None, index: dict | None) -> Base:
+def _base(transformer, codec, spec, sched: dict | None, index: dict | None, original_pt: bool = False) -> Base:
     cfg = transformer.config
     # Keep DiT's DDPM training schedule; take the numbers a shipped scheduler config pins down
     # (the hub's is a DDIM config: same betas, but no variance_type).
@@ -258,7 +328,7 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None) -> B
     names = ([labels.get(str(i), str(i)) for i in range(num_classes(transformer))]
              if isinstance(labels, dict) and len(labels) == num_classes(transformer) else None)
     return Base(transformer, codec, schedule, spec, cfg.sample_size * codec.downsample, names,
-                (index or {}).get("defectlab_anchors"))
+                (index or {}).get("defectlab_anchors"), default_numerics(index, original_pt))
 
 
 def anchor_class(base: Base, product: str) -> int | None:
@@ -297,7 +367,7 @@ def _first_line(err: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- original .pt
-def _load_original(path: Path, spec: str, vae: str) -> Base:
+def _load_original(path: Path, spec: str, vae: str, heads: int = 0) -> Base:
     try:  # weights_only: a pickle that would run code is refused, not executed
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -309,25 +379,50 @@ def _load_original(path: Path, spec: str, vae: str) -> Base:
         raise DefectlabError(f"{path} is not a facebookresearch DiT state dict (no x_embedder.proj.weight)")
     from accelerate import init_empty_weights
 
+    heads = heads or _heads_beside(path)
     with init_empty_weights():  # parameters on meta; buffers (pos_embed) computed for real
-        transformer = DiTTransformer2DModel(**original_config(sd))
+        transformer = DiTTransformer2DModel(**original_config(sd, heads=heads, source=path))
     if not torch.allclose(sd["pos_embed"].float(), transformer.pos_embed.pos_embed, atol=1e-5):
         raise DefectlabError(f"{path}: its pos_embed is not DiT's sin-cos table for the inferred size")
     try:
         transformer.load_state_dict(convert_original_state_dict(sd), strict=True, assign=True)
     except RuntimeError as err:
         raise DefectlabError(f"{path}: weights don't fit the inferred DiT config: {_first_line(err)}") from err
-    return _base(transformer, _codec_for(transformer, vae), spec, None, None)
+    return _base(transformer, _codec_for(transformer, vae), spec, None, None, original_pt=True)
 
 
-def original_config(sd: dict) -> dict:
-    """DiTTransformer2DModel config of an original state dict, from tensor shapes."""
+def _heads_beside(path: Path) -> int:
+    """``num_attention_heads`` from a ``config.json`` next to an original ``.pt`` (0 = none there)."""
+    beside = path.with_name(HEADS_FILE)
+    if not beside.is_file():
+        return 0
+    try:
+        heads = json.loads(beside.read_text()).get("num_attention_heads", 0)
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise DefectlabError(f"{beside}: not a JSON object with num_attention_heads ({_first_line(err)})") from err
+    if not isinstance(heads, int) or heads < 0:
+        raise DefectlabError(f"{beside}: num_attention_heads must be a positive integer (got {heads!r})")
+    return heads
+
+
+def original_config(sd: dict, heads: int = 0, source: Path | str = "the state dict") -> dict:
+    """DiTTransformer2DModel config of an original state dict, from tensor shapes.
+
+    The head count is not in the weights: DiT-S/B/L/XL widths (``_HEADS``) determine it, any
+    other width needs ``heads`` (``--model-heads`` or a ``config.json`` beside the ``.pt``); nothing is guessed."""
     hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = sum(1 for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", k))
     grid = math.isqrt(sd["pos_embed"].shape[1]) if "pos_embed" in sd else None
-    heads = _HEADS.get(hidden, hidden // 64 if hidden % 64 == 0 else None)
-    if not depth or grid is None or heads is None or sd["blocks.0.mlp.fc1.weight"].shape[0] != 4 * hidden:
-        raise DefectlabError("state dict is not a standard DiT (blocks, pos_embed, head count or mlp_ratio 4)")
+    if not depth or grid is None or sd["blocks.0.mlp.fc1.weight"].shape[0] != 4 * hidden:
+        raise DefectlabError(f"{source} is not a standard DiT state dict (blocks, pos_embed or mlp_ratio 4)")
+    if heads and heads != _HEADS.get(hidden, heads):
+        raise DefectlabError(f"{source}: width {hidden} is a standard DiT with {_HEADS[hidden]} heads, not {heads}")
+    heads = heads or _HEADS.get(hidden, 0)
+    if not heads:
+        raise DefectlabError(f"{source}: width {hidden} is not DiT-S/B/L/XL, so its head count is unknown; pass "
+                             f"--model-heads N or put {{\"num_attention_heads\": N}} in {HEADS_FILE} beside it")
+    if hidden % heads:
+        raise DefectlabError(f"{source}: width {hidden} is not a multiple of heads {heads}")
     return dict(_DIT, sample_size=grid * patch, patch_size=patch, in_channels=in_ch,
                 out_channels=sd["final_layer.linear.weight"].shape[0] // (patch * patch), num_layers=depth,
                 num_attention_heads=heads, attention_head_dim=hidden // heads,

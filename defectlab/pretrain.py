@@ -252,7 +252,8 @@ def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card:
         (net.half() if cfg.fp16 else net).save_pretrained(tmp, safe_serialization=True)
         net.float()
         index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
-                 "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION}
+                 "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION,
+                 "defectlab_numerics": "diffusers"}  # trained with diffusers' timestep frequencies (model.NUMERICS)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule(cfg), indent=1))

@@ -137,6 +137,13 @@ def create(name: str, config: Any, base: Path | None = None) -> Path:
     return folder
 
 
+def update_config(folder: Path, **changes: Any) -> None:
+    """Record settings resolved after ``create`` (e.g. what ``auto`` turned out to mean)."""
+    saved = read_json(folder / "config.json")
+    saved["config"].update(changes)
+    write_json(folder / "config.json", saved)
+
+
 def numbered(base: Path | None = None) -> list[Path]:
     """Run folders ``<NNN>-<name>`` under ``base``, oldest first."""
     base = Path(base or paths.RUNS)

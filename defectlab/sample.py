@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import paths, runs, viz
+from . import model as model_mod, paths, runs, viz
 from .errors import DefectlabError
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
@@ -38,11 +38,15 @@ CFG_CHANNELS = ("all", "first3")
 TRAINING_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
                      "beta_end": 0.02, "variance_type": "learned_range"}
 # How inference steps are spaced is a sampling choice, not part of the training schedule.
-# ddpm "linspace" is exactly the original DiT respacing (999 … 0); diffusers' DDIM computes the
-# previous step as t - 1000 // steps, which only "leading"/"trailing" satisfy — trailing
-# starts at t=999 like DiT. No clipping: DiT samples with clip_denoised=False (latents are
-# not in [-1, 1]).
-SPACING = {"ddpm": "linspace", "ddim": "trailing", "dpmsolver": "linspace"}
+# "auto" follows the model's numerics (model.NUMERICS). For weights trained by the original
+# DiT code it is the original's respacing: "250" (DDPM) visits round(i * 999 / 249) = 999 … 0,
+# diffusers' "linspace"; "ddimN" visits 0, s, 2s, … with s = 1000 / N, i.e. 960 … 0 for 25
+# steps, diffusers' DDIM "leading" (equal to the original whenever N divides 1000). For
+# defectlab's own models "auto" keeps what they have always sampled with: DDIM "trailing"
+# (999, 959, …, 39). No clipping for latents: DiT samples with clip_denoised=False.
+SPACINGS = ("leading", "trailing", "linspace")
+SPACING = {"ddpm": "linspace", "ddim": "trailing", "dpmsolver": "linspace"}            # diffusers numerics
+ORIGINAL_SPACING = {"ddpm": "linspace", "ddim": "leading", "dpmsolver": "linspace"}   # original numerics
 GRID_ROWS, GRID_CLASSES = 8, 16    # the saved grid figure shows at most this many rows / columns
 
 
@@ -58,6 +62,9 @@ class SampleConfig:
     guidance_lo: float = 0.0       # guide only at timesteps t ≥ this (0..1000 scale)
     guidance_hi: float = 1000.0    # ... and t ≤ this
     scheduler: str = "ddpm"        # ddpm | ddim | dpmsolver (DPM-Solver++)
+    timestep_spacing: str = "auto"  # auto | leading (0, s, …: 25 DDIM steps visit 960…0, never 999) | trailing (999, 959, …, 39: never 0) | linspace (999 … 0, both ends); auto = the original DiT's respacing for original-trained weights, else ddim trailing
+    model_heads: int = 0           # run=base: attention heads of an original .pt whose width is not DiT-S/B/L/XL
+    numerics: str = "auto"         # auto (the run's / model's own) | original (DiT's timestep frequencies) | diffusers (DiTPipeline's)
     seed: int = 0                  # image i of class c is seeded from (seed, c, i)
     batch_size: int = 16           # images per forward (never changes the images)
     checkpoint: str = "best"       # best | latest | step number
@@ -69,7 +76,7 @@ class SampleConfig:
 # sample_config.json fields that change pixels: an out folder is reused only if they all agree
 # (per_class, classes, batch_size, out and formats may differ between calls)
 PIXEL_FIELDS = ("run", "model", "checkpoint", "steps", "guidance", "cfg_channels", "guidance_lo",
-                "guidance_hi", "scheduler", "seed", "image_size")
+                "guidance_hi", "scheduler", "timestep_spacing", "numerics", "seed", "image_size")
 
 
 def sample_seed(seed: int, class_name: str, index: int) -> int:
@@ -82,13 +89,25 @@ def generators(seed: int, class_name: str, indices) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(sample_seed(seed, class_name, i)) for i in indices]
 
 
-def make_scheduler(name: str, scheduler_config: dict | None = None, learned_sigma: bool = True):
-    """A fresh scheduler (multistep solvers keep state) built from the training schedule."""
+def spacing_for(scheduler: str, numerics: str, spacing: str = "auto") -> str:
+    """The timestep spacing ``auto`` stands for, given the model's numerics (see ``SPACING``)."""
+    if spacing not in ("auto", *SPACINGS):
+        raise DefectlabError(f"unknown timestep_spacing {spacing!r}; choose auto, {', '.join(SPACINGS)}")
+    if spacing != "auto":
+        return spacing
+    return (ORIGINAL_SPACING if numerics == "original" else SPACING)[scheduler]
+
+
+def make_scheduler(name: str, scheduler_config: dict | None = None, learned_sigma: bool = True,
+                   spacing: str | None = None):
+    """A fresh scheduler (multistep solvers keep state) built from the training schedule;
+    ``spacing`` None = ``SPACING[name]`` (diffusers numerics' default)."""
     if name not in SCHEDULERS:
         raise DefectlabError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     # clip_sample comes from the base: on for pixel-space models (x0 lives in [-1, 1]), off for
     # VAE latents, as the original DiT samples
-    cfg = {"clip_sample": False, **(scheduler_config or TRAINING_SCHEDULE), "timestep_spacing": SPACING[name]}
+    cfg = {"clip_sample": False, **(scheduler_config or TRAINING_SCHEDULE),
+           "timestep_spacing": spacing or SPACING[name]}
     if name == "ddpm":
         # learned_range needs the variance half of the output; a model without it uses DiT's fixed_large
         if not learned_sigma and cfg.get("variance_type") in ("learned", "learned_range"):
@@ -126,11 +145,14 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
              guidance_interval: tuple[float, float] | None = None, scheduler_config: dict | None = None,
              batch_size: int = 16, image_size: int | None = None, progress: bool = True,
              cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             resample: int = 1, fast: bool | dict = False) -> torch.Tensor:
+             resample: int = 1, fast: bool | dict = False, timestep_spacing: str = "auto") -> torch.Tensor:
     """Images [N,3,H,W] in [-1, 1] (CPU, float32), image ``i`` of class ``labels[i]`` from ``generators[i]``.
 
     ``fast``: sample with ``engine.sampler(transformer)`` (bf16 on CUDA, fused q/k/v, tied
     conditioning, LoRA merged); a dict passes options, e.g. ``{"compile": "reduce-overhead"}``.
+
+    ``timestep_spacing``: ``auto`` = the original DiT's respacing when the transformer computes with
+    the original numerics (``model.set_numerics``), else ``SPACING``; or leading/trailing/linspace.
 
     ``steps=None`` = ``DEFAULT_STEPS[scheduler]`` (ddpm 250, ddim 50, dpmsolver 25). Guidance is
     applied at timesteps ``lo ≤ t ≤ hi`` of ``guidance_interval`` (None = all). DDPM uses the
@@ -155,6 +177,7 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
         raise DefectlabError(f"batch_size must be ≥ 1 (got {batch_size})")
     if len(labels) != len(generators):
         raise DefectlabError(f"{len(labels)} labels but {len(generators)} generators (one per image)")
+    spacing = spacing_for(scheduler, model_mod.numerics_of(transformer), timestep_spacing)
     if fast:  # engine.sampler: a cached copy with fused q/k/v, tied conditioning, merged LoRA (bf16 on CUDA)
         from . import engine
         transformer = engine.sampler(transformer, **(fast if isinstance(fast, dict) else {}))
@@ -184,7 +207,7 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
             gens = list(generators[start:start + batch_size])
             part = [None if v is None else v[start:start + batch_size].to(param.device) for v in (cond, known, keep)]
             z = _denoise(transformer, y, gens, shape, null, steps, guidance, scheduler, cfg_channels,
-                         guidance_interval, scheduler_config, param, bar, *part, resample)
+                         guidance_interval, scheduler_config, param, bar, *part, resample, spacing)
             out.append(codec.decode(z).float().clamp(-1, 1).cpu())
     finally:
         bar.close()
@@ -193,10 +216,11 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
 
 
 def _denoise(transformer, y, gens, shape, null, steps, guidance, scheduler, cfg_channels, interval,
-             scheduler_config, param, bar, extra=None, known=None, keep=None, resample=1) -> torch.Tensor:
+             scheduler_config, param, bar, extra=None, known=None, keep=None, resample=1,
+             spacing=None) -> torch.Tensor:
     c = shape[0]
     learned = _dit_config(transformer).out_channels == 2 * c
-    sched = make_scheduler(scheduler, scheduler_config, learned_sigma=learned)
+    sched = make_scheduler(scheduler, scheduler_config, learned_sigma=learned, spacing=spacing)
     sched.set_timesteps(steps)
     # per-sample draws in float32 on the CPU (diffusers' randn_tensor does the same for a list)
     x = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in gens]).to(param.device)
@@ -260,9 +284,7 @@ class _Source:
 
 def _load_source(cfg: SampleConfig, device) -> _Source:
     if cfg.run == "base":
-        from . import model as model_mod
-
-        base = model_mod.load(cfg.model, device=device)
+        base = model_mod.load(cfg.model, device=device, numerics=cfg.numerics, heads=cfg.model_heads)
         k = _dit_config(base.transformer).num_embeds_ada_norm
         names = [str(i) for i in range(k)]
         known = base.class_names or []
@@ -275,7 +297,7 @@ def _load_source(cfg: SampleConfig, device) -> _Source:
     ckpt = runs.find_checkpoint(folder, cfg.checkpoint)  # DefectlabError before the model loads
     from . import train
 
-    r = train.restore(folder, checkpoint=cfg.checkpoint, device=device)
+    r = train.restore(folder, checkpoint=cfg.checkpoint, device=device, numerics=cfg.numerics)
     size = cfg.image_size or r.config.get("image_size") or r.base.default_image_size
     return _Source(r.model, r.base.codec, r.base.scheduler_config, list(r.classes), list(range(len(r.classes))),
                    list(r.classes), r.config.get("product", "product"), folder, folder.name,
@@ -315,6 +337,8 @@ def _check_out(out: Path, resolved: dict) -> None:
     if not (out / "sample_config.json").is_file():
         raise DefectlabError(f"out folder {out} is not empty and holds no sample_config.json: choose another --out")
     old = runs.read_json(out / "sample_config.json")
+    # folders sampled before the fields existed used diffusers' numerics and the SPACING table
+    old = {"numerics": "diffusers", "timestep_spacing": SPACING.get(old.get("scheduler"), ""), **old}
     diff = [f"{k}: {old.get(k)!r} ≠ {resolved[k]!r}" for k in PIXEL_FIELDS if old.get(k) != resolved[k]]
     if diff:
         raise DefectlabError(f"out folder {out} holds samples from a different configuration "
@@ -340,6 +364,8 @@ def run(cfg: SampleConfig) -> Path:
     if cfg.steps < 0:
         raise DefectlabError(f"steps must be ≥ 1, or 0 for the scheduler default (got {cfg.steps})")
     _check(steps, cfg.guidance, cfg.scheduler, cfg.cfg_channels, (cfg.guidance_lo, cfg.guidance_hi))
+    model_mod.check_numerics(cfg.numerics)
+    spacing_for(cfg.scheduler, "diffusers", cfg.timestep_spacing)  # a bad name fails before the model loads
     if cfg.per_class < 1 or cfg.batch_size < 1:
         raise DefectlabError(f"per_class and batch_size must be ≥ 1 (got {cfg.per_class}, {cfg.batch_size})")
     bad = [f for f in cfg.formats.split(",") if f.strip() and f.strip().lower() not in viz.FORMATS]
@@ -350,11 +376,16 @@ def run(cfg: SampleConfig) -> Path:
     src = _load_source(cfg, str(state.device))
     chosen = _pick(cfg, src)
     interval = None if cfg.guidance_lo <= 0 and cfg.guidance_hi >= 1000 else (cfg.guidance_lo, cfg.guidance_hi)
+    numerics = model_mod.numerics_of(src.model)
+    spacing = spacing_for(cfg.scheduler, numerics, cfg.timestep_spacing)
     tag = (f"{src.checkpoint}-{cfg.scheduler}{steps}-g{cfg.guidance:g}-{cfg.cfg_channels}"
-           + (f"-t{cfg.guidance_lo:g}-{cfg.guidance_hi:g}" if interval else "") + f"-s{cfg.seed}-{src.image_size}px")
+           + (f"-t{cfg.guidance_lo:g}-{cfg.guidance_hi:g}" if interval else "")
+           + (f"-{spacing}" if cfg.timestep_spacing != "auto" else "")
+           + (f"-{numerics}" if cfg.numerics != "auto" else "") + f"-s{cfg.seed}-{src.image_size}px")
     out = Path(cfg.out) if cfg.out else src.folder / "samples" / tag
     resolved = {**dataclasses.asdict(cfg), "run": src.run, "model": src.spec, "checkpoint": src.checkpoint,
                 "steps": steps, "image_size": src.image_size, "out": str(out),
+                "numerics": numerics, "timestep_spacing": spacing,
                 "classes": ",".join(src.names[j] for j in chosen)}
     _check_out(out, resolved)
     done = _read_records(out)
@@ -367,14 +398,15 @@ def run(cfg: SampleConfig) -> Path:
     mine = work[state.process_index::state.num_processes]  # seeds do not depend on who samples
     part = out / f".manifest-part-{state.process_index}.jsonl"
     common = {"seed": cfg.seed, "steps": steps, "guidance": cfg.guidance, "cfg_channels": cfg.cfg_channels,
-              "guidance_interval": interval, "scheduler": cfg.scheduler, "run": src.run, "checkpoint": src.checkpoint}
+              "guidance_interval": interval, "scheduler": cfg.scheduler, "timestep_spacing": spacing,
+              "numerics": numerics, "run": src.run, "checkpoint": src.checkpoint}
     bar = tqdm(total=len(mine), desc=f"images → {out.name}", unit="img", disable=not state.is_main_process)
     for start in range(0, len(mine), cfg.batch_size):
         chunk = mine[start:start + cfg.batch_size]
         gens = [generators(cfg.seed, src.names[j], [i])[0] for j, i in chunk]
         images = generate(src.model, src.codec, [src.labels[j] for j, _ in chunk], gens, steps, cfg.guidance,
                           cfg.scheduler, cfg.cfg_channels, interval, src.scheduler_config, cfg.batch_size,
-                          src.image_size, progress=state.is_main_process)
+                          src.image_size, progress=state.is_main_process, timestep_spacing=spacing)
         lines = []
         for (j, i), img in zip(chunk, images):
             rel = f"{src.product}/test/{src.names[j]}/{i:04d}.png"

@@ -76,6 +76,8 @@ class TrainConfig(data_mod.DataConfig):
     grad_checkpointing: int = 0    # blocks recomputed in backward to save memory: 0 none, N the first N, -1 all
     compile: str = ""              # torch.compile mode, CUDA only: "" off | default | reduce-overhead | max-autotune
     latent_cache: bool = False     # encode each (image, augmentation view) once; same views and noise as without
+    model_heads: int = 0           # attention heads of an original .pt whose width is not DiT-S/B/L/XL (0 = from its shape)
+    numerics: str = "auto"         # timestep frequencies: auto (original for DiT .pt / facebook/DiT-* / DiTPipeline folders, else diffusers) | original | diffusers; stored resolved
 
 
 @dataclass
@@ -110,6 +112,7 @@ def _check(cfg: TrainConfig) -> None:
         raise DefectlabError(f"lr must be a positive number (got {cfg.lr})")
     if not 0 <= cfg.label_dropout < 1:
         raise DefectlabError(f"label_dropout must be in [0, 1) (got {cfg.label_dropout})")
+    model_mod.check_numerics(cfg.numerics)
     if cfg.frozen_dtype not in ("float32", "bfloat16"):
         raise DefectlabError(f"frozen_dtype must be float32 or bfloat16 (got {cfg.frozen_dtype!r})")
     if cfg.compile and cfg.compile not in engine.COMPILE_MODES:
@@ -137,7 +140,7 @@ def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.Defec
 
 def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tuple[model_mod.Base, torch.nn.Module]:
     """Base model with K class rows and the method applied — identical in training and restore."""
-    base = model_mod.load(cfg.model, device=device)
+    base = model_mod.load(cfg.model, device=device, numerics=cfg.numerics, heads=cfg.model_heads)
     init = class_init_rows(cfg, base, data) if data is not None else "random"
     model_mod.set_classes(base.transformer, len(classes), init=init, seed=cfg.seed)
     for block in base.transformer.transformer_blocks:
@@ -156,10 +159,16 @@ def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tupl
     return base, net
 
 
-def restore(run: str | Path, checkpoint: str = "best", device="cpu") -> Restored:
-    """Rebuild base + trained state from a run folder (for sampling and evaluation)."""
+def restore(run: str | Path, checkpoint: str = "best", device="cpu", numerics: str = "auto") -> Restored:
+    """Rebuild base + trained state from a run folder (for sampling and evaluation).
+
+    ``numerics`` ``auto`` = what the run trained with (``config.json``; runs from before the
+    setting existed trained with diffusers'), or ``original`` / ``diffusers`` to override."""
+    model_mod.check_numerics(numerics)
     folder = runs.resolve(run)
-    cfg = TrainConfig(**runs.load_config(folder))
+    cfg = TrainConfig(**{"numerics": "diffusers", **runs.load_config(folder)})
+    if numerics != "auto":
+        cfg.numerics = numerics
     classes = runs.read_json(folder / "classes.json")
     ckpt = runs.find_checkpoint(folder, checkpoint)
     base, net = build(cfg, classes, device=device)
@@ -231,7 +240,7 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.resume:
         folder = runs.resolve(cfg.resume, cfg.runs_dir or None)
         saved = runs.load_config(folder)
-        cfg = TrainConfig(**{**saved, "resume": str(folder), "progress": cfg.progress})
+        cfg = TrainConfig(**{"numerics": "diffusers", **saved, "resume": str(folder), "progress": cfg.progress})
     cfg = resolved(cfg)
     _check(cfg)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -249,6 +258,10 @@ def run(cfg: TrainConfig) -> Path:
     runs.write_json(folder / "classes.json", data.classes)
 
     base, net = build(cfg, data.classes, device=acc.device, data=data)
+    if cfg.numerics == "auto":  # stored resolved: restore() computes as the run trained, whatever auto means later
+        cfg.numerics = base.numerics
+        if acc.is_main_process:
+            runs.update_config(folder, numerics=base.numerics)
     engine.prepare_for_training(net, frozen_dtype=cfg.frozen_dtype, grad_checkpointing=cfg.grad_checkpointing,
                                 compile=cfg.compile)
     k = len(data.classes)

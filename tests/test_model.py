@@ -1,6 +1,5 @@
 """model.py: loading (tiny preset, folders, original .pt, hub errors), codecs, class surgery."""
 import json
-import math
 import os
 
 import numpy as np
@@ -11,6 +10,7 @@ from torch import nn
 
 from defectlab import model, paths
 from defectlab.errors import DefectlabError
+from dit_reference import RefDiT
 
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=2, num_attention_heads=2)  # 16 tokens, width 64
 
@@ -224,82 +224,6 @@ def test_label_dropout_drops_to_the_new_null_row():
 
 
 # ----------------------------------------------------------------------------- original DiT checkpoints
-def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def sincos_2d(dim, grid):  # facebookresearch DiT get_2d_sincos_pos_embed (numpy there, float64 here)
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-        out = pos.reshape(-1)[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], 1)
-    g = torch.arange(grid, dtype=torch.float64)
-    gw, gh = torch.meshgrid(g, g, indexing="xy")               # np.meshgrid(grid_w, grid_h)
-    return torch.cat([one_d(dim // 2, gw), one_d(dim // 2, gh)], 1)
-
-
-class RefBlock(nn.Module):
-    def __init__(self, h, heads):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.norm2 = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
-
-    def attention(self, x):  # timm Attention
-        B, N, C = x.shape
-        q, k, v = self.attn.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = ((q @ k.transpose(-2, -1)) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
-
-    def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, 1)
-        x = x + gate_msa[:, None] * self.attention(modulate(self.norm1(x), shift_msa, scale_msa))
-        hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        mlp = self.mlp.fc2(nn.functional.gelu(hidden, approximate="tanh"))
-        return x + gate_mlp[:, None] * mlp
-
-
-class RefDiT(nn.Module):
-    """The original DiT forward (models.py), compact; random (not zero) init so every path matters."""
-
-    def __init__(self, input_size=8, patch=2, in_ch=4, hidden=128, depth=2, heads=2, classes=10, freq_shift=0):
-        super().__init__()
-        self.patch, self.out_ch, self.freq_shift = patch, 2 * in_ch, freq_shift
-        self.x_embedder, self.t_embedder, self.y_embedder, self.final_layer = (nn.Module() for _ in range(4))
-        self.x_embedder.proj = nn.Conv2d(in_ch, hidden, patch, patch)
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.y_embedder.embedding_table = nn.Embedding(classes + 1, hidden)   # + the CFG null row
-        pos = sincos_2d(hidden, input_size // patch).float()[None]
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList(RefBlock(hidden, heads) for _ in range(depth))
-        self.final_layer.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.final_layer.linear = nn.Linear(hidden, patch * patch * self.out_ch)
-        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-
-    def timestep_embedding(self, t, dim=256):
-        half = dim // 2  # original: / half; diffusers' Timesteps(downscale_freq_shift=1): / (half - 1)
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - self.freq_shift))
-        args = t[:, None].float() * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], -1)
-
-    def forward(self, x, t, y):
-        x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
-        c = self.t_embedder.mlp(self.timestep_embedding(t)) + self.y_embedder.embedding_table(y)
-        for block in self.blocks:
-            x = block(x, c)
-        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, 1)
-        x = self.final_layer.linear(modulate(self.final_layer.norm_final(x), shift, scale))
-        n, p, c_out = x.shape[0], self.patch, self.out_ch
-        h = int(x.shape[1] ** 0.5)
-        x = torch.einsum("nhwpqc->nchpwq", x.reshape(n, h, h, p, p, c_out))
-        return x.reshape(n, c_out, h * p, h * p)
-
-
 def inputs(n=3):
     g = torch.Generator().manual_seed(5)
     return torch.randn(n, 4, 8, 8, generator=g), torch.tensor([0, 500, 999])[:n], torch.tensor([3, 10, 7])[:n]
@@ -309,7 +233,7 @@ def test_converted_original_matches_reference_forward():
     torch.manual_seed(0)
     ref = RefDiT(freq_shift=1).eval()
     sd = ref.state_dict()
-    cfg = model.original_config(sd)
+    cfg = model.original_config(sd, heads=2)
     assert (cfg["sample_size"], cfg["patch_size"], cfg["num_layers"], cfg["num_attention_heads"],
             cfg["out_channels"], cfg["num_embeds_ada_norm"]) == (8, 2, 2, 2, 8, 10)
     t = DiTTransformer2DModel(**cfg).eval()
@@ -318,12 +242,14 @@ def test_converted_original_matches_reference_forward():
     with torch.no_grad():
         want, got = ref(x, steps, y), t(x, steps, y).sample
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-    # diffusers' DiT (hub weights included) spaces timestep frequencies by 1/(half-1) where the
-    # original uses 1/half: close, not equal. We keep diffusers' so hub and .pt behave the same.
+    # diffusers' DiT spaces timestep frequencies by 1/(half-1) where the original uses 1/half:
+    # close, not equal; set_numerics("original") computes the original's (test_original.py)
     ref.freq_shift = 0
     with torch.no_grad():
         diff = (ref(x, steps, y) - got).abs().max()
-    assert 1e-5 < diff < 0.1 * want.abs().max()
+        assert 1e-5 < diff < 0.1 * want.abs().max()
+        model.set_numerics(t, "original")
+        assert torch.allclose(t(x, steps, y).sample, ref(x, steps, y), atol=1e-5)
     back = model.to_original_state_dict(t.state_dict(), pos_embed=sd["pos_embed"])
     assert sd.keys() == back.keys() and all(torch.equal(sd[k], back[k]) for k in sd)
 
@@ -331,8 +257,9 @@ def test_converted_original_matches_reference_forward():
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`")
 def test_load_original_pt_with_local_vae(tmp_path, monkeypatch, offline):
     torch.manual_seed(0)
-    ref = RefDiT(freq_shift=1).eval()
+    ref = RefDiT().eval()  # the original's frequencies: a .pt loads with them (numerics "original")
     torch.save(ref.state_dict(), tmp_path / "DiT-test.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 2}))  # width 128: not S/B/L/XL
     with pytest.raises(DefectlabError, match="VAE 'stabilityai/sd-vae-ft-ema'"):
         model.load(str(tmp_path / "DiT-test.pt"))        # 4 channels, no VAE given, offline
     tiny_vae().save_pretrained(tmp_path / "vae")
