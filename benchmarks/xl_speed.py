@@ -4,7 +4,7 @@ Random weights (a step costs the same whatever the values), the DiT-XL/2-256 arc
 its VAE. Stock cases are the reference's own functions (``--stock`` path to
 ``stock_dit_baseline.py``; without it, the verbatim copy ``STOCK_SOURCE`` below, which a test
 holds equal to the reference). defectlab cases go through ``methods.apply``,
-``engine.prepare_for_training`` / ``engine.prepare_for_sampling`` and ``sample.generate``.
+``engine.prepare_for_training`` / ``engine.prepare_for_sampling`` and ``sampler.generate``.
 
     python benchmarks/xl_speed.py                      # everything, CUDA
     python benchmarks/xl_speed.py --only sample        # sampling part (+ its stock cases)
@@ -292,7 +292,7 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
     t.train()
     n_cls = args.classes or 1000
     if args.classes:  # a real fine-tune: K defect classes + the null row (stock keeps all 1000 rows)
-        model.set_classes(t, args.classes, "random")
+        methods.set_classes(t, args.classes, "random")
     methods.apply(t, method, verbose=False)
     engine.prepare_for_training(t, frozen_dtype=torch.bfloat16, tie_embeddings=args.tie_train,
                                 compile_scope="blocks", **TRAIN_VARIANTS[variant])
@@ -338,7 +338,7 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
 def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: float) -> list[dict]:
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    from defectlab import engine, model, sample
+    from defectlab import engine, model, sampler
 
     dev = args.device
     fresh_memory(dev)
@@ -348,8 +348,8 @@ def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: f
     codec.to(dev, torch.bfloat16)
     net = engine.prepare_for_sampling(t, dtype=torch.bfloat16, inplace=True, **SAMPLE_VARIANTS[variant])
     labels = [i % 1000 for i in range(batch)]
-    gens = lambda: sample.generators(0, "bench", range(batch))  # noqa: E731
-    run = lambda n: sample.generate(net, codec, labels, gens(), steps=n, guidance=4.0, scheduler="ddim",  # noqa: E731
+    gens = lambda: sampler.generators(0, "bench", range(batch))  # noqa: E731
+    run = lambda n: sampler.generate(net, codec, labels, gens(), steps=n, guidance=4.0, scheduler="ddim",  # noqa: E731
                                     batch_size=batch, progress=False)
     t0 = time.perf_counter()
     run(3)  # full batch: compilation and graph capture happen for the shapes that are timed

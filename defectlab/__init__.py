@@ -1,6 +1,9 @@
 """defectlab: few-shot generation of product-defect images with a fine-tuned class-conditional DiT.
 
-Stages (one module each): data → model/methods → train → sample → evaluate; notebooks and the
-``defectlab`` CLI call the same ``run(cfg)`` functions.
+Read top-down: base (paths, errors, runs, images, manifest) → data (data, dataset, synth,
+corpus, fetch) → core (model, methods, sampler, diffusion, masks, metrics, engine, viz, …) →
+stages (train, sample, synthesize, evaluate, classes, pretrain, each one ``run(cfg)``) →
+reports (report, explorer) → batch / cli / demo. Notebooks and the ``defectlab`` CLI call the
+same ``run(cfg)`` functions; ``docs/interfaces.md`` has the contracts.
 """
 __version__ = "0.1.0"

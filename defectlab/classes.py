@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data as data_mod, model as model_mod, paths, runs
+from . import data as data_mod, dataset, methods, model as model_mod, paths, runs, viz
 from .diffusion import Objective
 from .errors import DefectlabError
 
@@ -117,8 +117,7 @@ def _image_size(cfg, base: model_mod.Base) -> int:
     if cfg.image_size:
         size = cfg.image_size
     else:  # what fine-tuning uses by default, so `defectlab classes` previews --class-init nearest
-        from .train import preset
-        size = preset(cfg.model)["image_size"]
+        size = model_mod.preset(cfg.model)["image_size"]
     step = base.transformer.config.patch_size * base.codec.downsample
     if size % step:
         raise DefectlabError(f"image_size {size} must be a multiple of {step} for {base.spec}")
@@ -126,14 +125,13 @@ def _image_size(cfg, base: model_mod.Base) -> int:
 
 
 def _data_cfg(cfg, size: int) -> data_mod.DataConfig:
-    return data_mod.DataConfig(data=cfg.data, product=cfg.product, image_size=size, crop=cfg.crop,
-                               test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
+    return data_mod.from_settings(cfg, image_size=size)
 
 
 def class_name(base: model_mod.Base, cid: int) -> str:
     if base.class_names:
         return base.class_names[cid]
-    n = model_mod.num_classes(base.transformer)
+    n = methods.num_classes(base.transformer)
     return _ANCHOR_NAMES.get(cid, "") if n == 1000 else ""
 
 
@@ -142,9 +140,9 @@ def rank(base: model_mod.Base, data: data_mod.DefectData, cfg: RankConfig) -> di
     for key in ("timesteps", "noise_draws", "top_k", "batch_size"):
         if getattr(cfg, key) < 1:
             raise DefectlabError(f"{key} must be >= 1 (got {getattr(cfg, key)})")
-    ids = parse_candidates(cfg.candidates, model_mod.num_classes(base.transformer))
+    ids = parse_candidates(cfg.candidates, methods.num_classes(base.transformer))
     size = _image_size(cfg, base)
-    ds = data_mod.DefectDataset(data.train, _data_cfg(cfg, size), augment=False)
+    ds = dataset.DefectDataset(data.train, _data_cfg(cfg, size), augment=False)
     labels = torch.tensor([s.label for s in data.train])
     device = next(base.transformer.parameters()).device
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
@@ -202,7 +200,6 @@ def _slug(spec: str) -> str:
 def figure(result: dict):
     """Horizontal bars of the top-k per defect class; the anchor class in red."""
     from matplotlib.figure import Figure
-    from . import viz
 
     classes, anchor = result["classes"], (result["anchor"] or {}).get("id")
     cols = min(len(classes), 4)
@@ -239,7 +236,6 @@ def run(cfg: RankConfig) -> dict:
               else paths.OUTPUTS / "class_rank" / f"{data.product}-{_slug(cfg.model)}")
     result["config"], result["folder"] = dataclasses.asdict(cfg), str(folder)
     runs.write_json(folder / "ranking.json", result)
-    from . import viz
     viz.save_figure(figure(result), folder, "ranking")
     return result
 

@@ -14,19 +14,21 @@ import sys
 import typing
 from pathlib import Path
 
+from . import data, fetch, paths, synth
 from .errors import DefectlabError
 
 # subcommand → (module, settings class, one-line help)
 STAGES = {
     "finetune": ("train", "TrainConfig", "fine-tune a DiT on a defect dataset (writes a run folder)"),
     "sample": ("sample", "SampleConfig", "generate images from a run (grids, bulk export, manifest)"),
-    "synthesize": ("masks", "MaskSampleConfig", "image + mask pairs: defects inside given masks (mask-conditioned "
+    "synthesize": ("synthesize", "MaskSampleConfig", "image + mask pairs: defects inside given masks (mask-conditioned "
                    "run) or inpainted onto good images"),
-    "evaluate": ("evaluate", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
+    # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
+    "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
     "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
-    "sweep": ("notebooks", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
-    "notebooks": ("notebooks", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
+    "sweep": ("batch", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
+    "notebooks": ("batch", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
     "demo": ("demo", "DemoConfig", "the main job on the embedded default: data, fine-tune, sample, evaluate"),
 }
 
@@ -118,8 +120,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_data(args) -> int:
-    from . import data, fetch, paths, synth
-
     if args.action == "synth":
         settings = {"seed": args.seed, "size": args.size, "per_class": args.per_class}
         if args.out is None and all(data.SYNTHETIC[k] == v for k, v in settings.items()):

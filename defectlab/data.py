@@ -17,6 +17,8 @@ truncated file is reported by name before training starts; good images get a hea
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -28,12 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from filelock import FileLock
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from . import paths, runs, synth
 from .errors import DefectlabError
@@ -47,7 +45,7 @@ COLOUR_MASK_DIRS = ("rgb_mask", "rbg_mask")  # DS-MVTec spells it both ways
 SYNTHETIC = {"seed": 0, "size": 256, "per_class": 20, "good": 20}  # the embedded default
 STAMP = ".defectlab-synthetic.json"
 MANIFEST_FORMAT = "defectlab-split/1"
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -61,6 +59,16 @@ class DataConfig:
     hflip: bool = True             # random horizontal flip
     vflip: bool = True             # random vertical flip
     rotations: tuple[int, ...] = (45, 65, 120)  # random rotation angles (degrees); empty = none
+
+
+def from_settings(settings: dict | object, **changes) -> DataConfig:
+    """The ``DataConfig`` inside a stage's settings: a dataclass (``TrainConfig``, ``RankConfig``)
+    or a run's saved ``config.json`` dict (lists back to tuples). A saved run always has its
+    resolved ``image_size``; ``changes`` override (e.g. another ``image_size``)."""
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    items = settings if isinstance(settings, dict) else {n: getattr(settings, n) for n in names if hasattr(settings, n)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in items.items() if k in names}
+    return DataConfig(**{**kw, **changes})
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,7 @@ def _find_mask(mask_dirs: list[Path], defect: str, stem: str) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- load + split
-def _check_config(cfg: DataConfig) -> None:
+def check_config(cfg: DataConfig) -> None:
     if cfg.image_size < 8:
         raise DefectlabError(f"image_size must be at least 8 (got {cfg.image_size})")
     if cfg.crop < 0:
@@ -231,7 +239,7 @@ def _header(path: Path, verify: bool = True) -> tuple[tuple[int, int], str]:
             size, mode = im.size, im.mode
             if verify:
                 im.verify()
-    except _UNREADABLE as err:
+    except UNREADABLE as err:
         raise DefectlabError(f"unreadable or corrupt image {path}: {err}") from err
     return size, mode
 
@@ -266,7 +274,7 @@ def split(by_class: dict[str, list], test_fraction: float, seed: int) -> tuple[d
 def load(cfg: DataConfig, manifest: Path | None = None) -> DefectData:
     """Scan, verify and split one product. With ``manifest``: write the split there, or, if the
     file exists, reuse it (refusing when it no longer matches the folder or the config)."""
-    _check_config(cfg)
+    check_config(cfg)
     root = resolve_root(cfg.data)
     layout, products = detect_layout(root)
     if cfg.product not in products:
@@ -334,96 +342,6 @@ def _read_manifest(path: Path, root: Path, layout: str, cfg: DataConfig, by_clas
     return groups["train"], groups["test"]
 
 
-# ----------------------------------------------------------------------------- pixels
-def _open(path: Path) -> Image.Image:
-    try:
-        im = Image.open(path)
-        im.load()  # decode now, so a truncated file fails here with its name
-        return im
-    except _UNREADABLE as err:
-        raise DefectlabError(f"unreadable or corrupt image {path}: {err}") from err
-
-
-def _crop_resize(im: Image.Image, size: int, crop: int, resample, path: Path) -> Image.Image:
-    if crop:
-        w, h = im.size
-        if crop > min(w, h):
-            raise DefectlabError(f"crop {crop} px is larger than image {path} ({w}x{h})")
-        left, top = (w - crop) // 2, (h - crop) // 2
-        im = im.crop((left, top, left + crop, top + crop))
-    return im.resize((size, size), resample)
-
-
-def load_image(path: Path, size: int, crop: int = 0) -> torch.Tensor:
-    """``[3, size, size]`` float in [-1, 1], always RGB (MVTec screw PNGs are greyscale)."""
-    return _to_tensor(_open(path), size, crop, path)
-
-
-def _to_tensor(im: Image.Image, size: int, crop: int, path: Path) -> torch.Tensor:
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    im = _crop_resize(im, size, crop, Image.BICUBIC, path).convert("RGB")  # resize before RGB: 3x cheaper
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return (x / 127.5 - 1).clamp(-1, 1)
-
-
-def load_mask(path: Path | None, size: int, crop: int = 0,
-              image_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``[1, size, size]`` in {0, 1}; zeros when ``path`` is None. Colour masks count any
-    non-black pixel. Area resampling + ``> 0`` keeps thin scratches that NEAREST would drop
-    when 1024 px shrink to 64 (same crop box and scale as the image, so still aligned)."""
-    if path is None:
-        return torch.zeros(1, size, size)
-    im = _open(path)
-    if image_size is not None and im.size != image_size:
-        raise DefectlabError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image is "
-                             f"{image_size[0]}x{image_size[1]}")
-    binary = np.asarray(im.convert("RGB")).max(axis=-1) > 0
-    im = _crop_resize(Image.fromarray(binary.astype(np.uint8) * 255), size, crop, Image.BOX, path)
-    return torch.from_numpy((np.asarray(im) > 0).astype(np.float32))[None]
-
-
-def augment_pair(image: torch.Tensor, mask: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips and a rotation from ``{0, *cfg.rotations}``, identical for image and mask
-    (tv_tensors.Mask makes torchvision rotate the mask with NEAREST). Draws from torch's global
-    RNG, which DataLoader seeds per worker, so a fixed seed reproduces a run."""
-    img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
-    if cfg.hflip and torch.rand(()) < 0.5:
-        img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
-    if cfg.vflip and torch.rand(()) < 0.5:
-        img, msk = F.vertical_flip(img), F.vertical_flip(msk)
-    angles = (0, *cfg.rotations)
-    angle = angles[int(torch.randint(len(angles), ()))]
-    if angle:
-        # Fill the exposed corners with the image's own border colour, not black: black corners
-        # on a light-background screw would be learned as part of the picture.
-        border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
-        fill = border.median(dim=1).values.tolist()
-        img = F.rotate(img, angle, interpolation=v2.InterpolationMode.BILINEAR, fill=fill)
-        msk = F.rotate(msk, angle, fill=0)
-    return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
-
-
-class DefectDataset(torch.utils.data.Dataset):
-    """``{"image": [3,S,S] in [-1,1], "mask": [1,S,S] in {0,1}, "label": int}`` per sample."""
-
-    def __init__(self, samples: list[Sample], cfg: DataConfig, augment: bool = True):
-        _check_config(cfg)
-        self.samples, self.cfg, self.augment = list(samples), cfg, augment
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s, cfg = self.samples[i], self.cfg
-        im = _open(s.image)
-        mask = load_mask(s.mask, cfg.image_size, cfg.crop, im.size)
-        image = _to_tensor(im, cfg.image_size, cfg.crop, s.image)
-        if self.augment:
-            image, mask = augment_pair(image, mask, cfg)
-        return {"image": image, "mask": mask, "label": s.label}
-
-
 # ----------------------------------------------------------------------------- info
 def info(root: str | Path) -> dict:
     """Layout, products, classes and counts, image sizes and modes (headers only)."""
@@ -438,7 +356,7 @@ def info(root: str | Path) -> dict:
                 with Image.open(f) as im:
                     sizes[f"{im.size[0]}x{im.size[1]}"] += 1
                     modes[im.mode] += 1
-            except _UNREADABLE:
+            except UNREADABLE:
                 bad.append(str(f))
         out["products"][product] = {
             "classes": {d: len(pairs) for d, pairs in by_class.items()},

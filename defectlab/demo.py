@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import batch, evaluate, paths, report, runs, sample, train
 
 
 @dataclass
@@ -73,10 +73,8 @@ def run(cfg: DemoConfig) -> Path:
     out = Path(cfg.out) if cfg.out else paths.OUTPUTS / "demo"
     load = _load()
     if cfg.notebooks:
-        from . import notebooks
-
-        result = notebooks.run(notebooks.NotebooksConfig(out=str(out)), params=params(cfg))
-        run_folder = Path(notebooks.runs.read_json(result / "batch.json")["run"])
+        result = batch.run(batch.NotebooksConfig(out=str(out)), params=params(cfg))
+        run_folder = Path(runs.read_json(result / "batch.json")["run"])
     else:
         result = run_folder = _stages(cfg, out)
     _report(run_folder)
@@ -87,30 +85,27 @@ def run(cfg: DemoConfig) -> Path:
 
 def _stages(cfg: DemoConfig, out: Path) -> Path:
     """The same steps as the notebooks, without Jupyter."""
-    from . import evaluate, sample, train
-
     p = params(cfg)
     keys = ("model", "method", "product", "image_size", "epochs", "lr", "batch_size", "grad_accum",
             "val_per_class", "val_timesteps", "val_every", "progress")
     folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
     sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
                                    guidance=p["guidance"]))
-    evaluate.run(evaluate.EvalConfig(run=str(folder), metrics="downstream", seeds=p["seeds"],
-                                     classifier_steps=p["classifier_steps"], classifier_size=p["classifier_size"]))
+    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics="downstream", seeds=p["seeds"],
+                                            classifier_steps=p["classifier_steps"],
+                                            classifier_size=p["classifier_size"]))
     return folder
 
 
 def _report(run_folder: Path) -> None:
-    from . import notebooks, runs
-
-    metrics = runs.read_json(run_folder / "metrics.json")
-    summary = notebooks.run_summary(run_folder)
+    result = evaluate.EvalResult.load(run_folder)
+    summary = report.run_summary(run_folder)
     print(f"\nrun {run_folder}: {summary['method']}, {summary['train_steps']} steps, "
           f"best validation loss {summary['best_val_loss']:.4f}")
-    for key, value in notebooks.metrics_summary(metrics).items():
+    for key, value in report.metrics_summary(result).items():
         if value is not None and not key.startswith("acc_gain_std"):
             print(f"  {key:<28} {value:+.3f}" if "gain" in key else f"  {key:<28} {value:.3f}")
-    print(notebooks.caption(metrics))
+    print(report.caption(result))
 
 
 def _load() -> str:

@@ -22,17 +22,14 @@ says so (tests/test_engine.py). What each one buys on a GPU is measured by
 - Sampling copy (``prepare_for_sampling``): LoRA merged, q/k/v fused into one matrix product,
   tied conditioning, one dtype, eval. The attention stays diffusers' SDPA processor, whose
   flash/efficient kernels take head size 72 in bf16 (``attention_backends`` checks).
-- ``LatentCache``: the VAE is frozen, so each (training image, augmentation view) is encoded
-  once; views are drawn with the same RNG calls as ``data.augment_pair``, so a run with the
-  cache sees the same views, noise and timesteps as a run without it.
+- The latent cache (``dataset.LatentCache``): the VAE is frozen, so each (training image,
+  augmentation view) is encoded once, with the same views as ``dataset.DefectDataset``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import weakref
-from dataclasses import dataclass
 from types import MethodType
 
 import torch
@@ -41,7 +38,6 @@ from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 from torch import nn
 
-from . import data as data_mod
 from . import methods
 from .errors import DefectlabError
 
@@ -310,7 +306,7 @@ def prepare_for_sampling(transformer, *, dtype=None, tie_embeddings: bool | str 
     conditioning tied (``"auto"``: when the copies are identical), weights in ``dtype`` (None:
     bf16 on CUDA, float32 elsewhere), eval, no gradients; the input is cast to ``dtype``.
     ``compile`` as in ``prepare_for_training``; with a CUDA-graph mode the result is wrapped in
-    ``CudaGraphSampler``. Pass it to ``sample.generate`` like the transformer itself."""
+    ``CudaGraphSampler``. Pass it to ``sampler.generate`` like the transformer itself."""
     net = transformer if inplace else copy.deepcopy(transformer)
     device = next(net.parameters()).device.type
     dtype = as_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -365,122 +361,3 @@ def attention_backends(heads: int = 16, head_dim: int = 72, tokens: int = 256, b
 def attention_processors(model) -> list[str]:
     """Distinct attention processor classes (diffusers' SDPA: AttnProcessor2_0 / FusedAttnProcessor2_0)."""
     return sorted({type(m.processor).__name__ for m in model.modules() if isinstance(m, Attention)})
-
-
-# ----------------------------------------------------------------------------- latent cache
-@dataclass(frozen=True)
-class View:
-    """One augmentation of ``data.augment_pair``: flips, then a rotation (degrees)."""
-    hflip: bool = False
-    vflip: bool = False
-    angle: int = 0
-
-
-def views(cfg: data_mod.DataConfig) -> list[View]:
-    """Every view ``augment_pair`` can produce for ``cfg`` (≤ 2 × 2 × (1 + len(rotations)))."""
-    flips = lambda on: (False, True) if on else (False,)  # noqa: E731
-    angles = list(dict.fromkeys((0, *cfg.rotations)))
-    return [View(h, v, a) for h, v, a in itertools.product(flips(cfg.hflip), flips(cfg.vflip), angles)]
-
-
-def draw_view(cfg: data_mod.DataConfig) -> View:
-    """The view ``augment_pair`` would apply now: the same torch RNG calls, in the same order."""
-    h = bool(cfg.hflip and torch.rand(()) < 0.5)
-    v = bool(cfg.vflip and torch.rand(()) < 0.5)
-    angles = (0, *cfg.rotations)
-    return View(h, v, angles[int(torch.randint(len(angles), ()))])
-
-
-def apply_view(image: torch.Tensor | None, mask: torch.Tensor | None, view: View):
-    """``augment_pair`` with a given view (tests hold the two equal, bit for bit)."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-    from torchvision.transforms.v2 import functional as TF
-
-    img = None if image is None else tv_tensors.Image(image)
-    msk = None if mask is None else tv_tensors.Mask(mask)
-    for on, flip in ((view.hflip, TF.horizontal_flip), (view.vflip, TF.vertical_flip)):
-        if on:
-            img, msk = (None if img is None else flip(img)), (None if msk is None else flip(msk))
-    if view.angle:
-        if img is not None:  # the un-augmented image's border colour, as augment_pair
-            border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
-            img = TF.rotate(img, view.angle, interpolation=v2.InterpolationMode.BILINEAR,
-                            fill=border.median(dim=1).values.tolist())
-        if msk is not None:
-            msk = TF.rotate(msk, view.angle, fill=0)
-    return (None if img is None else img.as_subclass(torch.Tensor),
-            None if msk is None else msk.as_subclass(torch.Tensor))
-
-
-class LatentCache:
-    """Latents of the training images, one per (image, view), each encoded once.
-
-    Keys are ``(image path, View)``: deterministic across epochs and processes. Encodes lazily
-    (``get``) or all views at once (``fill``, batched). Needs a deterministic codec: the VAE's
-    posterior mean (``VAECodec`` default) or pixels. ``dataset()`` replaces ``DefectDataset``
-    in the training loader and yields ``{"latent", "mask", "label"}``."""
-
-    def __init__(self, samples, cfg: data_mod.DataConfig, codec, device="cpu", batch_size: int = 16):
-        if getattr(codec, "sample", False):
-            raise DefectlabError("latent cache: the codec samples its latents (VAECodec(sample=True)); "
-                                 "only the deterministic posterior mean can be cached")
-        self.samples, self.cfg, self.codec = list(samples), cfg, codec
-        self.device, self.batch_size = device, batch_size
-        self._plain = data_mod.DefectDataset(self.samples, cfg, augment=False)
-        self._masks: dict[int, tuple[torch.Tensor, int]] = {}
-        self._latents: dict[tuple[str, View], torch.Tensor] = {}
-        self.encodes = 0   # images encoded so far (each key once)
-
-    def key(self, i: int, view: View) -> tuple[str, View]:
-        return str(self.samples[i].image), view
-
-    def __len__(self) -> int:
-        return len(self._latents)
-
-    def mask_label(self, i: int) -> tuple[torch.Tensor, int]:
-        if i not in self._masks:
-            item = self._plain[i]
-            self._masks[i] = (item["mask"], item["label"])
-        return self._masks[i]
-
-    def get(self, i: int, view: View) -> torch.Tensor:
-        key = self.key(i, view)
-        if key not in self._latents:
-            self._encode([(i, view)])
-        return self._latents[key]
-
-    def fill(self) -> "LatentCache":
-        """Encode every view of every image now, ``batch_size`` at a time."""
-        todo = [(i, v) for i in range(len(self.samples)) for v in views(self.cfg) if self.key(i, v) not in self._latents]
-        for start in range(0, len(todo), self.batch_size):
-            self._encode(todo[start:start + self.batch_size])
-        return self
-
-    def _encode(self, items: list[tuple[int, View]]) -> None:
-        plain = {i: self._plain[i]["image"] for i in dict.fromkeys(i for i, _ in items)}  # each file read once
-        images = [apply_view(plain[i], None, view)[0] for i, view in items]
-        with torch.no_grad():
-            z = self.codec.encode(torch.stack(images).to(self.device)).float().cpu()
-        for (i, view), latent in zip(items, z):
-            self._latents[self.key(i, view)] = latent.clone()
-        self.encodes += len(items)
-
-    def dataset(self, augment: bool = True) -> "CachedLatentDataset":
-        return CachedLatentDataset(self, augment)
-
-
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """``DefectDataset`` with the image replaced by its cached latent: same views for the same
-    RNG state (``draw_view``), mask augmented with the view, label."""
-
-    def __init__(self, cache: LatentCache, augment: bool = True):
-        self.cache, self.augment = cache, augment
-
-    def __len__(self) -> int:
-        return len(self.cache.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        view = draw_view(self.cache.cfg) if self.augment else View()
-        mask, label = self.cache.mask_label(i)
-        return {"latent": self.cache.get(i, view), "mask": apply_view(None, mask, view)[1], "label": label}

@@ -20,9 +20,11 @@ to be learned whatever else is frozen.
 """
 from __future__ import annotations
 
+import operator
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import DefectlabError
@@ -148,3 +150,101 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
     return model
+
+
+# ----------------------------------------------------------------------------- class tables
+def _label_embedders(transformer) -> list[nn.Module]:
+    return [b.norm1.emb.class_embedder for b in transformer.transformer_blocks]
+
+
+def num_classes(transformer) -> int:
+    """K, the number of real classes; the null (unconditional) row is index K."""
+    return _label_embedders(transformer)[0].num_classes
+
+
+def set_classes(transformer, k: int, init: str | int | list[int] | list[list[int]] = "random",
+                seed: int = 0) -> None:
+    """Replace the class table in every block with K new rows + the old null row.
+
+    ``init``: a base class id (or list of K ids, or a 1-list) to copy, K lists of ids whose rows
+    are averaged (the mean of each defect class's top-k), ``"mean"`` of the base's
+    class rows, or ``"random"`` N(0, 0.02) (the same rows in every block, as the original DiT has
+    one table). Call before ``methods.apply`` (it replaces the table parameters). Each block's
+    LabelEmbedding keeps its ``dropout_prob`` and now drops to the new null index K; note that
+    diffusers draws that dropout independently per block (train.py zeroes it and drops labels once
+    per sample itself)."""
+    old_k = num_classes(transformer)
+    if k < 1:
+        raise DefectlabError(f"number of classes must be >= 1, got {k}")
+    ids = groups = None
+    if isinstance(init, (list, tuple)) and init and all(isinstance(g, (list, tuple)) for g in init):
+        groups = [[operator.index(i) for i in g] for g in init]
+        if len(groups) != k or not all(g and all(0 <= i < old_k for i in g) for g in groups):
+            raise DefectlabError(f"class init needs {k} non-empty lists of base class ids in [0, {old_k}); got {init!r}")
+        init = "groups"
+    if groups is None and not isinstance(init, str):
+        try:  # ints of any kind (numpy, tensors) and any sequence of them
+            seq = hasattr(init, "__len__") and getattr(init, "ndim", 1) != 0
+            ids = [operator.index(i) for i in (init if seq else [init])]
+        except TypeError:
+            pass
+        ids = ids * k if ids is not None and len(ids) == 1 else ids
+    if not (init in ("mean", "random", "groups") if isinstance(init, str)
+            else ids is not None and len(ids) == k and all(0 <= i < old_k for i in ids)):
+        raise DefectlabError(f"class init must be 'mean', 'random', or {k} (or 1) base class ids in "
+                             f"[0, {old_k}); got {init!r}")
+    table = _label_embedders(transformer)[0].embedding_table.weight
+    noise = torch.randn(k, table.shape[1], generator=torch.Generator().manual_seed(seed)) * 0.02
+    for emb in _label_embedders(transformer):
+        w = emb.embedding_table.weight.detach()
+        if w.shape[0] != old_k + 1:
+            raise DefectlabError("class table has no null row: classifier-free guidance needs one")
+        rows = (w[ids] if ids is not None else noise.to(w) if init == "random"
+                else torch.stack([w[g].mean(0) for g in groups]) if groups is not None
+                else w[:old_k].mean(0, keepdim=True).expand(k, -1))
+        new = nn.Embedding(k + 1, w.shape[1], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(torch.cat([rows, w[old_k:]]))
+        new.weight.requires_grad_(emb.embedding_table.weight.requires_grad)
+        emb.embedding_table, emb.num_classes = new, k
+    for block in transformer.transformer_blocks:
+        block.num_embeds_ada_norm = k
+    transformer.register_to_config(num_embeds_ada_norm=k)  # so save/from_pretrained rebuild K+1 rows
+
+
+# ----------------------------------------------------------------------------- the mask channel (masks.py's condition mode)
+class MaskPatchEmbed(nn.Module):
+    """``conv(x[:, :C]) + mask_conv(x[:, C:])`` with mask_conv zero at init and bias-free (the base
+    bias already shifts every patch). Holds the base conv's own parameters, so their keys stay
+    ``pos_embed.proj.weight/bias``. ``config.in_channels`` stays C on purpose: sample/model read it
+    as the latent channels; ``train.restore`` re-adds the channel through ``train.build``."""
+
+    def __init__(self, conv: nn.Conv2d, extra: int = 1):
+        super().__init__()
+        self.weight, self.bias, self.channels = conv.weight, conv.bias, conv.in_channels
+        self.stride, self.padding = conv.stride, conv.padding
+        self.mask_weight = nn.Parameter(torch.zeros(conv.out_channels, extra, *conv.kernel_size,
+                                                    device=conv.weight.device, dtype=conv.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the slice of a concatenated input is a strided view: a contiguous copy gives the base
+        # conv the same memory layout (same kernels, same bits) as without the mask
+        out = F.conv2d(x[:, :self.channels].contiguous(), self.weight, self.bias, self.stride, self.padding)
+        if x.shape[1] == self.channels:  # no mask passed: the same as an all-zero mask
+            return out
+        return out + F.conv2d(x[:, self.channels:].contiguous(), self.mask_weight, None, self.stride, self.padding)
+
+
+def add_mask_channel(transformer: nn.Module, extra: int = 1) -> nn.Module:
+    """Give a (plain, not yet ``methods.apply``-ed) DiT ``extra`` zero-initialised input channels."""
+    if not isinstance(transformer.pos_embed.proj, MaskPatchEmbed):
+        transformer.pos_embed.proj = MaskPatchEmbed(transformer.pos_embed.proj, extra)
+    return transformer
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [m.mask_weight for m in model.modules() if isinstance(m, MaskPatchEmbed)]
+
+
+def has_mask_channel(model: nn.Module) -> bool:
+    return bool(mask_parameters(model))

@@ -8,8 +8,6 @@ see a ``Base`` and never ask where it came from.
 from __future__ import annotations
 
 import json
-import math
-import operator
 import os
 import re
 import shutil
@@ -20,24 +18,23 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
+from filelock import FileLock
 from torch import nn
 
-from . import paths
-from .errors import DefectlabError
+from . import corpus, data, methods, paths
+from .codec import PixelCodec, VAECodec
+from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
+from .errors import DefectlabError, first_line
 
 HUB_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"   # what DiT trained with; `-mse` also works
 VAE_ENV = "DEFECTLAB_VAE"                   # hub id or folder of the VAE for .pt / bare transformers
 TINY_SEED = 0
-_DIT = dict(norm_type="ada_norm_zero", norm_elementwise_affine=False, activation_fn="gelu-approximate",
-            attention_bias=True, norm_eps=1e-6)  # DiT's LayerNorms use eps 1e-6 (diffusers' default is 1e-5)
 TINY_CONFIG = dict(  # pixel-space DiT, 1.9M parameters (0.5M in the class tables): fast on a CPU
-    _DIT, sample_size=64, patch_size=4, in_channels=3, out_channels=6,  # 6 = eps + learned sigma, as DiT
+    DIT_ARCH, sample_size=64, patch_size=4, in_channels=3, out_channels=6,  # 6 = eps + learned sigma, as DiT
     num_layers=4, num_attention_heads=4, attention_head_dim=32,
     num_embeds_ada_norm=1000,  # ImageNet-sized table: anchor ids (990, 783) and DiTPipeline's null 1000 work
 )
-_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}   # DiT XL/L/B/S; head count is not in the weights
-HEADS_FILE = "config.json"  # beside an original .pt: {"num_attention_heads": N} for a width not in _HEADS
 
 # How the timestep is turned into frequencies before the timestep MLP. The original DiT
 # (models.py TimestepEmbedder) uses exp(-ln(10000) * i / half); diffusers' DiT builds
@@ -48,66 +45,26 @@ HEADS_FILE = "config.json"  # beside an original .pt: {"num_attention_heads": N}
 NUMERICS = {"original": 0, "diffusers": 1}   # name → Timesteps.downscale_freq_shift
 
 
+# Defaults that reflect the original experiments' findings for the real model (batch 2-4,
+# lr 1e-5, 128 px, 100 epochs); the small pixel-space bases need a larger step size.
+PRESETS = {
+    "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
+    "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},   # tiny
+    "mini": {"lr": 1e-3, "image_size": 32, "epochs": 60},    # mini, mini-scratch: their native 32 px
+}
+SMALL_BASES = ("tiny", "mini", "mini-scratch")
+
+
+def preset(model: str) -> dict:
+    """Defaults for lr / image_size / epochs that depend on the base model."""
+    return PRESETS["mini" if model in ("mini", "mini-scratch") else "small" if model in SMALL_BASES else "real"]
+
+
 def dit_schedule(learned_sigma: bool = True, clip_sample: bool = False) -> dict:
     """DiT's training diffusion: 1000 steps, linear betas 1e-4..0.02, learned variance range."""
     return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
             "beta_start": 1e-4, "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": clip_sample,
             "variance_type": "learned_range" if learned_sigma else "fixed_small"}
-
-
-# ----------------------------------------------------------------------------- codecs
-class PixelCodec:
-    """Identity: the transformer works on pixels in [-1, 1] (tiny / mini)."""
-    channels, downsample = 3, 1
-    clip_sample = True  # x0 lives in [-1, 1]: samplers clip its prediction (without it samples saturate)
-
-    def to(self, device=None, dtype=None) -> "PixelCodec":
-        return self
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z.clamp(-1, 1)
-
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        return (3, image_size, image_size)
-
-
-class VAECodec:
-    """Stable-Diffusion VAE latents, scaled to about unit variance as DiT was trained.
-
-    ``encode`` returns the posterior *mean* by default: the SD VAE's posterior std is tiny, so
-    sampling adds almost nothing while the mean makes latents deterministic (cacheable per
-    augmented view, identical across runs). ``sample=True`` gives DiT's ``latent_dist.sample()``.
-    """
-
-    clip_sample = False  # latents are unbounded: no clipping, as the original DiT samples
-
-    def __init__(self, vae: AutoencoderKL, scaling_factor: float = 0.18215, sample: bool = False):
-        self.vae, self.scaling_factor, self.sample = vae.eval().requires_grad_(False), scaling_factor, sample
-        self.channels = vae.config.latent_channels
-        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    def to(self, device=None, dtype=None) -> "VAECodec":
-        self.vae.to(device)
-        if dtype is not None and self.vae.dtype != dtype:  # diffusers warns on any .to(dtype)
-            self.vae.to(dtype)
-        return self
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if self.sample else dist.mean
-        return (z * self.scaling_factor).to(x.dtype)
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode((z / self.scaling_factor).to(self.vae.device, self.vae.dtype)).sample
-        return x.to(z.dtype).clamp(-1, 1)
-
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        return (self.channels, image_size // self.downsample, image_size // self.downsample)
 
 
 @dataclass
@@ -225,17 +182,71 @@ def _realign(module: nn.Module | None) -> None:
             p.data = p.data.clone()
 
 
+def mini_config(image_size: int = 32, patch_size: int = 4, width: int = 192, heads: int = 3, depth: int = 6) -> dict:
+    """``DiTTransformer2DModel`` config of the defectlab-mini architecture (the defaults are mini's)
+    over the corpus classes: a pixel-space DiT with learned sigma."""
+    if image_size % patch_size:
+        raise DefectlabError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    if width % heads:
+        raise DefectlabError(f"width {width} is not a multiple of heads {heads}")
+    return dict(DIT_ARCH, sample_size=image_size, patch_size=patch_size, in_channels=3, out_channels=6,
+                num_layers=depth, num_attention_heads=heads, attention_head_dim=width // heads,
+                num_embeds_ada_norm=len(corpus.CLASSES))
+
+
+def mini_schedule(prediction_type: str = "v_prediction") -> dict:
+    """mini's training schedule (``scheduler/scheduler_config.json``): DiT's, x0 clipped, v-prediction."""
+    return {**dit_schedule(True, clip_sample=True), "prediction_type": prediction_type}
+
+
+def build_mini(config: dict, seed: int = 0) -> DiTTransformer2DModel:
+    """A mini-architecture DiT with seeded random weights; label dropout off (the training loops
+    drop labels once per sample themselves)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DiTTransformer2DModel(**config)
+    for block in net.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return net
+
+
+def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """``save_pretrained`` + ``model_index.json`` (corpus class names, anchors, numerics) +
+    ``scheduler/scheduler_config.json`` (+ ``extra_files``), swapped in atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (net.half() if fp16 else net).save_pretrained(tmp, safe_serialization=True)
+        net.float()
+        index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
+                 "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION,
+                 "defectlab_numerics": "diffusers"}  # trained with diffusers' timestep frequencies (NUMERICS)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=1))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text(tmp) if callable(text) else text)
+        for f in (tmp, *tmp.iterdir()):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _ensure_mini_scratch() -> Path:
     """mini's architecture and classes with seeded random weights, built once: the from-scratch
     baseline that shows what pre-training buys (``--model mini-scratch``)."""
-    from filelock import FileLock
-
-    from . import pretrain
-
     final = paths.MODELS / "mini-scratch"
     final.parent.mkdir(parents=True, exist_ok=True)
-    want = {"config.json": pretrain.model_config(pretrain.PretrainConfig()),
-            "scheduler/scheduler_config.json": pretrain.schedule(pretrain.PretrainConfig())}
+    want = {"config.json": mini_config(), "scheduler/scheduler_config.json": mini_schedule()}
     with FileLock(str(final.parent / ".mini-scratch.lock")):
         saved = {}
         for name in want:
@@ -245,7 +256,7 @@ def _ensure_mini_scratch() -> Path:
                 saved[name] = {}  # absent or unreadable: build it
         if any(saved[name].get(k) != v for name, keys in want.items() for k, v in keys.items()
                if not k.startswith("_")):
-            pretrain.scratch(final)  # absent, or built for an older mini architecture or objective
+            save_folder(build_mini(mini_config()), final, mini_schedule())  # absent, or an older architecture
     return final
 
 
@@ -288,7 +299,7 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
         codec = (VAECodec(AutoencoderKL.from_pretrained(folder / "vae")) if (folder / "vae").is_dir()
                  else _codec_for(transformer, vae))
     except (OSError, ValueError, RuntimeError) as err:
-        raise DefectlabError(f"cannot load the model in {folder}: {_first_line(err)}") from err
+        raise DefectlabError(f"cannot load the model in {folder}: {first_line(err)}") from err
     sched = folder / "scheduler" / "scheduler_config.json"
     index = folder / "model_index.json"
     return _base(transformer, codec, spec, json.loads(sched.read_text()) if sched.is_file() else None,
@@ -325,8 +336,8 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, orig
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
     schedule.update({k: v for k, v in (sched or {}).items() if k in keys})
     labels = (index or {}).get("id2label")
-    names = ([labels.get(str(i), str(i)) for i in range(num_classes(transformer))]
-             if isinstance(labels, dict) and len(labels) == num_classes(transformer) else None)
+    names = ([labels.get(str(i), str(i)) for i in range(methods.num_classes(transformer))]
+             if isinstance(labels, dict) and len(labels) == methods.num_classes(transformer) else None)
     return Base(transformer, codec, schedule, spec, cfg.sample_size * codec.downsample, names,
                 (index or {}).get("defectlab_anchors"), default_numerics(index, original_pt))
 
@@ -334,11 +345,9 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, orig
 def anchor_class(base: Base, product: str) -> int | None:
     """The base class a product's new classes start from: the base's own mapping (mini ships
     one), else the ImageNet anchor (hazelnut → 990 buckeye, screw → 783 screw) when it exists."""
-    from .data import ANCHOR_CLASSES
-
-    anchors = base.anchors or {p: c for p, (c, _) in ANCHOR_CLASSES.items()}
+    anchors = base.anchors or {p: c for p, (c, _) in data.ANCHOR_CLASSES.items()}
     anchor = anchors.get(product)
-    return anchor if anchor is not None and anchor < num_classes(base.transformer) else None
+    return anchor if anchor is not None and anchor < methods.num_classes(base.transformer) else None
 
 
 @contextmanager
@@ -354,16 +363,13 @@ def _hub_errors(repo: str, what: str = "model"):
                "no such repository on the hub" if isinstance(err, hub.RepositoryNotFoundError) else
                "not a valid hub id" if isinstance(err, hub.HFValidationError) else
                "not in the local cache and offline" if constants.HF_HUB_OFFLINE or isinstance(
-                   err, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) else _first_line(err))
+                   err, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) else first_line(err))
         raise DefectlabError(
             f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
             f"Hugging Face cache {constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
             "a local folder or .pt file (presets: tiny, mini, mini-scratch)") from err
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 # ----------------------------------------------------------------------------- original .pt
@@ -372,14 +378,14 @@ def _load_original(path: Path, spec: str, vae: str, heads: int = 0) -> Base:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise DefectlabError(f"cannot load {path} as a DiT checkpoint (only plain tensor state dicts are "
-                             f"accepted, torch.load weights_only=True): {_first_line(err)}") from err
+                             f"accepted, torch.load weights_only=True): {first_line(err)}") from err
     if isinstance(sd, dict) and isinstance(sd.get("ema", sd.get("model")), dict):
         sd = sd.get("ema", sd.get("model"))  # a DiT train.py checkpoint: prefer the EMA weights
     if not isinstance(sd, dict) or "x_embedder.proj.weight" not in sd:
         raise DefectlabError(f"{path} is not a facebookresearch DiT state dict (no x_embedder.proj.weight)")
     from accelerate import init_empty_weights
 
-    heads = heads or _heads_beside(path)
+    heads = heads or heads_beside(path)
     with init_empty_weights():  # parameters on meta; buffers (pos_embed) computed for real
         transformer = DiTTransformer2DModel(**original_config(sd, heads=heads, source=path))
     if not torch.allclose(sd["pos_embed"].float(), transformer.pos_embed.pos_embed, atol=1e-5):
@@ -387,165 +393,5 @@ def _load_original(path: Path, spec: str, vae: str, heads: int = 0) -> Base:
     try:
         transformer.load_state_dict(convert_original_state_dict(sd), strict=True, assign=True)
     except RuntimeError as err:
-        raise DefectlabError(f"{path}: weights don't fit the inferred DiT config: {_first_line(err)}") from err
+        raise DefectlabError(f"{path}: weights don't fit the inferred DiT config: {first_line(err)}") from err
     return _base(transformer, _codec_for(transformer, vae), spec, None, None, original_pt=True)
-
-
-def _heads_beside(path: Path) -> int:
-    """``num_attention_heads`` from a ``config.json`` next to an original ``.pt`` (0 = none there)."""
-    beside = path.with_name(HEADS_FILE)
-    if not beside.is_file():
-        return 0
-    try:
-        heads = json.loads(beside.read_text()).get("num_attention_heads", 0)
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise DefectlabError(f"{beside}: not a JSON object with num_attention_heads ({_first_line(err)})") from err
-    if not isinstance(heads, int) or heads < 0:
-        raise DefectlabError(f"{beside}: num_attention_heads must be a positive integer (got {heads!r})")
-    return heads
-
-
-def original_config(sd: dict, heads: int = 0, source: Path | str = "the state dict") -> dict:
-    """DiTTransformer2DModel config of an original state dict, from tensor shapes.
-
-    The head count is not in the weights: DiT-S/B/L/XL widths (``_HEADS``) determine it, any
-    other width needs ``heads`` (``--model-heads`` or a ``config.json`` beside the ``.pt``); nothing is guessed."""
-    hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = sum(1 for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", k))
-    grid = math.isqrt(sd["pos_embed"].shape[1]) if "pos_embed" in sd else None
-    if not depth or grid is None or sd["blocks.0.mlp.fc1.weight"].shape[0] != 4 * hidden:
-        raise DefectlabError(f"{source} is not a standard DiT state dict (blocks, pos_embed or mlp_ratio 4)")
-    if heads and heads != _HEADS.get(hidden, heads):
-        raise DefectlabError(f"{source}: width {hidden} is a standard DiT with {_HEADS[hidden]} heads, not {heads}")
-    heads = heads or _HEADS.get(hidden, 0)
-    if not heads:
-        raise DefectlabError(f"{source}: width {hidden} is not DiT-S/B/L/XL, so its head count is unknown; pass "
-                             f"--model-heads N or put {{\"num_attention_heads\": N}} in {HEADS_FILE} beside it")
-    if hidden % heads:
-        raise DefectlabError(f"{source}: width {hidden} is not a multiple of heads {heads}")
-    return dict(_DIT, sample_size=grid * patch, patch_size=patch, in_channels=in_ch,
-                out_channels=sd["final_layer.linear.weight"].shape[0] // (patch * patch), num_layers=depth,
-                num_attention_heads=heads, attention_head_dim=hidden // heads,
-                num_embeds_ada_norm=sd["y_embedder.embedding_table.weight"].shape[0] - 1)  # last row = null
-
-
-_SHARED = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
-           "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
-           "y_embedder.embedding_table": "norm1.emb.class_embedder.embedding_table"}
-_PER_BLOCK = {"adaLN_modulation.1": "norm1.linear", "attn.proj": "attn1.to_out.0",
-              "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
-_TOP = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
-        "final_layer.linear": "proj_out_2"}
-
-
-def convert_original_state_dict(sd: dict) -> dict:
-    """facebookresearch DiT → diffusers keys. diffusers keeps a copy of the timestep and class
-    embedders in every block (the original has one of each): the copies are cloned, not shared,
-    so they train and save independently. ``pos_embed`` is dropped (diffusers recomputes it)."""
-    depth = sum(1 for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", k))
-    out, used = {}, {"pos_embed"}
-    for old, new in _TOP.items():
-        for p in ("weight", "bias"):
-            out[f"{new}.{p}"] = sd[f"{old}.{p}"]
-            used.add(f"{old}.{p}")
-    for i in range(depth):
-        blk = f"transformer_blocks.{i}"
-        for old, new in _SHARED.items():
-            for p in ("weight", "bias"):
-                if f"{old}.{p}" in sd:
-                    out[f"{blk}.{new}.{p}"] = sd[f"{old}.{p}"].clone()
-                    used.add(f"{old}.{p}")
-        for old, new in _PER_BLOCK.items():
-            for p in ("weight", "bias"):
-                out[f"{blk}.{new}.{p}"] = sd[f"blocks.{i}.{old}.{p}"]
-                used.add(f"blocks.{i}.{old}.{p}")
-        for p in ("weight", "bias"):  # timm's fused qkv → separate q, k, v
-            q, k, v = (t.clone() for t in sd[f"blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0))  # own storage
-            out.update({f"{blk}.attn1.to_q.{p}": q, f"{blk}.attn1.to_k.{p}": k, f"{blk}.attn1.to_v.{p}": v})
-            used.add(f"blocks.{i}.attn.qkv.{p}")
-    if extra := sorted(set(sd) - used):
-        raise DefectlabError(f"unexpected keys in the DiT state dict: {', '.join(extra[:5])}")
-    return out
-
-
-def to_original_state_dict(sd: dict, pos_embed: torch.Tensor | None = None) -> dict:
-    """diffusers → facebookresearch keys (tests, export). Needs the per-block embedder copies to be
-    identical (true for converted/hub models, not after training them per block)."""
-    depth = sum(1 for k in sd if re.fullmatch(r"transformer_blocks\.\d+\.attn1\.to_q\.weight", k))
-    out = {old + s: sd[new + s] for old, new in _TOP.items() for s in (".weight", ".bias")}
-    for old, new in _SHARED.items():
-        for s in (".weight", ".bias"):
-            keys = [f"transformer_blocks.{i}.{new}{s}" for i in range(depth)]
-            copies = [sd[key] for key in keys if key in sd]
-            if copies and not all(torch.equal(c, copies[0]) for c in copies):
-                raise DefectlabError(f"blocks have different {new}{s}: the original layout has only one")
-            if copies:
-                out[old + s] = copies[0]
-    for i in range(depth):
-        blk = f"transformer_blocks.{i}"
-        for s in (".weight", ".bias"):
-            out.update({f"blocks.{i}.{old}{s}": sd[f"{blk}.{new}{s}"] for old, new in _PER_BLOCK.items()})
-            out[f"blocks.{i}.attn.qkv{s}"] = torch.cat([sd[f"{blk}.attn1.to_{c}{s}"] for c in "qkv"])
-    if pos_embed is not None:
-        out["pos_embed"] = pos_embed
-    return out
-
-
-# ----------------------------------------------------------------------------- classes
-def _label_embedders(transformer) -> list[nn.Module]:
-    return [b.norm1.emb.class_embedder for b in transformer.transformer_blocks]
-
-
-def num_classes(transformer) -> int:
-    """K, the number of real classes; the null (unconditional) row is index K."""
-    return _label_embedders(transformer)[0].num_classes
-
-
-def set_classes(transformer, k: int, init: str | int | list[int] | list[list[int]] = "random",
-                seed: int = 0) -> None:
-    """Replace the class table in every block with K new rows + the old null row.
-
-    ``init``: a base class id (or list of K ids, or a 1-list) to copy, K lists of ids whose rows
-    are averaged (the mean of each defect class's top-k), ``"mean"`` of the base's
-    class rows, or ``"random"`` N(0, 0.02) (the same rows in every block, as the original DiT has
-    one table). Call before ``methods.apply`` (it replaces the table parameters). Each block's
-    LabelEmbedding keeps its ``dropout_prob`` and now drops to the new null index K; note that
-    diffusers draws that dropout independently per block (train.py zeroes it and drops labels once
-    per sample itself)."""
-    old_k = num_classes(transformer)
-    if k < 1:
-        raise DefectlabError(f"number of classes must be >= 1, got {k}")
-    ids = groups = None
-    if isinstance(init, (list, tuple)) and init and all(isinstance(g, (list, tuple)) for g in init):
-        groups = [[operator.index(i) for i in g] for g in init]
-        if len(groups) != k or not all(g and all(0 <= i < old_k for i in g) for g in groups):
-            raise DefectlabError(f"class init needs {k} non-empty lists of base class ids in [0, {old_k}); got {init!r}")
-        init = "groups"
-    if groups is None and not isinstance(init, str):
-        try:  # ints of any kind (numpy, tensors) and any sequence of them
-            seq = hasattr(init, "__len__") and getattr(init, "ndim", 1) != 0
-            ids = [operator.index(i) for i in (init if seq else [init])]
-        except TypeError:
-            pass
-        ids = ids * k if ids is not None and len(ids) == 1 else ids
-    if not (init in ("mean", "random", "groups") if isinstance(init, str)
-            else ids is not None and len(ids) == k and all(0 <= i < old_k for i in ids)):
-        raise DefectlabError(f"class init must be 'mean', 'random', or {k} (or 1) base class ids in "
-                             f"[0, {old_k}); got {init!r}")
-    table = _label_embedders(transformer)[0].embedding_table.weight
-    noise = torch.randn(k, table.shape[1], generator=torch.Generator().manual_seed(seed)) * 0.02
-    for emb in _label_embedders(transformer):
-        w = emb.embedding_table.weight.detach()
-        if w.shape[0] != old_k + 1:
-            raise DefectlabError("class table has no null row: classifier-free guidance needs one")
-        rows = (w[ids] if ids is not None else noise.to(w) if init == "random"
-                else torch.stack([w[g].mean(0) for g in groups]) if groups is not None
-                else w[:old_k].mean(0, keepdim=True).expand(k, -1))
-        new = nn.Embedding(k + 1, w.shape[1], device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            new.weight.copy_(torch.cat([rows, w[old_k:]]))
-        new.weight.requires_grad_(emb.embedding_table.weight.requires_grad)
-        emb.embedding_table, emb.num_classes = new, k
-    for block in transformer.transformer_blocks:
-        block.num_embeds_ada_norm = k
-    transformer.register_to_config(num_embeds_ada_norm=k)  # so save/from_pretrained rebuild K+1 rows

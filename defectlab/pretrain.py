@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 
-from . import corpus, model as model_mod, paths, runs
+from . import corpus, methods, model as model_mod, paths, runs, sampler, viz
 from .diffusion import Objective
 from .errors import DefectlabError
 
@@ -66,28 +64,17 @@ class PretrainConfig:
 
 
 def model_config(cfg: PretrainConfig) -> dict:
-    if cfg.image_size % cfg.patch_size:
-        raise DefectlabError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    if cfg.width % cfg.heads:
-        raise DefectlabError(f"width {cfg.width} is not a multiple of heads {cfg.heads}")
-    return dict(model_mod._DIT, sample_size=cfg.image_size, patch_size=cfg.patch_size, in_channels=3,
-                out_channels=6, num_layers=cfg.depth, num_attention_heads=cfg.heads,
-                attention_head_dim=cfg.width // cfg.heads, num_embeds_ada_norm=len(corpus.CLASSES))
+    return model_mod.mini_config(cfg.image_size, cfg.patch_size, cfg.width, cfg.heads, cfg.depth)
 
 
 def schedule(cfg: PretrainConfig) -> dict:
     """The training schedule, exported as ``scheduler/scheduler_config.json`` beside the weights
     (``model.load`` reads its ``prediction_type``)."""
-    return {**model_mod.dit_schedule(True, clip_sample=True), "prediction_type": cfg.prediction_type}
+    return model_mod.mini_schedule(cfg.prediction_type)
 
 
 def build(cfg: PretrainConfig) -> DiTTransformer2DModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = DiTTransformer2DModel(**model_config(cfg))
-    for block in net.transformer_blocks:  # label dropout is done once per sample in the loop
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
-    return net
+    return model_mod.build_mini(model_config(cfg), cfg.seed)
 
 
 def _step_generator(cfg: PretrainConfig, step: int) -> torch.Generator:
@@ -179,20 +166,18 @@ def run(cfg: PretrainConfig) -> Path:
 def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, guidance: float = 3.0) -> Path:
     """``<folder>/samples.png``: ``per_class`` samples of every product (good) and of every
     defect class of the first product (DDIM, guidance, image ``i`` of class ``c`` seeded by
-    ``sample.generators(seed, name, i)``), the model card's picture of what the base draws."""
-    from . import sample, viz
-
+    ``sampler.generators(seed, name, i)``), the model card's picture of what the base draws."""
     base = model_mod.load(str(folder))
-    all_names = base.class_names or [str(c) for c in range(model_mod.num_classes(base.transformer))]
+    all_names = base.class_names or [str(c) for c in range(methods.num_classes(base.transformer))]
     shown = list(range(len(all_names)))
     if all_names == corpus.CLASSES:  # product-major ids: the first product's classes, then the other goods
         first = corpus.PAIRS[0][0]
         shown = [c for c, (product, defect) in enumerate(corpus.PAIRS) if defect == "good" or product == first]
     names = [all_names[c] for c in shown]
     labels = [c for c in shown for _ in range(per_class)]
-    gens = [g for name in names for g in sample.generators(seed, name, range(per_class))]
-    images = sample.generate(base.transformer, base.codec, labels, gens, steps, guidance, "ddim",
-                             scheduler_config=base.scheduler_config, batch_size=64, progress=False)
+    gens = [g for name in names for g in sampler.generators(seed, name, range(per_class))]
+    images = sampler.generate(base.transformer, base.codec, labels, gens, sampler.Sampling(steps, guidance, "ddim"),
+                              scheduler_config=base.scheduler_config, batch_size=64, progress=False)
     fig = viz.grid_figure(images, names, title=f"{folder.name}: DDIM {steps} steps, guidance {guidance:g}, "
                           f"seed {seed} (offline proxy base, procedural corpus)")
     return viz.save_figure(fig, folder, "samples", "png")[0]
@@ -244,39 +229,10 @@ def export(folder: Path, out: Path, cfg: PretrainConfig | None = None, device: s
 
 
 def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card: dict | None = None) -> Path:
-    """``save_pretrained`` + model_index.json (class names, anchors) + MODEL_CARD.md, swapped in atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        (net.half() if cfg.fp16 else net).save_pretrained(tmp, safe_serialization=True)
-        net.float()
-        index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
-                 "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION,
-                 "defectlab_numerics": "diffusers"}  # trained with diffusers' timestep frequencies (model.NUMERICS)
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule(cfg), indent=1))
-        n_params = sum(p.numel() for p in net.parameters())
-        if card is not None:
-            (tmp / "MODEL_CARD.md").write_text(model_card(cfg, card, sha256(tmp / WEIGHTS), n_params))
-        for f in (tmp, *tmp.iterdir()):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def scratch(out: Path, cfg: PretrainConfig | None = None) -> Path:
-    """The mini architecture with random weights (seeded), as a diffusers folder: the from-scratch baseline."""
-    cfg = cfg or PretrainConfig()
-    return save_model(build(cfg), out, dataclasses.replace(cfg, fp16=False), card=None)
+    """``model.save_folder`` (weights, class names, schedule) + ``MODEL_CARD.md``, swapped in atomically."""
+    n_params = sum(p.numel() for p in net.parameters())
+    extra = {} if card is None else {"MODEL_CARD.md": lambda tmp: model_card(cfg, card, sha256(tmp / WEIGHTS), n_params)}
+    return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra)
 
 
 def model_card(cfg: PretrainConfig, info: dict, digest: str, n_params: int) -> str:

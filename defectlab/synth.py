@@ -88,17 +88,24 @@ def _pick(region: Array, rng: np.random.Generator, margin: int = 0) -> tuple[flo
 
 
 # ----------------------------------------------------------------------------- products
-def _hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+def _placed(rng: np.random.Generator, size: int, level: tuple[float, float], grain: float, cells: int,
+            shift: float):
+    """An even background of brightness ``level`` with smooth grain, and where the object goes:
+    its centre (jittered by ``shift`` of the side) and a random in-plane rotation (cos, sin)."""
     y, x = _grid(size)
     s = float(size)
-    # Dark, slightly uneven background (MVTec hazelnuts lie on black felt).
-    img = np.full((size, size, 3), rng.uniform(16, 30), np.float32)
-    img += 4 * _smooth_noise(rng, size, 6)[..., None]
-    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.05, 0.05, 2) * s)
+    img = np.full((size, size, 3), rng.uniform(*level), np.float32)
+    img += grain * _smooth_noise(rng, size, cells)[..., None]
+    cy, cx = (float(v) for v in s / 2 + rng.uniform(-shift, shift, 2) * s)
     theta = rng.uniform(0, 2 * np.pi)
+    return y, x, s, img, cy, cx, float(np.cos(theta)), float(np.sin(theta))
+
+
+def _hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+    # Dark, slightly uneven background (MVTec hazelnuts lie on black felt).
+    y, x, s, img, cy, cx, c, sn = _placed(rng, size, (16, 30), 4, 6, 0.05)
     a = s * rng.uniform(0.29, 0.33)
     b = a * rng.uniform(0.82, 0.92)
-    c, sn = float(np.cos(theta)), float(np.sin(theta))
     u = ((x - cx) * c + (y - cy) * sn) / a           # long axis, -1 = pointed tip
     v = (-(x - cx) * sn + (y - cy) * c) / b
     r2 = u ** 2 + (v * (1 + 0.2 * u)) ** 2              # egg shape: narrower towards the tip
@@ -118,13 +125,7 @@ def _hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
 
 
 def _screw(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
-    y, x = _grid(size)
-    s = float(size)
-    img = np.full((size, size, 3), rng.uniform(185, 212), np.float32)
-    img += 5 * _smooth_noise(rng, size, 5)[..., None]
-    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.06, 0.06, 2) * s)
-    theta = rng.uniform(0, 2 * np.pi)                   # MVTec screws lie at any angle
-    c, sn = float(np.cos(theta)), float(np.sin(theta))
+    y, x, s, img, cy, cx, c, sn = _placed(rng, size, (185, 212), 5, 5, 0.06)  # MVTec screws lie at any angle
     t = (x - cx) * c + (y - cy) * sn                    # along the axis: head (-) to tip (+)
     w = -(x - cx) * sn + (y - cy) * c                   # across the axis
     half = s * rng.uniform(0.25, 0.28)

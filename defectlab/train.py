@@ -19,29 +19,13 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from . import engine, masks, methods, model as model_mod, runs  # masks: mask-conditioning channel (mask_condition)
+from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, viz
 from .diffusion import Objective
 from .errors import DefectlabError
 
-# Defaults that reflect the original experiments' findings for the real model (batch 2-4,
-# lr 1e-5, 128 px, 100 epochs); the small pixel-space bases need a larger step size.
-PRESETS = {
-    "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
-    "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},   # tiny
-    "mini": {"lr": 1e-3, "image_size": 32, "epochs": 60},    # mini, mini-scratch: their native 32 px
-}
-SMALL_BASES = ("tiny", "mini", "mini-scratch")
-
-
-def preset(model: str) -> dict:
-    """Defaults for lr / image_size / epochs that depend on the base model."""
-    return PRESETS["mini" if model in ("mini", "mini-scratch") else "small" if model in SMALL_BASES else "real"]
-
-
 @dataclass
 class TrainConfig(data_mod.DataConfig):
-    image_size: int = 0            # 0 = the model's default (tiny/mini 64 px, DiT-XL 128 px)
+    image_size: int = 0            # 0 = the model's preset (tiny 64 px, mini 32 px, DiT-XL 128 px)
     model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
     method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora
     name: str = ""                 # run name ("" = <product>-<method>)
@@ -92,7 +76,7 @@ class Restored:
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
     """Fill the preset-dependent zeros so the saved config says what actually ran."""
-    defaults = preset(cfg.model)
+    defaults = model_mod.preset(cfg.model)
     out = dataclasses.replace(cfg)
     for key in ("lr", "image_size", "epochs"):
         if not getattr(out, key):
@@ -127,7 +111,6 @@ def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.Defec
         anchor = model_mod.anchor_class(base, data.product)
         return anchor if anchor is not None else "mean"
     if cfg.class_init in ("nearest", "topk"):
-        from . import classes as classes_mod  # ranking with the pre-trained model itself
         if cfg.class_init == "topk":  # mean of the 5 best-scoring base rows per defect class
             return classes_mod.topk_mean_rows(base, data, cfg, k=5)
         return classes_mod.nearest_rows(base, data, cfg)
@@ -142,29 +125,31 @@ def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tupl
     """Base model with K class rows and the method applied — identical in training and restore."""
     base = model_mod.load(cfg.model, device=device, numerics=cfg.numerics, heads=cfg.model_heads)
     init = class_init_rows(cfg, base, data) if data is not None else "random"
-    model_mod.set_classes(base.transformer, len(classes), init=init, seed=cfg.seed)
+    methods.set_classes(base.transformer, len(classes), init=init, seed=cfg.seed)
     for block in base.transformer.transformer_blocks:
         # diffusers draws label dropout independently in each block's own table; drop once,
         # consistently, in the loop instead (see _drop_labels).
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     if cfg.mask_condition:  # before apply (it sets requires_grad); zero init: step 0 is the base model
-        masks.add_mask_channel(base.transformer)
+        methods.add_mask_channel(base.transformer)
     net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks,
                         verbose=False)  # run() prints the summary once, on the main process
     if cfg.mask_condition:  # the new channel must learn whatever the method freezes
-        for p in masks.mask_parameters(net):
+        for p in methods.mask_parameters(net):
             p.requires_grad_(True)
     if cfg.tie_embeddings:  # changes which parameters exist: training and restore() must agree
         engine.tie_embeddings(net)
     return base, net
 
 
-def restore(run: str | Path, checkpoint: str = "best", device="cpu", numerics: str = "auto") -> Restored:
-    """Rebuild base + trained state from a run folder (for sampling and evaluation).
+def restore(run: str | Path, checkpoint: str = "best", device="auto", numerics: str = "auto") -> Restored:
+    """Rebuild base + trained state from a run folder (for sampling and evaluation), on
+    ``device`` (``auto``: CUDA when there is one, else the CPU).
 
     ``numerics`` ``auto`` = what the run trained with (``config.json``; runs from before the
     setting existed trained with diffusers'), or ``original`` / ``diffusers`` to override."""
     model_mod.check_numerics(numerics)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     folder = runs.resolve(run)
     cfg = TrainConfig(**{"numerics": "diffusers", **runs.load_config(folder)})
     if numerics != "auto":
@@ -206,7 +191,7 @@ class Validator:
 
     def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device,
                  mask_condition: bool = False):
-        ds = data_mod.DefectDataset(samples, dcfg, augment=False)
+        ds = dataset.DefectDataset(samples, dcfg, augment=False)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
         self.labels = torch.tensor([ds[i]["label"] for i in range(len(ds))], device=device)
         with torch.no_grad():
@@ -268,9 +253,9 @@ def run(cfg: TrainConfig) -> Path:
     trainable = [p for p in net.parameters() if p.requires_grad]
     acc.print(methods.summary(net))
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_set = data_mod.DefectDataset(train_samples, dcfg, augment=True)
+    train_set = dataset.DefectDataset(train_samples, dcfg, augment=True)
     if cfg.latent_cache:  # the codec is frozen: each (image, view) is encoded once, when first drawn
-        train_set = engine.LatentCache(train_samples, dcfg, base.codec, device=acc.device).dataset()
+        train_set = dataset.LatentCache(train_samples, dcfg, base.codec, device=acc.device).dataset()
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size,
         shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
@@ -339,7 +324,8 @@ def run(cfg: TrainConfig) -> Path:
             improved = val < best
             best, bad = (val, 0) if improved else (best, bad + 1)
             if acc.is_main_process:
-                runs.log(folder, {"step": step, "epoch": epoch, "val_loss": val, "best": best})
+                runs.log(folder, {"step": step, "epoch": epoch, "val_loss": val, "best": best,
+                                  "objective": objective.prediction_type})
                 _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, end, best, bad)
                 if improved:
                     runs.mark(folder, "best", step, val_loss=val, epoch=end)
@@ -401,31 +387,6 @@ def _load_state(ckpt: Path, acc, net, opt, sched, loader, ema) -> tuple[int, int
 
 
 def plot_loss(folder: Path, formats: str = "png") -> Path | None:
-    """Training loss (smoothed) and validation loss against optimizer steps → figures/loss_curve.*"""
-    from matplotlib.figure import Figure
-
-    from . import viz
-
-    log = runs.read_log(folder)
-    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
-    if not train:
-        return None
-    with viz.style():
-        fig = Figure(figsize=(6, 3.5))
-        ax = fig.subplots()
-        xs, ys = zip(*train)
-        w = max(1, len(ys) // 50)
-        smooth = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
-        ax.plot(xs, ys, color="0.8", lw=0.8, label="train loss")
-        ax.plot(xs, smooth, color="C0", lw=1.5, label=f"train loss (mean of {w})")
-        if val:
-            vx, vy = zip(*val)
-            ax.plot(vx, vy, "o-", color="C3", lw=1.5, ms=3, label="validation (fixed noise, MSE)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.set_title(Path(folder).name)
-        ax.legend(frameon=False, fontsize=8)
-        fig.tight_layout()
-        return viz.save_figure(fig, Path(folder) / "figures", "loss_curve", formats)[0]
+    """``viz.loss_figure`` of a run's log → ``<run>/figures/loss_curve.<format>`` (the first path)."""
+    fig = viz.loss_figure(runs.read_log(folder), Path(folder).name)
+    return None if fig is None else viz.save_figure(fig, Path(folder) / "figures", "loss_curve", formats)[0]

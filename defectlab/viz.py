@@ -1,9 +1,11 @@
-"""Figures for reports: one style, image grids, real-vs-generated, saving at print quality.
+"""Static figures: one style, image grids, real-vs-generated, datasets, sweeps, saving at print
+quality, and showing them inline. Run-specific figures and tables are ``report.py``'s, the
+interactive explorer is ``explorer.py``.
 
 Figures are built on ``matplotlib.figure.Figure`` directly instead of ``pyplot``: no global
 figure list to leak in loops, no backend needed, and Jupyter still shows a returned figure
-once (pyplot would show it a second time at the end of the cell). ipywidgets is imported only
-inside the explorer, so importing this module stays cheap and needs no notebook extras.
+once (pyplot would show it a second time at the end of the cell). Neither pyplot nor
+ipywidgets is imported, so stages can draw their figures without notebook extras.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from . import runs
+from . import data as data_mod, dataset
 from .errors import DefectlabError
+from .images import to_numpy
+from .runs import atomic_write
 
 DPI = 200                               # raster figures are saved at this resolution
 FORMATS = ("png", "pdf", "svg")         # what save_figure writes
@@ -33,23 +37,15 @@ STYLE = {                               # shared rcParams: every figure looks th
     "savefig.facecolor": "white",
     "savefig.bbox": "tight",
     "savefig.pad_inches": 0.05,
+    "pdf.fonttype": 42,                 # TrueType (Type 42) fonts in PDF, as journals ask
+    "ps.fonttype": 42,
+    "svg.fonttype": "none",             # SVG text stays text (editable), not outlined paths
 }
 
 
 def style():
     """``with viz.style(): ...`` — the shared look, without touching the global rcParams."""
     return matplotlib.rc_context(STYLE)
-
-
-def to_numpy(images: torch.Tensor) -> np.ndarray:
-    """[N,3,H,W] (or [3,H,W]) in [-1, 1] → float array [N,H,W,3] in [0, 1] for imshow."""
-    x = images.detach().float().cpu()
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise DefectlabError(f"expected images shaped [N,3,H,W], got {tuple(images.shape)}")
-    x = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
 
 
 def _label(name: str, width: int = 14) -> str:
@@ -152,7 +148,7 @@ def save_figure(fig: Figure, folder: str | Path, name: str, formats: str | Itera
     for fmt in fmts:
         path = Path(folder) / f"{name}.{fmt}"
         # the temp file has no image suffix, so the format is given explicitly
-        out.append(runs.atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI)))
+        out.append(atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI)))
     return out
 
 
@@ -197,8 +193,6 @@ def dataset_figure(data, per_class: int = 6, with_masks: bool = True, size: int 
     """One row per defect class (plus ``good`` when there are defect-free images), ``per_class``
     examples per row from train + test, masks tinted red with an outline. ``data`` is a
     ``data.DefectData`` (``data.load``)."""
-    from . import data as data_mod
-
     if per_class < 1:
         raise DefectlabError(f"per_class must be ≥ 1 (got {per_class})")
     by_class = {c: [s for s in [*data.train, *data.test] if s.defect == c] for c in data.classes}
@@ -220,9 +214,9 @@ def dataset_figure(data, per_class: int = 6, with_masks: bool = True, size: int 
                     ax.set_visible(False)
                     continue
                 image_path, mask_path = items[c]
-                img = to_numpy(data_mod.load_image(image_path, size))[0]
+                img = to_numpy(dataset.load_image(image_path, size))[0]
                 if with_masks and mask_path is not None:
-                    mask = data_mod.load_mask(mask_path, size)[0].numpy()
+                    mask = dataset.load_mask(mask_path, size)[0].numpy()
                     ax.imshow(_overlay(img, mask), interpolation="nearest", vmin=0, vmax=1)
                     if mask.any():
                         ax.contour(mask, levels=[0.5], colors=[tuple(MASK_RGB)], linewidths=0.6)
@@ -262,58 +256,37 @@ def counts_figure(data, title: str | None = None) -> Figure:
     return fig
 
 
-# ----------------------------------------------------------------------------- runs
-def real_vs_generated_for_run(run: str | Path, samples: str | Path, rows: int = 4, real: str = "train") -> Figure:
-    """``real_vs_generated_figure`` of a run: its own ``train`` (what it was fine-tuned on) or
-    held-out ``test`` images from its split manifest, above images from a sampler output folder."""
-    import dataclasses
-
-    from . import data as data_mod
-
-    if real not in ("train", "test"):
-        raise DefectlabError(f"real must be train or test (got {real!r})")
-    folder, samples = Path(run), Path(samples)
-    saved = runs.load_config(folder)
-    fields = {f.name for f in dataclasses.fields(data_mod.DataConfig)}
-    dcfg = data_mod.DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
-    dcfg.image_size = dcfg.image_size or 64
-    dd = data_mod.load(dcfg, manifest=folder / "split.json")
-    size = dcfg.image_size
-
-    def stack(paths_, crop=0):
-        return torch.stack([data_mod.load_image(p, size, crop) for p in paths_]) if paths_ else torch.zeros(0, 3, size, size)
-
-    pool = dd.train if real == "train" else dd.test
-    real_imgs = {c: stack([s.image for s in pool if s.defect == c][:rows], dcfg.crop) for c in dd.classes}
-    gen = {c: stack(sorted((samples / dd.product / "test" / c).glob("*.png"))[:rows]) for c in dd.classes}
-    return real_vs_generated_figure(real_imgs, gen, rows, title=f"{dd.product}: real ({real} split) vs generated, {size} px")
+# ----------------------------------------------------------------------------- sweeps
+_TARGETS = {"epsilon": "ε", "v_prediction": "v"}   # what the output's first half predicts (diffusion.Objective)
 
 
-def trainable_table(model: torch.nn.Module) -> str:
-    """Markdown table: trainable / total parameters by kind (what a fine-tuning method touches)."""
-    def kind(name: str) -> str:
-        if "class_embedder.embedding_table" in name:
-            return "class tables"
-        if "difffit_gamma" in name:
-            return "DiffFit scales γ"
-        if ".lora_" in name:
-            return "LoRA adapters"
-        if name.endswith(".bias"):
-            return "biases"
-        if "norm" in name:
-            return "adaLN / norm weights"
-        return "other weights"
-
-    counts: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        c = counts.setdefault(kind(name), [0, 0])
-        c[0] += p.numel() if p.requires_grad else 0
-        c[1] += p.numel()
-    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
-    lines = ["| parameters | trainable | total | share trained |", "|---|---:|---:|---:|"]
-    for k, (t, n) in [*sorted(counts.items()), ("**all**", total)]:
-        lines.append(f"| {k} | {t:,} | {n:,} | {100 * t / max(n, 1):.1f}% |")
-    return "\n".join(lines)
+def loss_figure(records: list[dict], title: str = "") -> Figure | None:
+    """Training loss (raw and a moving mean) and fixed-noise validation loss against optimizer
+    steps, from a run's ``log.jsonl`` records; None when nothing trained yet."""
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train:
+        return None
+    target = next((_TARGETS.get(r["objective"], r["objective"]) for r in records if "objective" in r), None)
+    mse = f"{target}-MSE" if target else "MSE"
+    with style():
+        fig = Figure(figsize=(6.5, 3.2))
+        ax = fig.subplots()
+        xs, ys = zip(*train)
+        w = max(5, len(ys) // 25) if len(ys) >= 10 else 1
+        smooth = np.convolve(ys, np.ones(w) / w, mode="valid") if w > 1 else np.asarray(ys)
+        ax.plot(xs, ys, color="0.75", lw=0.8, label=f"train, {mse} + vb (per step)")
+        if w > 1:
+            ax.plot(xs[w - 1:], smooth, color="C0", lw=1.6, label=f"train, moving mean of {w} steps")
+        if val:
+            vx, vy = zip(*val)
+            ax.plot(vx, vy, "o-", color="C3", lw=1.5, ms=3, label=f"validation, {mse} (fixed noise)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
+        return fig
 
 
 def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
@@ -347,84 +320,3 @@ def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
         ax2.set_xlabel(" · ".join(keys))
         fig.suptitle(f"sweep: {len(rows)} points")
     return fig
-
-
-# ----------------------------------------------------------------------------- explorer
-ALL_CLASSES = "(all classes)"
-
-
-class Explorer:
-    """Sample a fine-tuned model interactively (class, steps, seed, guidance, a Run button).
-
-    The model is loaded once by the caller (``train.restore``) and handed in; ``render`` only
-    samples, with per-image generators (``sample.generators(seed, class, range(n))``), so a seed
-    gives exactly the images ``sample.run`` exports for the same settings. ``widget()`` builds
-    the ipywidgets UI; ``render`` is the same thing without a browser.
-    """
-
-    def __init__(self, restored, steps: int = 50, guidance: float = 1.5, seed: int = 0, n: int = 4,
-                 scheduler: str = "ddim", cfg_channels: str = "all", image_size: int = 0, max_steps: int = 250):
-        self.restored, self.classes = restored, list(restored.classes)
-        self.steps, self.guidance, self.seed, self.n = steps, guidance, seed, n
-        self.scheduler, self.cfg_channels, self.max_steps = scheduler, cfg_channels, max(max_steps, steps)
-        self.image_size = image_size or restored.config.get("image_size") or restored.base.default_image_size
-        self.last_images: torch.Tensor | None = None
-        self.controls: dict = {}
-
-    def render(self, class_name: str, steps: int, seed: int, guidance: float, n: int | None = None) -> Figure:
-        """One class: ``n`` images in a row; ``ALL_CLASSES`` (or ""): columns = classes, rows = ``n``."""
-        from . import sample
-
-        n = self.n if n is None else n
-        if n < 1:
-            raise DefectlabError(f"n must be ≥ 1 (got {n})")
-        names = self.classes if class_name in ("", ALL_CLASSES) else [class_name]
-        if names[0] not in self.classes:
-            raise DefectlabError(f"unknown class {class_name!r} (known: {', '.join(self.classes)})")
-        labels = [self.classes.index(c) for c in names for _ in range(n)]
-        gens = [g for c in names for g in sample.generators(seed, c, range(n))]
-        base = self.restored.base
-        images = sample.generate(self.restored.model, base.codec, labels, gens, steps, guidance, self.scheduler,
-                                 self.cfg_channels, scheduler_config=base.scheduler_config,
-                                 image_size=self.image_size, progress=False)
-        self.last_images = images
-        title = f"{self.scheduler} {steps} steps · guidance {guidance:g} · seed {seed}"
-        if len(names) == 1:
-            return grid_figure(images, [f"{names[0]} #{i}" for i in range(n)], rows=1, title=title)
-        return grid_figure(images, names, rows=n, title=title)
-
-    def widget(self):
-        """The ipywidgets UI; nothing is sampled until Run is pressed."""
-        import html
-        import time
-
-        import ipywidgets as w
-
-        c = self.controls = {
-            "class": w.Dropdown(options=[*self.classes, ALL_CLASSES], value=self.classes[0], description="class"),
-            "steps": w.IntSlider(value=self.steps, min=1, max=self.max_steps, description="steps",
-                                 continuous_update=False),
-            "seed": w.IntText(value=self.seed, description="seed"),
-            "guidance": w.FloatSlider(value=self.guidance, min=1.0, max=8.0, step=0.25, description="guidance",
-                                      continuous_update=False),
-            "n": w.IntSlider(value=self.n, min=1, max=16, description="images", continuous_update=False),
-            "run": w.Button(description="Run", button_style="primary", icon="play"),
-            "status": w.HTML(value="press Run to sample"),
-            "image": w.Image(format="png"),
-        }
-
-        def on_run(_button=None):
-            c["run"].disabled, t0 = True, time.time()
-            c["status"].value = "sampling…"
-            try:
-                fig = self.render(c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value)
-                c["image"].value = figure_png(fig)
-                c["status"].value = f"done in {time.time() - t0:.1f} s"
-            except DefectlabError as err:
-                c["status"].value = f"<span style='color:#b00020'>{html.escape(str(err))}</span>"
-            finally:
-                c["run"].disabled = False
-
-        c["run"].on_click(on_run)
-        return w.VBox([w.HBox([c["class"], c["steps"]]), w.HBox([c["seed"], c["guidance"]]),
-                       w.HBox([c["n"], c["run"], c["status"]]), c["image"]])

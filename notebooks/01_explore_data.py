@@ -27,15 +27,16 @@ show_size: int = 96  # side in px of each example in the figure
 with_masks: bool = True  # overlay the defect masks in red
 figures_dir: str = ""  # folder for the figures ("" means outputs/figures)
 formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+settings: str = ""  # other DataConfig fields as JSON, e.g. {"test_fraction": 0.5} (batch runs put them here)
 
 # %%
 from pathlib import Path
 
 from defectlab import data as datasets
-from defectlab import paths, viz
+from defectlab import params, paths, viz
 
 figures = Path(figures_dir) if figures_dir else paths.OUTPUTS / "figures"
-config = datasets.DataConfig(data=data, product=product)
+config = params.with_settings(datasets.DataConfig(data=data, product=product), settings)
 
 # %% [markdown]
 # ## Layout, classes, counts and image sizes

@@ -42,18 +42,19 @@ seed: int = 0  # seeds data order, noise, label dropout and new class rows
 name: str = ""  # run name ("" means <product>-<method>)
 runs_dir: str = ""  # parent of run folders ("" means outputs/runs)
 progress: bool = True  # progress bar while training
+settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batch runs put them here)
 
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import notebooks, train, viz
+from defectlab import params, report, train, viz
 
-config = train.TrainConfig(
+config = params.with_settings(train.TrainConfig(
     data=data, product=product, model=model, method=method, image_size=image_size, lr=lr, epochs=epochs,
     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, mixed_precision=mixed_precision,
     lora_rank=lora_rank, class_init=class_init, label_dropout=label_dropout, ema=ema,
     val_per_class=val_per_class, val_timesteps=val_timesteps, val_every=val_every, patience=patience,
-    seed=seed, name=name, runs_dir=runs_dir, progress=progress)
+    seed=seed, name=name, runs_dir=runs_dir, progress=progress), settings)
 
 # %% [markdown]
 # ## Fine-tune
@@ -68,7 +69,7 @@ run_folder
 
 # %%
 restored = train.restore(run_folder)
-display(Markdown(viz.trainable_table(restored.model)))
+display(Markdown(report.trainable_table(restored.model)))
 
 # %% [markdown]
 # ## Loss curve
@@ -77,4 +78,4 @@ display(Markdown(viz.trainable_table(restored.model)))
 
 # %%
 viz.show(train.plot_loss(run_folder))
-notebooks.run_summary(run_folder)
+report.run_summary(run_folder)

@@ -26,39 +26,45 @@ checkpoint: str = "best"  # best, latest or a step number
 classes: str = ""  # comma-separated class names ("" means all)
 per_class: int = 8  # images per class (rows of the grid)
 scheduler: str = "ddpm"  # ddpm, ddim or dpmsolver
-steps: int = 250  # sampling steps
+steps: int = 0  # sampling steps (0 means the scheduler's default: ddpm 250, ddim 50, dpmsolver 25)
 guidance: float = 1.5  # classifier-free guidance scale (1 means off)
 sample_seed: int = 0  # image i of class c is seeded from (sample_seed, c, i)
 explorer_images: int = 4  # images per Run in the explorer
 formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+settings: str = ""  # other SampleConfig fields as JSON, e.g. {"timestep_spacing": "leading"} (batch runs put them here)
 
 # %%
-from defectlab import notebooks, sample, train, viz
+from defectlab import params, report, sample, train, viz
+from defectlab.explorer import Explorer
 
-run_folder = notebooks.resolve_run(run)
-config = sample.SampleConfig(run=str(run_folder), checkpoint=checkpoint, classes=classes, per_class=per_class,
-                             scheduler=scheduler, steps=steps, guidance=guidance, seed=sample_seed, formats=formats)
+run_folder = report.resolve_run(run)
+config = params.with_settings(sample.SampleConfig(
+    run=str(run_folder), checkpoint=checkpoint, classes=classes, per_class=per_class, scheduler=scheduler,
+    steps=steps, guidance=guidance, seed=sample_seed, formats=formats), settings)
+
+# %% [markdown]
+# ## The fine-tuned model
+# Loaded once: the sample grid and the explorer below both use it.
+
+# %%
+restored = train.restore(run_folder, config.checkpoint, numerics=config.numerics)
 
 # %% [markdown]
 # ## Sample grid
 
 # %%
-samples = sample.run(config)
-viz.show(notebooks.sample_figure(samples))
+samples = sample.run(config, restored=restored)
+viz.show(report.sample_figure(samples))
 samples
 
 # %% [markdown]
 # ## Explorer
-# The model is loaded once here; pressing **Run** only samples. Below the controls, a preview of
-# the first class with the parameters above (what a batch run keeps).
+# Pressing **Run** only samples. Below the controls, a preview of the first class with the
+# settings above (what a batch run keeps).
 
 # %%
-restored = train.restore(run_folder, checkpoint)
-explorer = viz.Explorer(restored, steps=steps, guidance=guidance, seed=sample_seed, n=explorer_images,
-                        scheduler=scheduler)
-
-# %%
-viz.show(explorer.render(restored.classes[0], steps, sample_seed, guidance))
+explorer = Explorer.from_config(restored, config, n=explorer_images)
+viz.show(explorer.render(restored.classes[0]))
 
 # %%
 explorer.widget()

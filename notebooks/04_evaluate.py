@@ -25,44 +25,45 @@ samples: str = ""  # sampler output folder made by 03 ("" means the newest under
 metrics: str = "downstream,fid,kid,is"  # any of downstream, fid, kid, is (unavailable ones are skipped)
 conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen
 seeds: int = 3  # downstream classifier seeds (mean and std over them)
-classifier_steps: int = 30  # optimizer steps per classifier (300 or more on a GPU)
+classifier_steps: int = 40  # optimizer steps per classifier (300 or more on a GPU)
 classifier_size: int = 64  # classifier input side in px
 classifier_weights: str = ""  # local torchvision resnet18 ImageNet weights ("" means from scratch)
 feature_weights: str = ""  # InceptionV3 weights file for FID/KID/IS ("" means the torch hub cache)
 bootstrap: int = 0  # bootstrap resamples for 95% FID/KID intervals (0 means none)
 compare_rows: int = 4  # real and generated images per class in the comparison figure
 formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+settings: str = ""  # other EvalConfig fields as JSON, e.g. {"kid_subset_size": 50} (batch runs put them here)
 
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import evaluate, notebooks, viz
+from defectlab import evaluate, params, report, viz
 
-run_folder = notebooks.resolve_run(run)
-config = evaluate.EvalConfig(run=str(run_folder), samples=samples, metrics=metrics, conditions=conditions,
-                             seeds=seeds, classifier_steps=classifier_steps, classifier_size=classifier_size,
-                             classifier_weights=classifier_weights, feature_weights=feature_weights,
-                             bootstrap=bootstrap, formats=formats)
+run_folder = report.resolve_run(run)
+config = params.with_settings(evaluate.EvalConfig(
+    run=str(run_folder), samples=samples, metrics=metrics, conditions=conditions, seeds=seeds,
+    classifier_steps=classifier_steps, classifier_size=classifier_size, classifier_weights=classifier_weights,
+    feature_weights=feature_weights, bootstrap=bootstrap, formats=formats), settings)
 
 # %% [markdown]
 # ## Metrics
 
 # %%
-result = evaluate.run(config)
-display(Markdown(f"**{notebooks.caption(result)}**"))
-display(Markdown(evaluate.format_table(result)))
+result = report.evaluate_run(config)
+display(Markdown(f"**{report.caption(result)}**"))
+display(Markdown(report.format_table(result)))
 
 # %% [markdown]
 # ## Charts
 # Saved in the run folder's `figures/` as `eval-*.png`.
 
 # %%
-viz.show(*evaluate.figures(result))
+viz.show(*report.figures(result))
 
 # %% [markdown]
 # ## Real and generated images, class by class
 
 # %%
-comparison = viz.real_vs_generated_for_run(result["run"], result["samples"], rows=compare_rows)
-viz.save_figure(comparison, notebooks.figures_folder(run_folder), "real-vs-generated", formats)
+comparison = report.real_vs_generated_for_run(result.run, result.samples, rows=compare_rows)
+viz.save_figure(comparison, report.figures_folder(run_folder), "real-vs-generated", formats)
 viz.show(comparison)

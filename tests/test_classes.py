@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from defectlab import classes, data as data_mod, model, runs, synth
+from defectlab import classes, data as data_mod, dataset, methods, model, runs, synth
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
@@ -48,7 +48,7 @@ def test_a_class_learned_from_the_images_ranks_first(tmp_path, root, hazelnuts, 
     for block in net.transformer_blocks:  # no label dropout: every step teaches class j
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     crack = [s for s in hazelnuts.train if s.defect == "crack"]
-    ds = data_mod.DefectDataset(crack, data_mod.DataConfig(image_size=SIZE), augment=False)
+    ds = dataset.DefectDataset(crack, data_mod.DataConfig(image_size=SIZE), augment=False)
     x0 = torch.stack([ds[i]["image"] for i in range(len(ds))])
     obj, gen = Objective(base.scheduler_config), torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -92,7 +92,7 @@ def test_train_with_nearest_init_starts_from_the_best_base_rows(tmp_path, root, 
     assert len(expected) == len(hazelnuts.classes) and all(0 <= i < 8 for i in expected)
 
     seen = {}
-    real = model.set_classes
+    real = methods.set_classes
 
     def spy(transformer, k, init="random", seed=0):
         tables = lambda: [b.norm1.emb.class_embedder.embedding_table.weight.detach().clone()  # noqa: E731
@@ -101,7 +101,7 @@ def test_train_with_nearest_init_starts_from_the_best_base_rows(tmp_path, root, 
         real(transformer, k, init=init, seed=seed)
         seen.update(init=init, before=before, after=tables())
 
-    monkeypatch.setattr(model, "set_classes", spy)
+    monkeypatch.setattr(methods, "set_classes", spy)
     train.run(cfg)
     assert seen["init"] == expected
     for old, new in zip(seen["before"], seen["after"]):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import data, paths, synth
-from defectlab.data import DataConfig, DefectDataset
+from defectlab import data, dataset, paths, synth
+from defectlab.data import DataConfig
+from defectlab.dataset import DefectDataset
 from defectlab.errors import DefectlabError
 
 
@@ -167,9 +168,9 @@ def test_dataset_item_ranges(tmp_path):
 
 def test_greyscale_becomes_rgb_and_crop(tmp_path):
     path = _png(tmp_path / "g.png", size=40, value=(90, 90, 90), mode="L", square=(10, 10, 20))
-    x = data.load_image(path, 10)
+    x = dataset.load_image(path, 10)
     assert x.shape == (3, 10, 10) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
-    centre = data.load_image(path, 8, crop=20)                 # exactly the white square
+    centre = dataset.load_image(path, 8, crop=20)                 # exactly the white square
     assert torch.allclose(centre, torch.ones_like(centre))
 
 
@@ -268,7 +269,7 @@ def test_corrupt_image_found_by_load(tmp_path, damage):
     with pytest.raises(DefectlabError, match=r"corrupt image .*dent/002\.png"):
         data.load(cfg_for(root))
     with pytest.raises(DefectlabError, match=r"002\.png"):
-        data.load_image(bad, 16)
+        dataset.load_image(bad, 16)
 
 
 def test_non_image_file_is_skipped_with_warning(tmp_path):
@@ -294,7 +295,7 @@ def test_crop_larger_than_image_and_tiny_size(tmp_path):
     with pytest.raises(DefectlabError, match="image_size must be at least 8"):
         data.load(cfg_for(root, image_size=4))
     with pytest.raises(DefectlabError, match="crop 64"):
-        data.load_image(root / "widget" / "train" / "good" / "000.png", 16, crop=64)
+        dataset.load_image(root / "widget" / "train" / "good" / "000.png", 16, crop=64)
 
 
 def test_single_image_class_goes_to_training(tmp_path):
@@ -316,7 +317,7 @@ def test_real_mvtec_screws(shared_screws):
         assert s.mask is not None
         with Image.open(s.image) as im, Image.open(s.mask) as m:
             assert im.size == m.size == (1024, 1024) and im.mode == "L"
-    x = data.load_image(d.test[0].image, 64)
+    x = dataset.load_image(d.test[0].image, 64)
     assert x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[2])
     item = DefectDataset(d.train[:1], DataConfig(image_size=64), augment=False)[0]
     assert 0 < item["mask"].sum() < 64 * 64 / 4                # a small defect, kept at 64 px

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from defectlab import data, engine, methods, model, sample
+from defectlab import data, dataset, engine, methods, model, sampler
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
@@ -27,7 +27,7 @@ def fresh(method=None, seed=0, same_copies=True):
     (the converted DiT-XL checkpoint's layout)."""
     torch.manual_seed(seed)
     t = DiTTransformer2DModel(**MICRO)
-    model.set_classes(t, 3, [990, 783, 5])
+    methods.set_classes(t, 3, [990, 783, 5])
     for block in t.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0  # as train.build
     if same_copies:
@@ -80,7 +80,7 @@ def test_tied_equals_untied_exactly_and_computes_the_embedding_once():
     x0, _, ts, y = inputs()
     with torch.no_grad():                       # positional arguments take the same path
         assert torch.equal(tied(x0, ts, y).sample, ref)
-    assert model.num_classes(tied) == 3
+    assert methods.num_classes(tied) == 3
     names = {n for n, _ in tied.named_parameters()}
     assert names < {n for n, _ in t.named_parameters()}
     assert not any(n.startswith("transformer_blocks.1.norm1.emb") for n in names)
@@ -206,9 +206,9 @@ def test_generate_with_the_engine_equals_plain_generate():
     t = fresh("difffit").eval()
     kw = dict(steps=4, guidance=3.0, scheduler="ddim", batch_size=2, progress=False)
     labels = [0, 1, 2]
-    plain = sample.generate(t, model.PixelCodec(), labels, sample.generators(0, "c", range(3)), **kw)
-    fast = sample.generate(engine.sampler(t, dtype=torch.float32), model.PixelCodec(), labels,
-                           sample.generators(0, "c", range(3)), **kw)
+    plain = sampler.generate(t, model.PixelCodec(), labels, sampler.generators(0, "c", range(3)), **kw)
+    fast = sampler.generate(engine.sampler(t, dtype=torch.float32), model.PixelCodec(), labels,
+                           sampler.generators(0, "c", range(3)), **kw)
     assert torch.allclose(fast, plain, atol=1e-5)
 
 
@@ -243,17 +243,17 @@ def _samples(tmp_path, n=3, size=24):
 
 def test_views_are_drawn_and_applied_exactly_as_augment_pair(tmp_path):
     cfg = data.DataConfig(image_size=24)
-    item = data.DefectDataset(_samples(tmp_path, 1), cfg, augment=False)[0]
-    assert len(engine.views(cfg)) == 16
+    item = dataset.DefectDataset(_samples(tmp_path, 1), cfg, augment=False)[0]
+    assert len(dataset.views(cfg)) == 16
     for seed in range(12):
         torch.manual_seed(seed)
-        img, msk = data.augment_pair(item["image"], item["mask"], cfg)
+        img, msk = dataset.augment_pair(item["image"], item["mask"], cfg)
         after = torch.rand(())
         torch.manual_seed(seed)
-        view = engine.draw_view(cfg)
+        view = dataset.draw_view(cfg)
         assert torch.rand(()) == after            # the same RNG draws: later noise is unchanged
-        assert view in engine.views(cfg)
-        img2, msk2 = engine.apply_view(item["image"], item["mask"], view)
+        assert view in dataset.views(cfg)
+        img2, msk2 = dataset.apply_view(item["image"], item["mask"], view)
         assert torch.equal(img2, img) and torch.equal(msk2, msk)
 
 
@@ -268,8 +268,8 @@ def test_latent_cache_equals_encoding_on_the_fly(tmp_path, codec_name):
         codec = model.VAECodec(AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
                                              up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4,
                                              layers_per_block=1, latent_channels=4))
-    cache = engine.LatentCache(samples, cfg, codec)
-    plain, cached = data.DefectDataset(samples, cfg, augment=True), cache.dataset(augment=True)
+    cache = dataset.LatentCache(samples, cfg, codec)
+    plain, cached = dataset.DefectDataset(samples, cfg, augment=True), cache.dataset(augment=True)
     torch.manual_seed(3)
     expect = [plain[i % 3] for i in range(18)]    # 18 draws over 3 images and 12 views: repeats
     state = torch.get_rng_state()
@@ -282,7 +282,7 @@ def test_latent_cache_equals_encoding_on_the_fly(tmp_path, codec_name):
         assert torch.equal(g["mask"], e["mask"]) and g["label"] == e["label"]
     assert cache.encodes == len(cache) < 18       # each (image, view) once
     cache.fill()                                  # the views not drawn yet, and only those
-    assert cache.encodes == len(cache) == 3 * len(engine.views(cfg))
+    assert cache.encodes == len(cache) == 3 * len(dataset.views(cfg))
     loader = torch.utils.data.DataLoader(cached, batch_size=2)
     assert next(iter(loader))["latent"].shape == (2, *codec.latent_shape(24))
 
@@ -290,7 +290,7 @@ def test_latent_cache_equals_encoding_on_the_fly(tmp_path, codec_name):
 def test_latent_cache_refuses_a_sampling_codec(tmp_path):
     vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, layers_per_block=1, latent_channels=4)
     with pytest.raises(DefectlabError, match="posterior mean"):
-        engine.LatentCache(_samples(tmp_path, 1), data.DataConfig(image_size=24), model.VAECodec(vae, sample=True))
+        dataset.LatentCache(_samples(tmp_path, 1), data.DataConfig(image_size=24), model.VAECodec(vae, sample=True))
 
 
 # ----------------------------------------------------------------------------- benchmark script

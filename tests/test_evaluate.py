@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_fidelity
 from PIL import Image
 
-from defectlab import classifier, data, evaluate, runs
+from defectlab import classifier, data, evaluate, images, metrics, report, runs
 from defectlab.errors import DefectlabError
 
 
@@ -42,7 +42,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(weights):
-    return evaluate.load_extractor(weights)
+    return metrics.load_extractor(weights)
 
 
 def textures(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -62,14 +62,14 @@ def sets():
 
 @pytest.fixture(scope="module")
 def feats(extractor, sets):
-    return {k: evaluate.features(extractor, evaluate.to_uint8(v)) for k, v in sets.items()}
+    return {k: metrics.features(extractor, images.to_uint8(v)) for k, v in sets.items()}
 
 
 # ----------------------------------------------------------------------------- FID / KID / IS
 def test_identical_sets_score_zero_and_shifts_are_ordered(feats):
-    same = evaluate.distribution(feats["base"], feats["base"])
-    mild = evaluate.distribution(feats["mild"], feats["base"])
-    strong = evaluate.distribution(feats["strong"], feats["base"])
+    same = metrics.distribution(feats["base"], feats["base"])
+    mild = metrics.distribution(feats["mild"], feats["base"])
+    strong = metrics.distribution(feats["strong"], feats["base"])
     assert same["n_gen"] == same["n_real"] == 8 and same["kid_subset_size"] == 8
     assert abs(same["fid"]) < 1e-6 * strong["fid"]
     assert abs(same["kid"]) < 0.05 * strong["kid"]  # unbiased KID of a set with itself: slightly < 0
@@ -82,8 +82,8 @@ def test_numbers_equal_torch_fidelity_calculate_metrics(weights, sets, feats):
     """Per-set features + the library's metric functions (and FID in the data's span) give what
     torch_fidelity.calculate_metrics computes from the images with the same weights file."""
     cut = lambda f, n: {k: v[:n] for k, v in f.items()}  # noqa: E731  (features are per image)
-    ours = evaluate.distribution(cut(feats["mild"], 5), cut(feats["strong"], 6))
-    ds = lambda x: evaluate._Images(evaluate.to_uint8(x))  # noqa: E731
+    ours = metrics.distribution(cut(feats["mild"], 5), cut(feats["strong"], 6))
+    ds = lambda x: metrics.Images(images.to_uint8(x))  # noqa: E731
     lib = torch_fidelity.calculate_metrics(
         input1=ds(sets["mild"][:5]), input2=ds(sets["strong"][:6]), fid=True, kid=True, isc=True, kid_subset_size=5,
         isc_splits=ours["is_splits"], feature_extractor_weights_path=str(weights), cuda=False, cache=False,
@@ -95,7 +95,7 @@ def test_numbers_equal_torch_fidelity_calculate_metrics(weights, sets, feats):
 
 def test_kid_subset_adapts_to_tiny_sets_and_bootstrap_gives_intervals(feats):
     tiny = {k: v[:3] for k, v in feats["mild"].items()}
-    r = evaluate.distribution(tiny, feats["base"], kid_subset_size=50, bootstrap=20)
+    r = metrics.distribution(tiny, feats["base"], kid_subset_size=50, bootstrap=20)
     assert r["kid_subset_size"] == 3 and (r["n_gen"], r["n_real"]) == (3, 8)
     assert r["is_splits"] == 1 and math.isfinite(r["inception_score"])
     for key in ("fid", "kid"):
@@ -105,7 +105,7 @@ def test_kid_subset_adapts_to_tiny_sets_and_bootstrap_gives_intervals(feats):
     with pytest.raises(ValueError):
         torch_fidelity.metric_kid.kid_features_to_metric(tiny["2048"], feats["base"]["2048"], kid_subset_size=10,
                                                          verbose=False)
-    one = evaluate.distribution({k: v[:1] for k, v in tiny.items()}, feats["base"])
+    one = metrics.distribution({k: v[:1] for k, v in tiny.items()}, feats["base"])
     assert "fid" not in one and "≥ 2 images" in one["reason"]
 
 
@@ -113,37 +113,37 @@ def test_missing_weights_message(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("DEFECTLAB_OFFLINE", "1")
     with pytest.raises(DefectlabError) as err:
-        evaluate.inception_weights("")
+        metrics.inception_weights("")
     msg = str(err.value)
     assert "\n" not in msg and "offline" in msg and "--feature-weights FILE" in msg
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and str(tmp_path / "torch") in msg
     with pytest.raises(DefectlabError, match="not found"):
-        evaluate.inception_weights(str(tmp_path / "nope.pth"))
+        metrics.inception_weights(str(tmp_path / "nope.pth"))
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(2)}, bad)
     with pytest.raises(DefectlabError, match="not torch-fidelity InceptionV3"):
-        evaluate.load_extractor(bad)
+        metrics.load_extractor(bad)
 
 
 def test_weights_are_described(weights):
-    d = evaluate.describe_weights(weights, "file", evaluate.RANDOM_NOTE)
+    d = metrics.describe_weights(weights, "file", metrics.RANDOM_NOTE)
     assert d["official"] is False and d["proxy"] is True and d["offline"] is True
-    assert len(d["sha256"]) == 16 and d["note"] == evaluate.RANDOM_NOTE and d["weights"] == str(weights)
-    assert "not comparable" in evaluate.describe_weights(weights, "file")["note"]
+    assert len(d["sha256"]) == 16 and d["note"] == metrics.RANDOM_NOTE and d["weights"] == str(weights)
+    assert "not comparable" in metrics.describe_weights(weights, "file")["note"]
 
 
 # ----------------------------------------------------------------------------- diversity
 def test_pixel_diversity_and_ic_lpips_known_answers():
     a, b = torch.full((3, 8, 8), -0.5), torch.full((3, 8, 8), 0.5)
     train = torch.stack([a, b])
-    copies = evaluate.pixel_diversity(torch.stack([a, a, a]), train)
+    copies = metrics.pixel_diversity(torch.stack([a, a, a]), train)
     assert copies["pixel_l1_gen"] == 0 and copies["nearest_train_l1"] == 0
     assert copies["pixel_l1_real"] == pytest.approx(0.5)  # |−0.5 − 0.5| / 2 in [0, 1] units
     l1 = lambda x, y: ((x - y).abs().flatten(1).mean(1))  # noqa: E731  (stand-in distance, known answer)
     gen = torch.stack([a + 0.1, a - 0.1, b + 0.05])      # two near a (one cluster of 2), one near b
-    assert evaluate.ic_lpips(gen, train, l1) == pytest.approx(0.2)
-    assert evaluate.ic_lpips(gen[:1], train, l1) is None
-    distance, reason = evaluate.lpips_distance()
+    assert metrics.ic_lpips(gen, train, l1) == pytest.approx(0.2)
+    assert metrics.ic_lpips(gen[:1], train, l1) is None
+    distance, reason = metrics.lpips_distance()
     if distance is None:  # lpips is not installed here: reported as null with the reason, never faked
         assert "lpips" in reason.lower()
 
@@ -254,12 +254,13 @@ def _finite(obj, path="metrics"):
 
 
 def test_run_end_to_end(run_folder, weights):
-    cfg = evaluate.EvalConfig(run=str(run_folder), feature_weights=str(weights), feature_weights_note=evaluate.RANDOM_NOTE,
+    cfg = evaluate.EvalConfig(run=str(run_folder), feature_weights=str(weights),
+                              feature_weights_note=metrics.RANDOM_NOTE,
                               bootstrap=5, seeds=2, classifier_steps=3, classifier_batch=8, classifier_size=8)
-    result = evaluate.run(cfg)
+    result = report.evaluate_run(cfg)
     saved = json.loads((run_folder / "metrics.json").read_text())
     _finite(saved)
-    assert saved["feature_extractor"]["note"] == evaluate.RANDOM_NOTE and saved["feature_extractor"]["proxy"]
+    assert saved["feature_extractor"]["note"] == metrics.RANDOM_NOTE and saved["feature_extractor"]["proxy"]
     assert saved["images"] == {"train": {c: 4 for c in CLASSES}, "test": {c: 2 for c in CLASSES},
                                "generated": {c: 4 for c in CLASSES}}
     pooled = saved["distribution"]["pooled"]
@@ -269,8 +270,8 @@ def test_run_end_to_end(run_folder, weights):
     down = saved["downstream"]
     assert set(down["conditions"]) == {"real", "real+gen"} and "real+gen - real" in down["diff"]
     assert down["conditions"]["real"]["n_train"] == 12 and down["setup"]["n_test"] == 6
-    table = evaluate.format_table(result)
-    assert evaluate.RANDOM_NOTE in table and "| **pooled** | 6 | 12 |" in table and "Δ real+gen - real" in table
+    table = report.format_table(result)
+    assert metrics.RANDOM_NOTE in table and "| **pooled** | 6 | 12 |" in table and "Δ real+gen - real" in table
     assert (run_folder / "metrics.md").read_text() == table
     csv_lines = (run_folder / "metrics.csv").read_text().splitlines()
     assert csv_lines[0] == "section,condition,class,metric,value,std,n" and len(csv_lines) > 40
@@ -282,10 +283,12 @@ def test_run_skips_unavailable_fid_by_default_and_refuses_when_asked(run_folder,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("DEFECTLAB_OFFLINE", "1")
     result = evaluate.run(evaluate.EvalConfig(run=str(run_folder), seeds=1, classifier_steps=1, classifier_size=8))
-    assert set(result["skipped"]) == {"fid", "kid", "is"} and "distribution" not in result
-    assert result["skipped"]["fid"].startswith("fid: skipped — no Inception weights (offline)")
-    assert "--feature-weights FILE" in result["skipped"]["fid"] and "fid: skipped" in evaluate.format_table(result)
-    assert result["downstream"]["conditions"]["real"]["accuracy"]["std"] is None  # one seed: no spread to report
+    saved = json.loads((run_folder / "metrics.json").read_text())
+    assert set(result.skipped) == {"fid", "kid", "is"} and result.distribution is None and "distribution" not in saved
+    assert result.skipped["fid"].startswith("fid: skipped — no Inception weights (offline)")
+    assert "--feature-weights FILE" in result.skipped["fid"] and "fid: skipped" in report.format_table(result)
+    assert result.downstream["conditions"]["real"]["accuracy"]["std"] is None  # one seed: no spread to report
+    assert evaluate.EvalResult.load(run_folder) == result  # metrics.json reads back as the same result
     with pytest.raises(DefectlabError, match="no Inception weights"):
         evaluate.run(evaluate.EvalConfig(run=str(run_folder), metrics="fid"))
     with pytest.raises(DefectlabError, match="unknown metric"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import data, masks, methods, runs, sample, train
+from defectlab import data, dataset, images, masks, methods, runs, sampler, synthesize, train
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
@@ -20,7 +20,7 @@ def build(method="difffit", mask_condition=True):
 
 def good_images(n=2, size=32):
     dd = data.load(data.DataConfig(product="hazelnut", image_size=size))
-    return torch.stack([data.load_image(g, size) for g in dd.good[:n]])
+    return torch.stack([dataset.load_image(g, size) for g in dd.good[:n]])
 
 
 # ----------------------------------------------------------------------------- the channel
@@ -34,7 +34,7 @@ def test_mask_channel_at_init_is_bit_identical_to_the_base():
         out = masked.eval()(torch.cat([x, mask], 1), timestep=t, class_labels=y).sample
     assert torch.equal(ref, out)
     assert out.shape[1] == 6  # unpatchify still uses out_channels = 2C
-    assert masked.config.in_channels == 3 and masks.has_mask_channel(masked) and not masks.has_mask_channel(plain)
+    assert masked.config.in_channels == 3 and methods.has_mask_channel(masked) and not methods.has_mask_channel(plain)
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
@@ -107,7 +107,7 @@ def test_inpainting_keeps_the_outside_and_changes_only_inside(scheduler, resampl
     base, net = build(mask_condition=False)
     good = good_images()
     mask = torch.stack([masks.procedural_mask("blob", 32, 0.5, 0.5, 0.4, seed=s) for s in range(2)])
-    gens = lambda: sample.generators(0, "a", [0, 1])  # noqa: E731
+    gens = lambda: sampler.generators(0, "a", [0, 1])  # noqa: E731
     out = masks.inpaint(net, base.codec, good, mask, [0, 1], gens(), steps=3, scheduler=scheduler, resample=resample)
     assert torch.equal(out * (1 - mask), good * (1 - mask))  # exact: final composite in pixel space
     assert (out - good).abs()[mask.expand_as(good) > 0].mean() > 0.05  # something was generated inside
@@ -122,8 +122,8 @@ def test_inpainting_keeps_the_outside_and_changes_only_inside(scheduler, resampl
 def test_defect_detector_finds_real_defects_inside_their_masks():
     dd = data.load(data.DataConfig(product="hazelnut", image_size=32))
     picked = dd.train[::4]
-    images = torch.stack([data.load_image(s.image, 32) for s in picked])
-    truth = torch.stack([data.load_mask(s.mask, 32) for s in picked])
+    images = torch.stack([dataset.load_image(s.image, 32) for s in picked])
+    truth = torch.stack([dataset.load_mask(s.mask, 32) for s in picked])
     real = masks.mask_metrics(images, truth)
     assert real["defect_in_mask_share"] > 0.85 and real["defect_mask_recall"] > 0.2
     assert masks.defect_pixels(good_images(8)).float().mean() < 0.002  # (almost) nothing on good images
@@ -144,15 +144,15 @@ def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
     saved = runs.load_tensors(restored.checkpoint / runs.STATE_FILE)
     weight = restored.model.pos_embed.proj.mask_weight
     assert torch.equal(weight, saved["pos_embed.proj.mask_weight"]) and weight.abs().sum() > 0
-    cfg = masks.MaskSampleConfig(run=str(trained), mode="condition", classes="crack,hole", per_class=2,
+    cfg = synthesize.MaskSampleConfig(run=str(trained), mode="condition", classes="crack,hole", per_class=2,
                                  mask="dataset", cx=0.5, cy=0.5, steps=2, scheduler="ddim", out=str(tmp_path / "c"))
-    out = masks.run(cfg)
+    out = synthesize.run(cfg)
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["class"], r["index"]) for r in records] == [("crack", 0), ("crack", 1), ("hole", 0), ("hole", 1)]
     back = data.load(data.DataConfig(data=str(out), product="hazelnut", image_size=16))
     assert back.classes == ["crack", "hole"] and all(s.mask is not None for s in back.train + back.test)
     first = back.train[0]
-    mask = data.load_mask(first.mask, 16)
+    mask = dataset.load_mask(first.mask, 16)
     x0, y0, x1, y1 = masks.bbox(mask)
     assert abs((x0 + x1) / 2 - 8) <= 1 and abs((y0 + y1) / 2 - 8) <= 1  # moved to the requested centre
     # resumable and seeded per pair: a deleted pair comes back (alone in its batch: equal up to float
@@ -160,14 +160,14 @@ def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
     png = {p: p.read_bytes() for p in out.rglob("*.png")}
     stamp = (out / records[0]["file"]).stat().st_mtime_ns
     gone = out / records[3]["file"]
-    before = sample.load_png(gone)
+    before = images.load_png(gone)
     gone.unlink()
-    masks.run(cfg)
-    assert (sample.load_png(gone) - before).abs().max() <= 1 / 127.5 + 1e-6
+    synthesize.run(cfg)
+    assert (images.load_png(gone) - before).abs().max() <= 1 / 127.5 + 1e-6
     assert {p: b for p, b in png.items() if p != gone} == {p: p.read_bytes() for p in out.rglob("*.png") if p != gone}
     assert (out / records[0]["file"]).stat().st_mtime_ns == stamp
     # the mask reaches the model: another mask, same seed → another image
-    other = masks.run(masks.MaskSampleConfig(**{**cfg.__dict__, "cx": 0.3, "out": str(tmp_path / "c2")}))
+    other = synthesize.run(synthesize.MaskSampleConfig(**{**cfg.__dict__, "cx": 0.3, "out": str(tmp_path / "c2")}))
     assert (other / records[0]["file"]).read_bytes() != png[out / records[0]["file"]]
     summary = masks.summarize(out)
     assert summary["mode"] == "condition" and set(summary["per_class"]) == {"crack", "hole"}
@@ -176,10 +176,10 @@ def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
 def test_inpaint_run_with_a_png_mask(trained, tmp_path):
     png = tmp_path / "m.png"
     Image.fromarray((masks.procedural_mask("ellipse", 64, 0.5, 0.5, 0.5)[0].numpy() * 255).astype(np.uint8)).save(png)
-    cfg = masks.MaskSampleConfig(run=str(trained), mode="inpaint", classes="cut", per_class=2, mask=str(png),
+    cfg = synthesize.MaskSampleConfig(run=str(trained), mode="inpaint", classes="cut", per_class=2, mask=str(png),
                                  steps=2, scheduler="ddpm", resample=2, out=str(tmp_path / "i"))
     with pytest.warns(UserWarning, match="resized"):
-        out = masks.run(cfg)
+        out = synthesize.run(cfg)
     summary = masks.summarize(out)["overall"]
     assert summary["n"] == 2 and summary["max_change_outside"] == 0.0 and summary["change_in_mask_share"] == 1.0
 
@@ -201,18 +201,18 @@ def test_run_refuses_bad_input(trained, tmp_path):
              ({"good": str(tmp_path / "none")}, "no defect-free images")]
     for override, message in cases:
         with pytest.raises(DefectlabError, match=message) as err:
-            masks.run(masks.MaskSampleConfig(**{**base, **override}))
+            synthesize.run(synthesize.MaskSampleConfig(**{**base, **override}))
         assert "\n" not in str(err.value)
-    masks.run(masks.MaskSampleConfig(**base, classes="crack"))
+    synthesize.run(synthesize.MaskSampleConfig(**base, classes="crack"))
     with pytest.raises(DefectlabError, match="another configuration.*seed"):
-        masks.run(masks.MaskSampleConfig(**base, classes="crack", seed=5))
+        synthesize.run(synthesize.MaskSampleConfig(**base, classes="crack", seed=5))
 
 
 def test_cli_entry(monkeypatch, capsys):
-    """The entry to add to cli.STAGES (cli.py is not edited here): flags come from MaskSampleConfig."""
+    """cli.STAGES' synthesize entry: flags come from MaskSampleConfig."""
     from defectlab import cli
 
-    monkeypatch.setitem(cli.STAGES, "synthesize", ("masks", "MaskSampleConfig", "image + mask pairs"))
+    assert cli.STAGES["synthesize"][:2] == ("synthesize", "MaskSampleConfig")
     assert cli.main(["synthesize", "--cx", "-1", "--mask", "ellipse", "--mode", "paint"]) == 2
     assert "unknown mode 'paint'" in capsys.readouterr().err
     args = cli.build_parser("finetune").parse_args(["finetune", "--mask-condition"])

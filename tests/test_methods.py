@@ -20,7 +20,7 @@ def base(seed=0):
 def fresh(method=None, seed=0, **kw):
     """A base with 3 defect classes copied from ImageNet rows, prepared for ``method``."""
     t = base(seed)
-    model.set_classes(t, 3, [990, 783, 5])
+    methods.set_classes(t, 3, [990, 783, 5])
     if method:
         methods.apply(t, method, lora_rank=4, verbose=False, **kw)
     return t
@@ -125,7 +125,7 @@ def test_load_trainable_state_is_strict():
     with pytest.raises(DefectlabError, match=r"1 missing \['transformer_blocks.0.attn1.to_q.lora_A"):
         methods.load_trainable_state(fresh("lora"), partial)
     other = base()
-    model.set_classes(other, 4, "mean")
+    methods.set_classes(other, 4, "mean")
     methods.apply(other, "lora", lora_rank=4, verbose=False)
     with pytest.raises(DefectlabError, match="class_embedder.embedding_table.weight has shape"):
         methods.load_trainable_state(other, state)
@@ -170,7 +170,7 @@ def test_dit_xl_trainable_shares():
             with torch.device("meta"):
                 t = DiTTransformer2DModel(**XL)
                 if k != 1000:
-                    model.set_classes(t, k, "mean")
+                    methods.set_classes(t, k, "mean")
                 methods.apply(t, method, verbose=False)
             trainable, total = methods.count(t)
             shares[k, method] = trainable / total

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab import classifier, corpus, data, model, paths, pretrain, runs, sample, train
+from defectlab import classifier, corpus, data, dataset, methods, model, paths, pretrain, runs, sampler, train
 
 MINI = paths.ASSETS / "mini"
 needs_mini = pytest.mark.skipif(not (MINI / "config.json").is_file(), reason="defectlab/assets/mini not built")
@@ -20,7 +20,7 @@ def test_shipped_mini_loads_and_matches_its_card():
     assert (MINI / pretrain.WEIGHTS).stat().st_size <= 10 * 2 ** 20
     t = base.transformer
     assert t.dtype == torch.float32  # stored as fp16, used as fp32
-    assert model.num_classes(t) == len(corpus.CLASSES) and base.class_names == corpus.CLASSES
+    assert methods.num_classes(t) == len(corpus.CLASSES) and base.class_names == corpus.CLASSES
     assert base.default_image_size == 32 and t.config.out_channels == 6
     assert f"{sum(p.numel() for p in t.parameters()):,}" in card
     with torch.no_grad():  # the pre-trained model denoises its own corpus far better than chance
@@ -133,7 +133,7 @@ def test_short_finetune_from_mini_tells_the_new_classes_apart(short_finetune):
     r = short_finetune
     dcfg = data.DataConfig(product="hazelnut", image_size=32)
     dd = data.load(dcfg)
-    test = data.DefectDataset(dd.test, dcfg, augment=False)
+    test = dataset.DefectDataset(dd.test, dcfg, augment=False)
     x0 = torch.stack([test[i]["image"] for i in range(len(test))])
     y = torch.tensor([test[i]["label"] for i in range(len(test))])
     err = classes.scores(r.model, x0, list(range(len(dd.classes))), r.base.scheduler_config, noise_draws=4)
@@ -157,7 +157,7 @@ def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
     dcfg = data.DataConfig(product="hazelnut", image_size=32)
     dd = data.load(dcfg)
     k = len(dd.classes)
-    real = data.DefectDataset(dd.train + dd.test, dcfg, augment=False)
+    real = dataset.DefectDataset(dd.train + dd.test, dcfg, augment=False)
     xs = torch.stack([real[i]["image"] for i in range(len(real))])
     ys = torch.tensor([real[i]["label"] for i in range(len(real))])
     judge = classifier.train(xs, ys, k, steps=100, batch_size=8, lr=2e-3, seed=0)
@@ -165,7 +165,7 @@ def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
     per = 12
     labels = [c for c in range(k) for _ in range(per)]
     gens = [torch.Generator().manual_seed(1000 * c + i) for c in range(k) for i in range(per)]
-    imgs = sample.generate(r.model, r.base.codec, labels, gens, steps=25, guidance=6.0, scheduler="ddim",
+    imgs = sampler.generate(r.model, r.base.codec, labels, gens, steps=25, guidance=6.0, scheduler="ddim",
                            scheduler_config=r.base.scheduler_config, batch_size=48, progress=False)
     correct = int((classifier.predict(judge, imgs).argmax(1) == np.array(labels)).sum())
     p = _chance_p(correct, len(labels), 1 / k)

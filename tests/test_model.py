@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
-from torch import nn
 
-from defectlab import model, paths
+from defectlab import convert, methods, model, paths
 from defectlab.errors import DefectlabError
 from dit_reference import RefDiT
 
@@ -56,7 +55,7 @@ def test_tiny_preset_built_once_and_loaded_through_from_pretrained(tmp_path, mon
     assert torch.equal(out, run(again.transformer, [990])) and torch.equal(out, run(direct, [990]))
     assert out.shape == (1, 6, 64, 64)
     assert isinstance(base.codec, model.PixelCodec) and base.codec.latent_shape(64) == (3, 64, 64)
-    assert base.default_image_size == 64 and model.num_classes(base.transformer) == 1000
+    assert base.default_image_size == 64 and methods.num_classes(base.transformer) == 1000
     assert base.scheduler_config["variance_type"] == "learned_range"
     assert (base.scheduler_config["beta_start"], base.scheduler_config["beta_end"]) == (1e-4, 0.02)
     sched = DDPMScheduler.from_config(base.scheduler_config)
@@ -69,7 +68,7 @@ def test_tiny_preset_built_once_and_loaded_through_from_pretrained(tmp_path, mon
 
 def test_full_layout_folder_reads_scheduler_and_labels(tmp_path):
     t = micro()
-    model.set_classes(t, 2, [1, 2])
+    methods.set_classes(t, 2, [1, 2])
     t.save_pretrained(tmp_path / "transformer")
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
@@ -170,15 +169,15 @@ def test_set_classes_every_block_null_row_and_roundtrip(tmp_path):
     t = micro()
     old = tables(t)
     base_out = run(t, [990, 783])
-    model.set_classes(t, 3, [990, 783, 5])
+    methods.set_classes(t, 3, [990, 783, 5])
     for w_old, w in zip(old, tables(t), strict=True):
         assert w.shape == (4, 64)
         assert torch.equal(w[:3], w_old[[990, 783, 5]]) and torch.equal(w[3], w_old[1000])  # null row kept
-    assert model.num_classes(t) == 3 and t.config.num_embeds_ada_norm == 3
+    assert methods.num_classes(t) == 3 and t.config.num_embeds_ada_norm == 3
     assert torch.equal(run(t, [0, 1]), base_out)               # copied class = the base class, exactly
     t.save_pretrained(tmp_path / "k3")
     back = model.load(str(tmp_path / "k3")).transformer           # a bare transformer folder
-    assert model.num_classes(back) == 3
+    assert methods.num_classes(back) == 3
     assert all(torch.equal(a, b) for a, b in zip(tables(t), tables(back)))
     assert torch.equal(run(back, [0, 2, 3]), run(t, [0, 2, 3]))
 
@@ -186,25 +185,25 @@ def test_set_classes_every_block_null_row_and_roundtrip(tmp_path):
 def test_set_classes_inits():
     t = micro()
     old = tables(t)[0]
-    model.set_classes(t, 2, "mean")
+    methods.set_classes(t, 2, "mean")
     assert torch.allclose(tables(t)[0][0], old[:1000].mean(0)) and torch.equal(tables(t)[0][0], tables(t)[0][1])
-    model.set_classes(t, 4, "random", seed=3)
+    methods.set_classes(t, 4, "random", seed=3)
     a = tables(t)
     assert all(torch.equal(w[:4], a[0][:4]) for w in a)        # the same new rows in every block
     assert 0.01 < a[0][:4].std() < 0.03 and torch.equal(a[0][4], old[1000])
     u = micro()
-    model.set_classes(u, 4, "random", seed=3)
+    methods.set_classes(u, 4, "random", seed=3)
     assert torch.equal(tables(u)[0], a[0])                     # seeded
-    model.set_classes(u, 3, [1])                               # a 1-list (or an int) broadcasts
+    methods.set_classes(u, 3, [1])                               # a 1-list (or an int) broadcasts
     assert torch.equal(tables(u)[0][2], tables(u)[0][0])
     for bad in ([0, 1], [7], "zeros", 0.5):
         with pytest.raises(DefectlabError):
-            model.set_classes(u, 3, bad)                       # wrong length, id >= K, unknown init
+            methods.set_classes(u, 3, bad)                       # wrong length, id >= K, unknown init
 
 
 def test_label_dropout_drops_to_the_new_null_row():
     t = micro()
-    model.set_classes(t, 3, "mean")
+    methods.set_classes(t, 3, "mean")
     outs = []
     for b in t.transformer_blocks:
         emb = b.norm1.emb.class_embedder
@@ -219,8 +218,8 @@ def test_label_dropout_drops_to_the_new_null_row():
     t.eval()
     run(t, [0, 2])                                              # eval mode: the labels are used
     assert torch.equal(outs[0][0], t.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight[[0, 2]])
-    model.set_classes(t, 2, np.array([1, 2]))                  # numpy ids are ids too
-    assert model.num_classes(t) == 2
+    methods.set_classes(t, 2, np.array([1, 2]))                  # numpy ids are ids too
+    assert methods.num_classes(t) == 2
 
 
 # ----------------------------------------------------------------------------- original DiT checkpoints
@@ -233,11 +232,11 @@ def test_converted_original_matches_reference_forward():
     torch.manual_seed(0)
     ref = RefDiT(freq_shift=1).eval()
     sd = ref.state_dict()
-    cfg = model.original_config(sd, heads=2)
+    cfg = convert.original_config(sd, heads=2)
     assert (cfg["sample_size"], cfg["patch_size"], cfg["num_layers"], cfg["num_attention_heads"],
             cfg["out_channels"], cfg["num_embeds_ada_norm"]) == (8, 2, 2, 2, 8, 10)
     t = DiTTransformer2DModel(**cfg).eval()
-    t.load_state_dict(model.convert_original_state_dict(sd), strict=True)
+    t.load_state_dict(convert.convert_original_state_dict(sd), strict=True)
     x, steps, y = inputs()
     with torch.no_grad():
         want, got = ref(x, steps, y), t(x, steps, y).sample
@@ -250,7 +249,7 @@ def test_converted_original_matches_reference_forward():
         assert 1e-5 < diff < 0.1 * want.abs().max()
         model.set_numerics(t, "original")
         assert torch.allclose(t(x, steps, y).sample, ref(x, steps, y), atol=1e-5)
-    back = model.to_original_state_dict(t.state_dict(), pos_embed=sd["pos_embed"])
+    back = convert.to_original_state_dict(t.state_dict(), pos_embed=sd["pos_embed"])
     assert sd.keys() == back.keys() and all(torch.equal(sd[k], back[k]) for k in sd)
 
 
@@ -280,7 +279,7 @@ def test_set_classes_averages_groups_of_base_rows():
     import torch
     from diffusers import DiTTransformer2DModel
 
-    from defectlab import model as m
+    from defectlab import methods as m
 
     t = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
                               num_layers=2, sample_size=8, patch_size=4, num_embeds_ada_norm=10)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import cli, demo, notebooks, paths, runs, sample, train, viz
+from defectlab import batch, cli, demo, images, params, paths, report, runs, sample, train
 from defectlab.errors import DefectlabError
+from defectlab.explorer import Explorer
 
 # tiny model, 32 px, one epoch, 2 images per class, 4 sampling steps, 2 classifier steps
 TRAIN = dict(model="tiny", image_size=32, epochs=1, batch_size=4, grad_accum=1, val_per_class=1, val_timesteps=2,
@@ -27,32 +28,32 @@ TINY = dict(show_per_class=2, show_size=32, **TRAIN, **LATER)
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
+def executed(tmp_path_factory):
     """One executed batch for every assertion below; under pytest-xdist the first worker that
     needs it runs it and the other waits and reuses it (xdist's documented shared-fixture way)."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return notebooks.run(notebooks.NotebooksConfig(out=str(tmp_path_factory.mktemp("batch"))), params=TINY)
+        return batch.run(batch.NotebooksConfig(out=str(tmp_path_factory.mktemp("batch"))), params=TINY)
     from filelock import FileLock
 
     out = tmp_path_factory.getbasetemp().parent / "notebook-batch"
     with FileLock(f"{out}.lock"):
         if not (out / "batch.json").is_file() or runs.read_json(out / "batch.json").get("failed"):
             shutil.rmtree(out, ignore_errors=True)
-            notebooks.run(notebooks.NotebooksConfig(out=str(out)), params=TINY)
+            batch.run(batch.NotebooksConfig(out=str(out)), params=TINY)
     return out
 
 
 @pytest.fixture(scope="module")
-def record(batch):
-    return runs.read_json(batch / "batch.json")
+def record(executed):
+    return runs.read_json(executed / "batch.json")
 
 
 # ----------------------------------------------------------------------------- the executed batch
-def test_batch_leaves_notebooks_metrics_and_figures(batch, record):
-    run = batch / "runs" / next(p.name for p in (batch / "runs").iterdir())
-    assert record["run"] == str(run) and list(record["notebooks"]) == list(notebooks.NOTEBOOKS)
-    for name in notebooks.NOTEBOOKS:
-        nb = nbformat.read(batch / f"{name}.ipynb", as_version=4)
+def test_batch_leaves_notebooks_metrics_and_figures(executed, record):
+    run = executed / "runs" / next(p.name for p in (executed / "runs").iterdir())
+    assert record["run"] == str(run) and list(record["notebooks"]) == list(params.NOTEBOOKS)
+    for name in params.NOTEBOOKS:
+        nb = nbformat.read(executed / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"], name
     # 03 and 04 got the run 02 made, and only the parameters they declare
     assert record["notebooks"]["03_sample"]["parameters"]["run"] == str(run)
@@ -63,10 +64,10 @@ def test_batch_leaves_notebooks_metrics_and_figures(batch, record):
     acc = metrics["downstream"]["conditions"]
     assert set(acc) == {"real", "real+gen"}
     assert all(math.isfinite(acc[c]["accuracy"]["mean"]) for c in acc)
-    summary = notebooks.run_summary(run)
+    summary = report.run_summary(run)
     assert summary["train_steps"] > 0 and math.isfinite(summary["best_val_loss"])
 
-    figures = {p.name: p for p in (batch / "figures").iterdir()}
+    figures = {p.name: p for p in (executed / "figures").iterdir()}
     for name in ("hazelnut-examples-per-class.png", "hazelnut-images-per-class.png", "loss_curve.png",
                  "eval-downstream.png", "real-vs-generated.png"):
         assert name in figures and figures[name].stat().st_size > 5000, name
@@ -77,35 +78,35 @@ def test_batch_leaves_notebooks_metrics_and_figures(batch, record):
     assert sorted(record["figures"]) == sorted(figures)
 
 
-def test_executed_notebooks_show_figures_and_the_widget(batch):
-    nb = nbformat.read(batch / "03_sample.ipynb", as_version=4)
+def test_executed_notebooks_show_figures_and_the_widget(executed):
+    nb = nbformat.read(executed / "03_sample.ipynb", as_version=4)
     mimes = [set(o.get("data", {})) for c in nb.cells for o in c.get("outputs", [])]
     assert sum("image/png" in m for m in mimes) >= 2  # saved grid + explorer preview
     assert any("application/vnd.jupyter.widget-view+json" in m for m in mimes)
-    nb4 = nbformat.read(batch / "04_evaluate.ipynb", as_version=4)
+    nb4 = nbformat.read(executed / "04_evaluate.ipynb", as_version=4)
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for c in nb4.cells for o in c.get("outputs", [])])
     assert "Offline proxy numbers" in text and "Downstream defect-type classifier" in text
 
 
-def test_explorer_reproduces_the_exported_samples(batch, record):
+def test_explorer_reproduces_the_exported_samples(executed, record):
     run = record["run"]
     p = record["notebooks"]["03_sample"]["parameters"]
     exported = sample.run(sample.SampleConfig(run=run, per_class=2, scheduler="ddim", steps=4, guidance=p["guidance"]))
-    explorer = viz.Explorer(train.restore(run), steps=4, scheduler="ddim", n=2)
+    explorer = Explorer(train.restore(run), steps=4, scheduler="ddim", n=2)
     fig = explorer.render("crack", p["steps"], 0, p["guidance"])
     assert len(fig.axes) == 2
     for i in range(2):
-        saved = sample.load_png(exported / "hazelnut" / "test" / "crack" / f"{i:04d}.png")
+        saved = images.load_png(exported / "hazelnut" / "test" / "crack" / f"{i:04d}.png")
         assert torch.allclose(explorer.last_images[i], saved, atol=1 / 127.5 + 1e-6)
 
 
 # ----------------------------------------------------------------------------- the notebooks as files
-@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+@pytest.mark.parametrize("name", params.NOTEBOOKS)
 def test_parameters_are_typed_and_documented(name):
-    path = notebooks.notebook_path(name)
-    params = papermill.inspect_notebook(path)
-    assert params
-    for p in params.values():
+    path = params.notebook_path(name)
+    spec = papermill.inspect_notebook(path)
+    assert spec
+    for p in spec.values():
         assert p["inferred_type_name"] in ("str", "int", "float", "bool"), p
         assert p["help"], p
     # the parameters cell is the first code cell and holds typed literals only
@@ -114,18 +115,18 @@ def test_parameters_are_typed_and_documented(name):
     assert code[0].metadata.get("tags") == ["parameters"]
     tree = ast.parse(code[0].source)
     assert all(isinstance(s, ast.AnnAssign) and isinstance(s.value, ast.Constant) for s in tree.body)
-    assert {s.target.id for s in tree.body} == set(params)
+    assert {s.target.id for s in tree.body} == set(spec)
     # what `papermill --help-notebook` prints
     from click.testing import CliRunner
     from papermill.cli import papermill as papermill_cli
 
     shown = CliRunner().invoke(papermill_cli, ["--help-notebook", str(path)]).output
-    for p in params.values():
+    for p in spec.values():
         assert f"{p['name']}: {p['inferred_type_name']} (default {p['default']})" in shown
         assert p["help"] in shown
 
 
-@pytest.mark.parametrize("name", notebooks.NOTEBOOKS)
+@pytest.mark.parametrize("name", params.NOTEBOOKS)
 def test_py_and_ipynb_are_in_sync_and_ipynb_has_no_outputs(name):
     py = jupytext.read(paths.NOTEBOOKS / f"{name}.py")
     ipynb = nbformat.read(paths.NOTEBOOKS / f"{name}.ipynb", as_version=4)
@@ -141,7 +142,7 @@ def test_py_and_ipynb_are_in_sync_and_ipynb_has_no_outputs(name):
 
 
 def test_notebooks_hold_no_path_strings_or_loops():
-    for name in notebooks.NOTEBOOKS:
+    for name in params.NOTEBOOKS:
         nb = nbformat.read(paths.NOTEBOOKS / f"{name}.ipynb", as_version=4)
         for c in nb.cells[1:]:
             if c.cell_type != "code" or "parameters" in c.metadata.get("tags", []):
@@ -155,12 +156,12 @@ def test_notebooks_hold_no_path_strings_or_loops():
 # ----------------------------------------------------------------------------- batch errors and wiring
 def test_unknown_parameter_is_one_line(tmp_path):
     with pytest.raises(DefectlabError, match="unknown notebook parameter 'epochz'") as err:
-        notebooks.run(notebooks.NotebooksConfig(out=str(tmp_path / "x")), params={"epochz": 3})
+        batch.run(batch.NotebooksConfig(out=str(tmp_path / "x")), params={"epochz": 3})
     assert "\n" not in str(err.value)
     bad = tmp_path / "p.yaml"
     bad.write_text("epochs: 2\nlearning_rate: 1.0e-3\n")
     with pytest.raises(DefectlabError, match=f"'learning_rate' in {bad}"):
-        notebooks.run(notebooks.NotebooksConfig(params=str(bad), out=str(tmp_path / "y")))
+        batch.run(batch.NotebooksConfig(params=str(bad), out=str(tmp_path / "y")))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -168,7 +169,7 @@ def test_a_failing_cell_is_one_line_naming_notebook_and_error(tmp_path):
     out = tmp_path / "failed"
     with pytest.raises(DefectlabError, match=r"notebook 01_explore_data failed in cell \d+: DefectlabError: "
                                              r"unknown product 'nut' .*\(traceback in .*01_explore_data.ipynb\)") as err:
-        notebooks.run(notebooks.NotebooksConfig(out=str(out), only="01"), params={"product": "nut"})
+        batch.run(batch.NotebooksConfig(out=str(out), only="01"), params={"product": "nut"})
     assert "\n" not in str(err.value)
     record = runs.read_json(out / "batch.json")
     assert record["failed"] == "01_explore_data" and "unknown product" in record["notebooks"]["01_explore_data"]["error"]
@@ -180,39 +181,39 @@ def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
     bad = tmp_path / "params.yaml"
     bad.write_text(text)
     with pytest.raises(DefectlabError, match=rf"malformed YAML in {bad} line {line}:") as err:
-        notebooks.load_yaml(bad)
+        params.load_yaml(bad)
     assert "\n" not in str(err.value)
     bad.write_text("- a\n- b\n")
     with pytest.raises(DefectlabError, match="must be a mapping"):
-        notebooks.load_yaml(bad)
+        params.load_yaml(bad)
     bad.write_text("!!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(DefectlabError, match="malformed YAML"):  # safe_load: YAML is data
-        notebooks.load_yaml(bad)
+        params.load_yaml(bad)
 
 
 def test_values_are_converted_to_the_declared_type():
-    assert notebooks._coerce("lr", "1e-5", "float", "f") == 1e-5  # YAML 1.1 reads 1e-5 as text
-    assert notebooks._coerce("epochs", 3.0, "int", "f") == 3
-    assert notebooks._coerce("classes", ["crack", "hole"], "str", "f") == "crack,hole"
-    assert notebooks._coerce("run", 7, "str", "f") == "7"
+    assert params.coerce("lr", "1e-5", "float", "f") == 1e-5  # YAML 1.1 reads 1e-5 as text
+    assert params.coerce("epochs", 3.0, "int", "f") == 3
+    assert params.coerce("classes", ["crack", "hole"], "str", "f") == "crack,hole"
+    assert params.coerce("run", 7, "str", "f") == "7"
     for name, value, kind in (("epochs", "many", "int"), ("epochs", 2.5, "int"), ("with_masks", "yes", "bool"),
                               ("lr", True, "float"), ("lr", None, "float")):
         with pytest.raises(DefectlabError, match=f"parameter '{name}' from f must be {kind}"):
-            notebooks._coerce(name, value, kind, "f")
+            params.coerce(name, value, kind, "f")
 
 
 def test_only_picks_notebooks():
-    assert notebooks._select("") == list(notebooks.NOTEBOOKS)
-    assert notebooks._select("3, 02") == ["02_finetune", "03_sample"]
+    assert batch._select("") == list(params.NOTEBOOKS)
+    assert batch._select("3, 02") == ["02_finetune", "03_sample"]
     with pytest.raises(DefectlabError, match="unknown notebook '05'"):
-        notebooks._select("05")
+        batch._select("05")
 
 
 def test_kernel_runs_this_python_and_is_registered_when_shadowed(tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
 
-    name = notebooks.kernel_name()
-    assert notebooks._runs_this_python(KernelSpecManager().get_kernel_spec(name).argv)
+    name = batch.kernel_name()
+    assert batch._runs_this_python(KernelSpecManager().get_kernel_spec(name).argv)
     # a user-level "python3" that starts another interpreter: register our own kernel instead
     shadow = tmp_path / "jupyter" / "kernels" / "python3"
     shadow.mkdir(parents=True)
@@ -220,19 +221,19 @@ def test_kernel_runs_this_python_and_is_registered_when_shadowed(tmp_path, monke
                                                              "-f", "{connection_file}"], "display_name": "other",
                                                     "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", f"{tmp_path / 'jupyter'}:{tmp_path / 'prefix' / 'share' / 'jupyter'}")
-    assert not notebooks._runs_this_python(KernelSpecManager().get_kernel_spec("python3").argv)
-    assert notebooks.kernel_name(prefix=str(tmp_path / "prefix")) == notebooks.KERNEL
-    assert KernelSpecManager().get_kernel_spec(notebooks.KERNEL).argv[0] == sys.executable
+    assert not batch._runs_this_python(KernelSpecManager().get_kernel_spec("python3").argv)
+    assert batch.kernel_name(prefix=str(tmp_path / "prefix")) == batch.KERNEL
+    assert KernelSpecManager().get_kernel_spec(batch.KERNEL).argv[0] == sys.executable
     with pytest.raises(DefectlabError, match="kernel 'nope' not found"):
-        notebooks.kernel_name("nope")
+        batch.kernel_name("nope")
 
 
 def test_cli_maps_notebooks_and_sweep(tmp_path, capsys, monkeypatch):
     seen = []
-    monkeypatch.setattr(notebooks, "run", lambda cfg, params=None: seen.append(cfg) or tmp_path)
+    monkeypatch.setattr(batch, "run", lambda cfg, params=None: seen.append(cfg) or tmp_path)
     assert cli.main(["sweep", "grid.yaml", "--out", "o"]) == 0
     assert cli.main(["notebooks", "--only", "02,03", "--params", "p.yaml"]) == 0
-    assert seen == [notebooks.SweepConfig(spec="grid.yaml", out="o"), notebooks.NotebooksConfig(only="02,03", params="p.yaml")]
+    assert seen == [batch.SweepConfig(spec="grid.yaml", out="o"), batch.NotebooksConfig(only="02,03", params="p.yaml")]
     monkeypatch.undo()
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  method: [full\n")
@@ -243,18 +244,18 @@ def test_cli_maps_notebooks_and_sweep(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_and_shipped_configs_use_declared_parameters():
-    specs = {name: notebooks.declared(name) for name in notebooks.NOTEBOOKS}
-    notebooks.check_names(demo.params(demo.DemoConfig()), specs, "demo")
-    notebooks.check_names(notebooks.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
-    stages = {k: v for k, v in specs.items() if k[:2] in notebooks.STAGES}
+    specs = {name: params.declared(name) for name in params.NOTEBOOKS}
+    params.check_names(demo.params(demo.DemoConfig()), specs, "demo")
+    params.check_names(params.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
+    stages = {k: v for k, v in specs.items() if k[:2] in batch.STAGES}
     shipped = (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60), ("sweep-mini.yaml", 7), ("sweep-mini-lr-size.yaml", 6),
                ("sweep-mini-long.yaml", 3))
     for name, count in shipped:
-        spec = notebooks.load_yaml(paths.PACKAGE / "configs" / name)
-        points = notebooks.expand(spec, name, stages)
+        spec = params.load_yaml(paths.PACKAGE / "configs" / name)
+        points = batch.expand(spec, name, stages)
         assert len(points) == count
-        assert len({notebooks.point_name(p, notebooks.grid_keys(spec)) for p in points}) == count
-    xl = notebooks.expand(notebooks.load_yaml(paths.PACKAGE / "configs" / "sweep-dit-xl.yaml"), "xl", stages)
+        assert len({batch.point_name(p, batch.grid_keys(spec)) for p in points}) == count
+    xl = batch.expand(params.load_yaml(paths.PACKAGE / "configs" / "sweep-dit-xl.yaml"), "xl", stages)
     assert {p["lr"] for p in xl} == {1e-6, 1e-5, 2e-5, 3e-5} and {p["image_size"] for p in xl} == {64, 128, 256}
 
 
@@ -263,8 +264,8 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
     spec = tmp_path / "sweep.yaml"
     base = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in {**TRAIN, **LATER}.items())
     spec.write_text(f"base:\n{base}\ngrid:\n  method: [full, difffit]\n")
-    cfg = notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "sweep"))
-    out = notebooks.run(cfg)
+    cfg = batch.SweepConfig(spec=str(spec), out=str(tmp_path / "sweep"))
+    out = batch.run(cfg)
     lines = (out / "summary.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("point,status,method,")
     assert (out / "summary.md").read_text().count("| done |") == 2
@@ -281,12 +282,12 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
         calls.append((cfg.out, dict(params)))
         raise KeyboardInterrupt  # killed in the middle of the point
 
-    monkeypatch.setattr(notebooks, "run_notebooks", spy)
-    assert notebooks.run(cfg) == out and calls == []  # everything done: nothing re-runs
+    monkeypatch.setattr(batch, "run_notebooks", spy)
+    assert batch.run(cfg) == out and calls == []  # everything done: nothing re-runs
     (points[1] / "done.json").unlink()
     (points[1] / "stale.txt").write_text("half a point")
     with pytest.raises(KeyboardInterrupt):
-        notebooks.run(cfg)
+        batch.run(cfg)
     assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["method"] == "full"
     assert points[1].is_dir() and not list(points[1].iterdir())  # restarted from an empty folder
 
@@ -297,12 +298,12 @@ def test_sweep_grid_lists_and_shards(tmp_path, monkeypatch):
     spec = tmp_path / "s.yaml"
     spec.write_text("base: {epochs: 1}\ngrid:\n  - {model: [mini], method: [full, difffit]}\n"
                     "  - {model: [mini-scratch], method: [full], lr: [0.01]}\n")
-    stages = {k: notebooks.declared(k) for k in notebooks.NOTEBOOKS if k[:2] in notebooks.STAGES}
-    points = notebooks.expand(notebooks.load_yaml(spec), "s", stages)
+    stages = {k: params.declared(k) for k in params.NOTEBOOKS if k[:2] in batch.STAGES}
+    points = batch.expand(params.load_yaml(spec), "s", stages)
     assert [(p["model"], p["method"], p.get("lr")) for p in points] == [
         ("mini", "full", None), ("mini", "difffit", None), ("mini-scratch", "full", 0.01)]
-    assert notebooks.grid_keys(notebooks.load_yaml(spec)) == ["model", "method", "lr"]
-    assert notebooks.point_name(points[2], ["model", "method", "lr"]) == "model=mini-scratch__method=full__lr=0.01"
+    assert batch.grid_keys(params.load_yaml(spec)) == ["model", "method", "lr"]
+    assert batch.point_name(points[2], ["model", "method", "lr"]) == "model=mini-scratch__method=full__lr=0.01"
     calls = []
 
     def fail(cfg, params=None):
@@ -313,19 +314,19 @@ def test_sweep_grid_lists_and_shards(tmp_path, monkeypatch):
                                              "best_val_loss": 0.5})
         raise DefectlabError("boom")
 
-    monkeypatch.setattr(notebooks, "run_notebooks", fail)
+    monkeypatch.setattr(batch, "run_notebooks", fail)
     other = tmp_path / "o" / "points" / "model=mini__method=full"
     other.mkdir(parents=True)
     (other / "half.txt").write_text("shard 0 is still working on this")
     with pytest.raises(DefectlabError, match="1 of 3 sweep points failed"):
-        notebooks.run(notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "o"), shard="1/2"))
+        batch.run(batch.SweepConfig(spec=str(spec), out=str(tmp_path / "o"), shard="1/2"))
     assert calls == ["model=mini__method=difffit"] and (other / "half.txt").is_file()
     summary = (tmp_path / "o" / "summary.md").read_text()
     assert summary.count("| pending |") == 1 and "| pending | mini | full |" in summary
     assert "| done | mini-scratch | full | 0.01 |" in summary and "| failed | mini | difffit |" in summary
     for bad in ("2/2", "1", "a/b"):
         with pytest.raises(DefectlabError, match="--shard must be i/n"):
-            notebooks.run(notebooks.SweepConfig(spec=str(spec), shard=bad))
+            batch.run(batch.SweepConfig(spec=str(spec), shard=bad))
 
 
 def test_sweep_refuses_bad_specs(tmp_path):
@@ -336,6 +337,6 @@ def test_sweep_refuses_bad_specs(tmp_path):
                           ("grid: {show_per_class: [1]}\n", "'show_per_class'")):  # 01 is not in a sweep
         spec.write_text(text)
         with pytest.raises(DefectlabError, match=message):
-            notebooks.run(notebooks.SweepConfig(spec=str(spec), out=str(tmp_path / "o")))
+            batch.run(batch.SweepConfig(spec=str(spec), out=str(tmp_path / "o")))
     with pytest.raises(DefectlabError, match="needs its YAML"):
-        notebooks.run(notebooks.SweepConfig())
+        batch.run(batch.SweepConfig())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import model, runs, sample, train
+from defectlab import convert, model, runs, sampler, train
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 from dit_reference import RefDiffusion, RefDiT, guided, space_timesteps
@@ -57,10 +57,10 @@ def sources(reference, tmp_path_factory):
     (root / "config.json").write_text(json.dumps({"num_attention_heads": 2}))  # width 128 is no DiT-S/B/L/XL
     vae = tiny_vae()
     vae.save_pretrained(root / "vae")
-    cfg = model.original_config(reference.state_dict(), heads=2)
+    cfg = convert.original_config(reference.state_dict(), heads=2)
     dit = DiTTransformer2DModel(**cfg).eval()
-    dit.load_state_dict(model.convert_original_state_dict(reference.state_dict()), strict=True)
-    DiTPipeline(transformer=dit, vae=vae, scheduler=sample.make_scheduler("ddim")).save_pretrained(root / "pipe")
+    dit.load_state_dict(convert.convert_original_state_dict(reference.state_dict()), strict=True)
+    DiTPipeline(transformer=dit, vae=vae, scheduler=sampler.make_scheduler("ddim")).save_pretrained(root / "pipe")
     return {"pt": str(root / "DiT-test.pt"), "folder": str(root / "pipe"), "vae": str(root / "vae")}
 
 
@@ -109,9 +109,9 @@ def test_training_loss_equals_the_original(reference, load, kind):
 def _sample_both(reference, base, scheduler, steps, channels, guidance=4.0):
     labels, seeds = [1, 7, 3], [10, 11, 12]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    ours = sample.generate(base.transformer, Identity(), labels, gens, steps, guidance, scheduler,
-                           "all" if channels == 4 else "first3", scheduler_config=base.scheduler_config,
-                           image_size=8, progress=False) / Identity.scale
+    ours = sampler.generate(base.transformer, Identity(), labels, gens, steps=steps, guidance=guidance,
+                            scheduler=scheduler, cfg_channels="all" if channels == 4 else "first3",
+                            scheduler_config=base.scheduler_config, image_size=8, progress=False) / Identity.scale
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise0 = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
     fn = guided(reference, torch.tensor(labels), guidance, channels)
@@ -142,36 +142,37 @@ def test_ddim_spacing_visits_the_originals_timesteps(load):
     hook = base.transformer.register_forward_hook(lambda m, args, kw, out: seen.append(int(kw["timestep"][0])),
                                                   with_kwargs=True)
     run = dict(steps=25, guidance=1.0, scheduler="ddim", image_size=8, progress=False)
-    sample.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)], **run)
+    sampler.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)], **run)
     assert seen == sorted(space_timesteps(1000, "ddim25"), reverse=True) == list(range(960, -1, -40))
     seen.clear()
-    sample.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)],
+    sampler.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)],
                     timestep_spacing="trailing", **run)
     assert seen[0] == 999 and seen[-1] == 39
     seen.clear()
     model.set_numerics(base.transformer, "diffusers")  # defectlab's own models keep trailing under auto
-    sample.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)], **run)
+    sampler.generate(base.transformer, Identity(), [1], [torch.Generator().manual_seed(0)], **run)
     hook.remove()
     assert seen[0] == 999 and seen[-1] == 39
     with pytest.raises(DefectlabError, match="timestep_spacing"):
-        sample.spacing_for("ddim", "original", "evenly")
+        sampler.spacing_for("ddim", "original", "evenly")
 
 
 def test_diffusers_numerics_still_equal_dit_pipeline(sources, load):
     base = load("folder", numerics="diffusers")
     assert model.numerics_of(base.transformer) == "diffusers"
     labels, seeds = [1, 7], [3, 4]
-    ours = sample.generate(base.transformer, base.codec, labels, [torch.Generator().manual_seed(s) for s in seeds],
-                           4, 4.0, "ddim", scheduler_config=base.scheduler_config, image_size=16, progress=False)
+    ours = sampler.generate(base.transformer, base.codec, labels, [torch.Generator().manual_seed(s) for s in seeds],
+                            steps=4, guidance=4.0, scheduler="ddim", scheduler_config=base.scheduler_config,
+                            image_size=16, progress=False)
     pipe = DiTPipeline.from_pretrained(sources["folder"])
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(class_labels=labels, guidance_scale=4.0, generator=[torch.Generator().manual_seed(s) for s in seeds],
                num_inference_steps=4, output_type="pt").images
     assert torch.allclose((ours + 1) / 2, ref, atol=1e-5)
-    faithful = sample.generate(load("folder").transformer, base.codec, labels,
-                               [torch.Generator().manual_seed(s) for s in seeds], 4, 4.0, "ddim",
-                               scheduler_config=base.scheduler_config, image_size=16, progress=False,
-                               timestep_spacing="trailing")
+    faithful = sampler.generate(load("folder").transformer, base.codec, labels,
+                                [torch.Generator().manual_seed(s) for s in seeds], steps=4, guidance=4.0,
+                                scheduler="ddim", scheduler_config=base.scheduler_config, image_size=16,
+                                progress=False, timestep_spacing="trailing")
     assert not torch.allclose(faithful, ours, atol=1e-3)  # only the timestep frequencies differ
 
 
@@ -206,7 +207,7 @@ def test_head_count_is_never_guessed(tmp_path):
     with pytest.raises(DefectlabError, match="config.json"):
         model.load(str(path))
     with pytest.raises(DefectlabError, match="standard DiT with 6 heads"):  # DiT-S width: the table decides
-        model.original_config({**RefDiT(hidden=384, heads=6, depth=1).state_dict()}, heads=4)
+        convert.original_config({**RefDiT(hidden=384, heads=6, depth=1).state_dict()}, heads=4)
 
 
 def test_runs_store_and_restore_their_numerics(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import model, runs, sample
+from defectlab import images, model, runs, sample, sampler
 from defectlab.errors import DefectlabError
 
 
@@ -71,9 +71,9 @@ def count_forwards(model):
 def test_matches_dit_pipeline_ddim():
     dit, codec = tiny_dit(), VAECodec()
     labels = [1, 7, 1]
-    ours = sample.generate(dit, codec, labels, gens(10, 11, 12), steps=4, guidance=4.0, scheduler="ddim",
+    ours = sampler.generate(dit, codec, labels, gens(10, 11, 12), steps=4, guidance=4.0, scheduler="ddim",
                            cfg_channels="all", image_size=16, progress=False)
-    pipe = DiTPipeline(transformer=dit, vae=codec.vae, scheduler=sample.make_scheduler("ddim"))
+    pipe = DiTPipeline(transformer=dit, vae=codec.vae, scheduler=sampler.make_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(class_labels=labels, guidance_scale=4.0, generator=gens(10, 11, 12), num_inference_steps=4,
                output_type="pt").images
@@ -85,18 +85,18 @@ def test_matches_dit_pipeline_ddim():
 def test_guidance_one_is_conditional_only_and_one_forward_per_step():
     dit, codec = tiny_dit(), VAECodec()
     sizes, handle = count_forwards(dit)
-    ours = sample.generate(dit, codec, [3, 5], gens(1, 2), steps=3, guidance=1.0, scheduler="ddim",
+    ours = sampler.generate(dit, codec, [3, 5], gens(1, 2), steps=3, guidance=1.0, scheduler="ddim",
                            image_size=16, progress=False)
     handle.remove()
     assert sizes == [2, 2, 2]  # no unconditional half
-    pipe = DiTPipeline(transformer=dit, vae=codec.vae, scheduler=sample.make_scheduler("ddim"))
+    pipe = DiTPipeline(transformer=dit, vae=codec.vae, scheduler=sampler.make_scheduler("ddim"))
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(class_labels=[3, 5], guidance_scale=1.0, generator=gens(1, 2), num_inference_steps=3,
                output_type="pt").images  # the pipeline runs conditional-only at scale ≤ 1
     assert torch.allclose((ours + 1) / 2, ref, atol=1e-5)
 
     sizes, handle = count_forwards(dit)
-    sample.generate(dit, codec, [3, 5], gens(1, 2), steps=3, guidance=2.0, scheduler="ddim", image_size=16,
+    sampler.generate(dit, codec, [3, 5], gens(1, 2), steps=3, guidance=2.0, scheduler="ddim", image_size=16,
                     progress=False)
     handle.remove()
     assert sizes == [4, 4, 4]  # conditional + unconditional in one forward
@@ -106,7 +106,7 @@ def test_first3_guides_only_the_first_three_channels():
     dit, codec = tiny_dit(), LatentCodec(scale=1e-3)  # one step from t=999 predicts x0 ≈ 100× the noise
 
     def one_step(**kw):
-        return sample.generate(dit, codec, [2, 9], gens(5, 6), steps=1, scheduler="ddim", progress=False, **kw)
+        return sampler.generate(dit, codec, [2, 9], gens(5, 6), steps=1, scheduler="ddim", progress=False, **kw)
 
     guided_all = one_step(guidance=3.0, cfg_channels="all")
     guided_3 = one_step(guidance=3.0, cfg_channels="first3")
@@ -121,37 +121,37 @@ def test_guidance_interval_limits_the_guided_steps():
     dit, codec = tiny_dit(), LatentCodec()
     run = dict(steps=4, guidance=3.0, scheduler="ddim", progress=False, image_size=8)
     sizes, handle = count_forwards(dit)
-    outside = sample.generate(dit, codec, [4], gens(3), guidance_interval=(0, 100), **run)
-    part = sample.generate(dit, codec, [4], gens(3), guidance_interval=(500, 1000), **run)
+    outside = sampler.generate(dit, codec, [4], gens(3), guidance_interval=(0, 100), **run)
+    part = sampler.generate(dit, codec, [4], gens(3), guidance_interval=(500, 1000), **run)
     handle.remove()
     # DDIM trailing over 4 steps: t = 999, 749, 499, 249
     assert sizes == [1, 1, 1, 1] + [2, 2, 1, 1]
-    cond = sample.generate(dit, codec, [4], gens(3), **{**run, "guidance": 1.0})
+    cond = sampler.generate(dit, codec, [4], gens(3), **{**run, "guidance": 1.0})
     assert torch.equal(outside, cond)
     assert not torch.allclose(part, cond, atol=1e-4)
 
 
 def test_null_class_is_num_embeds_ada_norm():
     dit = tiny_dit(classes=3)  # after class surgery K=3: the null row is index 3, not 1000
-    out = sample.generate(dit, LatentCodec(), [0, 2], gens(1, 2), steps=2, guidance=2.0, scheduler="ddim",
+    out = sampler.generate(dit, LatentCodec(), [0, 2], gens(1, 2), steps=2, guidance=2.0, scheduler="ddim",
                           progress=False)
     assert torch.isfinite(out).all()
     with pytest.raises(DefectlabError, match="out of range"):
-        sample.generate(dit, LatentCodec(), [3], gens(1), steps=2, progress=False)
+        sampler.generate(dit, LatentCodec(), [3], gens(1), steps=2, progress=False)
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpmsolver"])  # stochastic steps; multistep state
 def test_per_sample_determinism(scheduler):
     dit, codec = tiny_dit(), LatentCodec()
     run = dict(steps=4, guidance=2.0, scheduler=scheduler, progress=False, image_size=8)
-    seeds = [sample.sample_seed(0, c, i) for c, i in [("crack", 0), ("hole", 0), ("crack", 1), ("hole", 1)]]
+    seeds = [sampler.sample_seed(0, c, i) for c, i in [("crack", 0), ("hole", 0), ("crack", 1), ("hole", 1)]]
     labels = [1, 2, 1, 2]
-    whole = sample.generate(dit, codec, labels, gens(*seeds), batch_size=4, **run)
-    again = sample.generate(dit, codec, labels, gens(*seeds), batch_size=4, **run)
+    whole = sampler.generate(dit, codec, labels, gens(*seeds), batch_size=4, **run)
+    again = sampler.generate(dit, codec, labels, gens(*seeds), batch_size=4, **run)
     assert torch.equal(whole, again)  # the same call is bit-identical
-    ones = sample.generate(dit, codec, labels, gens(*seeds), batch_size=1, **run)
+    ones = sampler.generate(dit, codec, labels, gens(*seeds), batch_size=1, **run)
     # other companions: image 2 beside unrelated images, in another position
-    mixed = sample.generate(dit, codec, [7, 1, 3], gens(99, seeds[2], 98), batch_size=3, **run)
+    mixed = sampler.generate(dit, codec, [7, 1, 3], gens(99, seeds[2], 98), batch_size=3, **run)
     # batched matmuls round differently by batch size (≈1e-6), hence a tolerance
     assert torch.allclose(whole, ones, atol=1e-5)
     assert torch.allclose(mixed[1], whole[2], atol=1e-5)
@@ -161,36 +161,36 @@ def test_per_sample_determinism(scheduler):
 def test_ddpm_learned_range_uses_variance_and_per_sample_noise():
     dit, codec = tiny_dit(), LatentCodec()
     run = dict(steps=3, guidance=1.5, scheduler="ddpm", progress=False, image_size=8)
-    a = sample.generate(dit, codec, [1, 2], gens(1, 2), **run)
-    b = sample.generate(dit, codec, [1, 2], gens(1, 2), **run)
+    a = sampler.generate(dit, codec, [1, 2], gens(1, 2), **run)
+    b = sampler.generate(dit, codec, [1, 2], gens(1, 2), **run)
     assert torch.equal(a, b) and torch.isfinite(a).all()
-    sched = sample.make_scheduler("ddpm")
+    sched = sampler.make_scheduler("ddpm")
     assert sched.config.variance_type == "learned_range" and not sched.config.clip_sample
 
     def shift_variance(mod, args, out):  # move the variance half only
         out.sample[:, 4:] += 0.5
 
     handle = dit.register_forward_hook(shift_variance)
-    shifted = {name: sample.generate(dit, codec, [1, 2], gens(1, 2), **{**run, "scheduler": name})
+    shifted = {name: sampler.generate(dit, codec, [1, 2], gens(1, 2), **{**run, "scheduler": name})
                for name in ("ddpm", "ddim")}
     handle.remove()
     assert not torch.allclose(shifted["ddpm"], a, atol=1e-4)  # DDPM samples with the learned variance
-    ddim = sample.generate(dit, codec, [1, 2], gens(1, 2), **{**run, "scheduler": "ddim"})
+    ddim = sampler.generate(dit, codec, [1, 2], gens(1, 2), **{**run, "scheduler": "ddim"})
     assert torch.equal(shifted["ddim"], ddim)  # DDIM only reads the eps half
     # a model without the variance half falls back to DiT's fixed_large instead of failing
     torch.manual_seed(0)
     plain = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                                   num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
-    assert torch.isfinite(sample.generate(plain, codec, [1], gens(1), **run)).all()
+    assert torch.isfinite(sampler.generate(plain, codec, [1], gens(1), **run)).all()
 
 
 def test_any_step_count_and_defaults():
     dit, codec = tiny_dit(), LatentCodec()
-    for name in sample.SCHEDULERS:
-        assert sample.DEFAULT_STEPS[name] >= 1
-        out = sample.generate(dit, codec, [1], gens(1), steps=1, scheduler=name, progress=False, image_size=8)
+    for name in sampler.SCHEDULERS:
+        assert sampler.DEFAULT_STEPS[name] >= 1
+        out = sampler.generate(dit, codec, [1], gens(1), steps=1, scheduler=name, progress=False, image_size=8)
         assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
-    assert sample.DEFAULT_STEPS == {"ddpm": 250, "ddim": 50, "dpmsolver": 25}
+    assert sampler.DEFAULT_STEPS == {"ddpm": 250, "ddim": 50, "dpmsolver": 25}
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -199,13 +199,13 @@ def test_any_step_count_and_defaults():
 ])
 def test_generate_rejects_bad_input(kw, message):
     with pytest.raises(DefectlabError, match=message):
-        sample.generate(tiny_dit(), LatentCodec(), [1], gens(1), progress=False, **kw)
+        sampler.generate(tiny_dit(), LatentCodec(), [1], gens(1), progress=False, **kw)
 
 
 def test_seeds_are_stable():
     # crc32 of "0/crack/3": the same in every process and on every machine
-    assert sample.sample_seed(0, "crack", 3) == 1884628382
-    assert len({sample.sample_seed(s, c, i) for s in (0, 1) for c in ("a", "b") for i in range(3)}) == 12
+    assert sampler.sample_seed(0, "crack", 3) == 1884628382
+    assert len({sampler.sample_seed(s, c, i) for s in (0, 1) for c in ("a", "b") for i in range(3)}) == 12
 
 
 # ----------------------------------------------------------------------------- run(cfg)
@@ -218,7 +218,7 @@ def fake_run(tmp_path, monkeypatch):
     sizes, _ = count_forwards(dit)
 
     def load(cfg, device):
-        return sample._Source(dit, LatentCodec3(), sample.TRAINING_SCHEDULE, ["crack", "hole", "scratch"],
+        return sample._Source(dit, LatentCodec3(), sampler.TRAINING_SCHEDULE, ["crack", "hole", "scratch"],
                               [0, 1, 2], ["crack", "hole", "scratch"], "screw", folder, folder.name,
                               "0000040", "tiny", cfg.image_size or 8)
 
@@ -275,7 +275,7 @@ def test_run_refuses_bad_input(fake_run, tmp_path):
     folder, _ = fake_run
     base = dict(run="7", per_class=1, steps=1, scheduler="ddim", out=str(tmp_path / "o"))
     sample.run(sample.SampleConfig(**base))
-    with pytest.raises(DefectlabError, match="different configuration.*guidance"):
+    with pytest.raises(DefectlabError, match="another configuration.*guidance"):
         sample.run(sample.SampleConfig(**{**base, "guidance": 4.0}))
     with pytest.raises(DefectlabError, match="unknown class dent.*crack, hole, scratch"):
         sample.run(sample.SampleConfig(**{**base, "classes": "dent"}))
@@ -325,10 +325,10 @@ def test_run_folder_end_to_end(tmp_path):
     assert (folder / "figures" / f"samples-{out.name}.png").is_file()
     # the PNG is generate() on the restored model with the documented per-sample generator
     label = restored.classes.index("hole")
-    img = sample.generate(restored.model, restored.base.codec, [label], sample.generators(3, "hole", [0]), steps=2,
+    img = sampler.generate(restored.model, restored.base.codec, [label], sampler.generators(3, "hole", [0]), steps=2,
                           guidance=2.0, scheduler="ddpm", scheduler_config=restored.base.scheduler_config,
                           image_size=16, progress=False)
-    assert torch.allclose(sample.load_png(out / records[1]["file"]), img[0], atol=1.5 / 127.5)
+    assert torch.allclose(images.load_png(out / records[1]["file"]), img[0], atol=1.5 / 127.5)
 
 
 def test_pixel_space_sampling_clips_x0_by_default():
@@ -338,11 +338,11 @@ def test_pixel_space_sampling_clips_x0_by_default():
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=4).eval()
     run = dict(steps=4, guidance=2.0, scheduler="ddim", progress=False)
-    default = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run)
-    clipped = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
-                              scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": True})
-    raw = sample.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
-                          scheduler_config={**sample.TRAINING_SCHEDULE, "clip_sample": False})
+    default = sampler.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run)
+    clipped = sampler.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
+                              scheduler_config={**sampler.TRAINING_SCHEDULE, "clip_sample": True})
+    raw = sampler.generate(dit, model.PixelCodec(), [1, 2], gens(1, 2), **run,
+                          scheduler_config={**sampler.TRAINING_SCHEDULE, "clip_sample": False})
     assert torch.equal(default, clipped) and not torch.allclose(default, raw, atol=1e-3)
     assert model.PixelCodec.clip_sample and not model.VAECodec.clip_sample
 
@@ -355,7 +355,7 @@ class VOracle(torch.nn.Module):
         super().__init__()
         self.x0, self.anchor = x0, torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(out_channels=3, in_channels=3, sample_size=x0.shape[-1], num_embeds_ada_norm=2)
-        self.abar = DDPMScheduler.from_config(sample.TRAINING_SCHEDULE).alphas_cumprod
+        self.abar = DDPMScheduler.from_config(sampler.TRAINING_SCHEDULE).alphas_cumprod
 
     def forward(self, x, timestep, class_labels):
         a = self.abar[timestep.long()].view(-1, 1, 1, 1)
@@ -370,10 +370,10 @@ def test_samplers_follow_the_bases_prediction_type(scheduler):
     x0 = torch.linspace(-0.8, 0.8, 3 * 8 * 8).view(1, 3, 8, 8)
     oracle = VOracle(x0)
     run = dict(steps=10, guidance=1.0, scheduler=scheduler, progress=False)
-    v = {**sample.TRAINING_SCHEDULE, "variance_type": "fixed_small", "prediction_type": "v_prediction"}
-    out = sample.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run, scheduler_config=v)
+    v = {**sampler.TRAINING_SCHEDULE, "variance_type": "fixed_small", "prediction_type": "v_prediction"}
+    out = sampler.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run, scheduler_config=v)
     assert (out - x0).abs().max() < 0.02
     if scheduler != "ddpm":  # ddpm's last step is t=0, where v = eps: the oracle would mend it there
-        as_eps = sample.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run,
+        as_eps = sampler.generate(oracle, model.PixelCodec(), [0, 1], gens(1, 2), **run,
                                  scheduler_config={**v, "prediction_type": "epsilon"})
         assert (as_eps - x0).abs().max() > 0.3

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import viz
+from defectlab import report, viz
 from defectlab.errors import DefectlabError
+from defectlab.explorer import ALL_CLASSES, Explorer
 
 
 def images(n, size=16, seed=0):
@@ -103,7 +104,7 @@ def test_counts_figure_and_trainable_table(hazelnut):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["good", *hazelnut.classes]
     assert len(ax.patches) == 2 * len(hazelnut.classes) + 1  # train + test per class, one good bar
     _, net = train.build(train.TrainConfig(model="tiny", method="bitfit"), hazelnut.classes)
-    table = viz.trainable_table(net)
+    table = report.trainable_table(net)
     trainable, total = methods.count(net)
     assert f"| **all** | {trainable:,} | {total:,} |" in table and "| class tables |" in table
 
@@ -124,7 +125,7 @@ def explorer():
     cfg = train.TrainConfig(model="tiny", image_size=16)
     base, net = train.build(cfg, classes)
     restored = train.Restored(base, net, classes, {"image_size": 16}, None)
-    return viz.Explorer(restored, steps=2, guidance=1.5, n=3, scheduler="ddim")
+    return Explorer(restored, steps=2, guidance=1.5, n=3, scheduler="ddim")
 
 
 def test_explorer_render_shape_and_seeds(explorer):
@@ -140,7 +141,7 @@ def test_explorer_render_shape_and_seeds(explorer):
     # image i does not depend on n: same noise, same result up to the last bits (CPU kernels may
     # differ with the batch size: 4e-5 measured on an AMX machine, where torch.equal failed)
     assert torch.allclose(explorer.last_images, first[:2], rtol=0, atol=1e-4)
-    fig = explorer.render(viz.ALL_CLASSES, steps=2, seed=5, guidance=2.0, n=2)
+    fig = explorer.render(ALL_CLASSES, steps=2, seed=5, guidance=2.0, n=2)
     assert len(fig.axes) == 4 * 2 and [ax.get_title() for ax in fig.axes[:4]] == explorer.classes
     assert torch.allclose(explorer.last_images[2 * 2:2 * 2 + 2], first[:2], rtol=0, atol=1e-4)  # column "hole" = the same images
     with pytest.raises(DefectlabError, match="unknown class 'dent'"):

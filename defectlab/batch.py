@@ -3,25 +3,24 @@
 ``run(NotebooksConfig(...), params)`` executes the notebooks in ``notebooks/`` with the given
 parameters and leaves, in one out folder: the executed notebooks, ``runs/`` (the run folder
 notebook 02 made), ``figures/`` (every figure of the batch) and ``batch.json`` (what ran, with
-which parameters, how long). Each notebook receives only the parameters its ``parameters``
-cell declares; a name that no notebook declares is refused. The stages are wired here, not
-by "latest": 02 trains into ``<out>/runs``, and 03/04 get that run folder.
+which parameters, how long). The stages are wired here, not by "latest": 02 trains into
+``<out>/runs``, and 03/04 get that run folder.
+
+Each notebook receives the parameters its ``parameters`` cell declares, and in ``settings`` any
+other field of its stage dataclass (``params.py``): a name that is neither is refused.
 
 ``run(SweepConfig(spec))`` expands a YAML grid (``base:`` parameters, ``grid:`` lists) and runs
 02-04 once per point into ``<out>/points/<point>/``. A point whose folder holds ``done.json``
 is skipped, so a sweep is resumed by running it again; a point without it (killed, failed) is
-wiped and run from the start. The summary (CSV, Markdown, a figure) is rewritten every time.
+wiped and run from the start. The summary (``report.sweep_summary``) is rewritten every time.
 YAML is data: ``yaml.safe_load`` only.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
-import csv
-import io
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -30,10 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths, runs
-from .errors import DefectlabError
+import papermill
+from ipykernel.kernelspec import install as install_kernel
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-NOTEBOOKS = ("01_explore_data", "02_finetune", "03_sample", "04_evaluate")
+from . import evaluate, paths, report, runs
+from .errors import DefectlabError
+from .params import NOTEBOOKS, check_names, coerce, declared, for_notebook, kinds, load_yaml, notebook_path
+
 KERNEL = "defectlab"   # registered into sys.prefix only if "python3" would start another interpreter
 STAGES = ("02", "03", "04")  # what one sweep point runs
 
@@ -73,77 +76,7 @@ def run(cfg: NotebooksConfig | SweepConfig, params: dict | None = None) -> Path:
     return run_notebooks(cfg, params)
 
 
-# ----------------------------------------------------------------------------- parameters
-def notebook_path(name: str) -> Path:
-    path = paths.NOTEBOOKS / f"{name}.ipynb"
-    if not path.is_file():
-        raise DefectlabError(f"notebook not found: {path} (notebooks ship with the source checkout: pip install -e .)")
-    return path
-
-
-def declared(name: str) -> dict[str, dict]:
-    """The notebook's parameters as papermill reads them: name → {inferred_type_name, default, help}."""
-    import papermill
-
-    return papermill.inspect_notebook(notebook_path(name))
-
-
-def load_yaml(path: str | Path) -> dict:
-    """A YAML mapping, or a one-line error naming the file and line."""
-    import yaml
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DefectlabError(f"file not found: {p}")
-    try:
-        obj = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise DefectlabError(f"malformed YAML in {p}{where}: {what}") from None
-    if obj is None:
-        return {}
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise DefectlabError(f"{p} must be a mapping of name: value (got {type(obj).__name__})")
-    return obj
-
-
-def _coerce(name: str, value, kind: str, source: str):
-    """YAML gives ``1e-5`` as a string and ``3`` as an int: convert to the declared type."""
-    bad = DefectlabError(f"parameter {name!r} from {source} must be {kind} (got {value!r})")
-    if value is None or isinstance(value, dict):
-        raise bad
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if isinstance(value, bool):
-        raise bad
-    if kind == "str":
-        if isinstance(value, (list, tuple)):  # classes: [crack, hole] → "crack,hole"
-            return ",".join(str(v) for v in value)
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        raise bad
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if kind == "float":
-        return number
-    if kind == "int" and number.is_integer():
-        return int(number)
-    raise bad
-
-
-def check_names(given: dict, specs: dict[str, dict], source: str) -> None:
-    known = sorted({k for s in specs.values() for k in s})
-    for key in given:
-        if key not in known:
-            raise DefectlabError(f"unknown notebook parameter {key!r} in {source} (known: {', '.join(known)})")
-
-
+# ----------------------------------------------------------------------------- notebooks
 def _select(only: str) -> list[str]:
     wanted = [w.strip() for w in re.split(r"[,\s]+", only) if w.strip()]
     if not wanted:
@@ -168,8 +101,6 @@ def _runs_this_python(argv: list[str]) -> bool:
 def kernel_name(name: str = "", prefix: str | None = None) -> str:
     """The kernel papermill starts: ``name`` if given, else ``python3`` when it runs this
     interpreter, else a ``defectlab`` kernel registered into ``prefix`` (this environment)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     ksm = KernelSpecManager()
     if name:
         try:
@@ -184,10 +115,9 @@ def kernel_name(name: str = "", prefix: str | None = None) -> str:
                 return candidate
         except NoSuchKernel:
             pass
-    from ipykernel.kernelspec import install
-
     try:  # what `python -m ipykernel install --sys-prefix --name defectlab` does
-        install(kernel_name=KERNEL, display_name=f"Python (defectlab, {sys.prefix})", prefix=prefix or sys.prefix)
+        install_kernel(kernel_name=KERNEL, display_name=f"Python (defectlab, {sys.prefix})",
+                       prefix=prefix or sys.prefix)
     except OSError as err:
         raise DefectlabError(f"cannot register a Jupyter kernel for {sys.executable} ({err}); "
                              "pass --kernel NAME of a kernel that has defectlab installed") from None
@@ -195,27 +125,6 @@ def kernel_name(name: str = "", prefix: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- one batch
-def _run_folders(base: Path) -> set[Path]:
-    return set(runs.numbered(base))
-
-
-def execute(name: str, output: Path, parameters: dict, kernel: str, cell_timeout: int = 0) -> float:
-    """Execute one notebook into ``output``; a failing cell becomes one DefectlabError line."""
-    import papermill
-
-    t0 = time.time()
-    try:
-        with _kernel_env(KERNEL_ENV):
-            papermill.execute_notebook(str(notebook_path(name)), str(output), parameters=parameters,
-                                       kernel_name=kernel, progress_bar=False, execution_timeout=cell_timeout or None,
-                                       extra_arguments=QUIET if kernel in ("python3", KERNEL) else [])
-    except papermill.PapermillExecutionError as err:
-        msg = (str(err.evalue).strip().splitlines() or [""])[0][:300]
-        raise DefectlabError(f"notebook {name} failed in cell {err.exec_count}: {err.ename}: {msg} "
-                             f"(traceback in {output})") from None
-    return time.time() - t0
-
-
 # Set for the kernel process unless the user set them. On shared CPUs (CI, 2 cores, other jobs),
 # OpenMP threads that spin while waiting slow torch down several-fold (measured: a tiny-DiT
 # forward 3.6 s spinning vs 0.6 s passive at load 9 on 2 cores); idle machines lose nothing.
@@ -237,6 +146,21 @@ def _kernel_env(values: dict):
             os.environ.pop(k, None)
 
 
+def execute(name: str, output: Path, parameters: dict, kernel: str, cell_timeout: int = 0) -> float:
+    """Execute one notebook into ``output``; a failing cell becomes one DefectlabError line."""
+    t0 = time.time()
+    try:
+        with _kernel_env(KERNEL_ENV):
+            papermill.execute_notebook(str(notebook_path(name)), str(output), parameters=parameters,
+                                       kernel_name=kernel, progress_bar=False, execution_timeout=cell_timeout or None,
+                                       extra_arguments=QUIET if kernel in ("python3", KERNEL) else [])
+    except papermill.PapermillExecutionError as err:
+        msg = (str(err.evalue).strip().splitlines() or [""])[0][:300]
+        raise DefectlabError(f"notebook {name} failed in cell {err.exec_count}: {err.ename}: {msg} "
+                             f"(traceback in {output})") from None
+    return time.time() - t0
+
+
 def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
     """Execute the chosen notebooks with ``params`` (over the YAML file's); returns the out folder."""
     t0 = time.time()
@@ -256,16 +180,16 @@ def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
     run_folder = None
     for i, name in enumerate(chosen, 1):
         spec = specs[name]
-        p = {k: _coerce(k, v, spec[k]["inferred_type_name"], source) for k, v in given.items() if k in spec}
+        p = for_notebook(name, given, specs, source)
         if "figures_dir" in spec:
             p.setdefault("figures_dir", str(figures))
         if "runs_dir" in spec:
             p.setdefault("runs_dir", str(out / "runs"))
         if "run" in spec:  # the run this batch just trained, else the one asked for, resolved once
-            run_folder = run_folder or resolve_run(p.get("run", ast.literal_eval(spec["run"]["default"])))
+            run_folder = run_folder or report.resolve_run(p.get("run", ast.literal_eval(spec["run"]["default"])))
             p["run"] = str(run_folder)
         runs_dir = Path(p.get("runs_dir") or paths.RUNS)
-        before = _run_folders(runs_dir)
+        before = set(runs.numbered(runs_dir))
         print(f"[{i}/{len(chosen)}] {name} …", flush=True)
         try:
             seconds = execute(name, out / f"{name}.ipynb", p, kernel, cfg.cell_timeout)
@@ -275,7 +199,7 @@ def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
             raise
         print(f"[{i}/{len(chosen)}] {name} done in {seconds:.0f} s", flush=True)
         if name == "02_finetune":
-            new = sorted(_run_folders(runs_dir) - before, key=lambda f: int(f.name.split("-")[0]))
+            new = sorted(set(runs.numbered(runs_dir)) - before, key=lambda f: int(f.name.split("-")[0]))
             if not new:
                 raise DefectlabError(f"notebook 02_finetune made no run folder under {runs_dir}")
             run_folder = new[-1]
@@ -291,87 +215,7 @@ def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- summaries
-def resolve_run(run: str | Path, runs_dir: str | Path = "") -> Path:
-    """A run folder from a path, name, number, or ``latest`` (the highest number under runs_dir)."""
-    return runs.resolve(run, Path(runs_dir) if runs_dir else None)
-
-
-def run_summary(folder: str | Path) -> dict:
-    """What a fine-tuning run did: method, lr, size, steps, time, best validation loss."""
-    folder = Path(folder)
-    cfg = runs.load_config(folder)
-    log = runs.read_log(folder)
-    train = [r for r in log if "loss" in r]
-    best_file = folder / runs.CHECKPOINTS / "best.json"
-    best = runs.read_json(best_file) if best_file.is_file() else {}
-    return {"run": folder.name, "model": cfg.get("model"), "method": cfg.get("method"), "lr": cfg.get("lr"),
-            "image_size": cfg.get("image_size"), "epochs": cfg.get("epochs"),
-            "train_steps": train[-1]["step"] if train else 0, "train_seconds": train[-1]["time"] if train else None,
-            "final_train_loss": train[-1]["loss"] if train else None,
-            "best_val_loss": best.get("val_loss"), "best_step": best.get("step")}
-
-
-def figures_folder(run: str | Path) -> Path:
-    """Where a run's figures go (``<run>/figures``; train, sample and evaluate write there too)."""
-    return Path(run) / "figures"
-
-
-def sample_figure(samples: str | Path) -> Path:
-    """The grid figure ``sample.run`` saved for a sampler output folder ``<run>/samples/<tag>``."""
-    samples = Path(samples)
-    figs = samples.parent.parent / "figures"
-    exact = figs / f"samples-{samples.name}.png"
-    if exact.is_file():
-        return exact
-    found = sorted(figs.glob("samples-*.png"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise DefectlabError(f"no sample grid figure in {figs}")
-    return found[-1]
-
-
-def caption(metrics: dict) -> str:
-    """What the numbers of an evaluation are worth, in one line for notebooks and summaries."""
-    from .train import SMALL_BASES
-
-    cfg = runs.load_config(Path(metrics["run"]))
-    small = cfg.get("model") in SMALL_BASES
-    synthetic = cfg.get("data") == "synthetic"
-    down = metrics.get("downstream", {}).get("setup", {})
-    parts = ["Offline proxy numbers" if (small or synthetic or not down.get("pretrained", True)) else "Numbers"]
-    if small or synthetic:
-        parts.append(f"{cfg.get('model')} base on {'the procedural embedded dataset' if synthetic else cfg.get('data')}: "
-                     "they show the pipeline works, not how DiT-XL does on real defects")
-    if down:
-        parts.append(f"downstream ResNet-18 {'ImageNet init' if down.get('pretrained') else 'from scratch'}, "
-                     f"{down.get('steps')} steps, {down.get('seeds')} seed(s), {down.get('n_test')} held-out real images")
-    fe = metrics.get("feature_extractor")
-    parts.append(f"FID/KID/IS: {fe['note']}" if fe else "no FID/KID/IS (no Inception weights offline)")
-    return " — ".join(parts[:2]) + ("; " + "; ".join(parts[2:]) if len(parts) > 2 else "") + "."
-
-
-def metrics_summary(metrics: dict) -> dict:
-    """Headline numbers of an evaluation: downstream accuracy per condition, paired gains, pooled FID."""
-    out: dict = {}
-    down = metrics.get("downstream", {})
-    for cond, r in down.get("conditions", {}).items():
-        out[f"acc[{cond}]"] = r["accuracy"]["mean"]
-        out[f"macro_f1[{cond}]"] = r["macro_f1"]["mean"]
-    for diff, r in down.get("diff", {}).items():
-        out[f"acc_gain[{diff.replace(' - real', '')}]"] = r["accuracy"]["mean"]
-        out[f"acc_gain_std[{diff.replace(' - real', '')}]"] = r["accuracy"]["std"]
-    pooled = metrics.get("distribution", {}).get("pooled", {})
-    for key in ("fid", "kid"):
-        if key in pooled:
-            out[key] = pooled[key]
-    return out
-
-
 # ----------------------------------------------------------------------------- sweeps
-def _fmt(v) -> str:
-    return format(v, "g") if isinstance(v, float) else str(v)
-
-
 def grid_keys(spec: dict) -> list[str]:
     """The swept parameter names, in file order, over all sub-grids."""
     grids = spec.get("grid")
@@ -395,7 +239,7 @@ def expand(spec: dict, source: str, specs: dict[str, dict]) -> list[dict]:
                              "(grid may be a list of them)")
     if not any(grids):
         raise DefectlabError(f"sweep {source} has no grid: (lists of values to combine)")
-    kinds = {k: s[k]["inferred_type_name"] for s in specs.values() for k in s}
+    known = kinds(specs)
     points = []
     for grid in grids:
         for key, values in grid.items():
@@ -403,14 +247,15 @@ def expand(spec: dict, source: str, specs: dict[str, dict]) -> list[dict]:
                 raise DefectlabError(f"sweep {source}: grid {key!r} must be a non-empty list (got {values!r})")
         check_names({**base, **grid}, specs, f"sweep {source}")
         for combo in itertools.product(*grid.values()):
-            point = {k: _coerce(k, v, kinds[k], f"sweep {source}") for k, v in {**base, **dict(zip(grid, combo))}.items()}
-            points.append(point)
+            point = {**base, **dict(zip(grid, combo))}
+            points.append({k: coerce(k, v, known[k], f"sweep {source}") for k, v in point.items()})
     return points
 
 
 def point_name(point: dict, keys) -> str:
     """Stable folder name from the grid values: ``method=full__lr=1e-05``."""
-    return "__".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+-]+', '-', _fmt(point[k]))}" for k in keys if k in point)
+    fmt = lambda v: format(v, "g") if isinstance(v, float) else str(v)  # noqa: E731
+    return "__".join(f"{k}={re.sub(r'[^A-Za-z0-9_.+-]+', '-', fmt(point[k]))}" for k in keys if k in point)
 
 
 def run_sweep(cfg: SweepConfig) -> Path:
@@ -458,7 +303,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
     # other shards' points as they stand now (finished while this shard ran, or still pending)
     rows = [runs.read_json(r["done"]) if "done" in r and r["done"].is_file() else
             {k: v for k, v in r.items() if k != "done"} for r in rows]
-    write_summary(out, rows, keys)
+    report.sweep_summary(out, rows, keys)
     if failed:
         raise DefectlabError(f"{len(failed)} of {len(points)} sweep points failed (first: {failed[0]}); the others "
                              f"are in {out / 'summary.md'}; run the sweep again to retry the failed ones")
@@ -467,43 +312,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
 
 def _point_row(name: str, point: dict, batch: dict) -> dict:
     folder = Path(batch["run"])
-    metrics = runs.read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
-    return {"point": name, "params": point, "status": "done", "run": str(folder), **run_summary(folder),
-            **(metrics_summary(metrics) if metrics else {}), "note": caption(metrics) if metrics else "",
+    result = evaluate.EvalResult.load(folder) if (folder / "metrics.json").is_file() else None
+    return {"point": name, "params": point, "status": "done", "run": str(folder), **report.run_summary(folder),
+            **(report.metrics_summary(result) if result else {}), "note": report.caption(result) if result else "",
             "seconds": round(sum(n["seconds"] for n in batch["notebooks"].values()), 1)}
-
-
-SUMMARY_SKIP = ("params", "run", "note", "error")
-
-
-def write_summary(out: Path, rows: list[dict], keys: list[str]) -> list[Path]:
-    """``summary.csv``, ``summary.md`` and ``figures/sweep-summary.png`` (val loss, downstream accuracy)."""
-    from . import viz
-
-    columns = ["point", "status", *keys]
-    for r in rows:
-        columns += [k for k in r if k not in columns and k not in SUMMARY_SKIP and k not in r.get("params", {})]
-    table = [{**{k: r.get("params", {}).get(k) for k in keys}, **{k: v for k, v in r.items() if k in columns}}
-             for r in rows]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(table)
-    written = [runs.write_text(out / "summary.csv", buf.getvalue())]
-
-    def cell(v):
-        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else (
-            f"{v:.4g}" if isinstance(v, float) else str(v))
-
-    show = [c for c in columns if c not in ("point", "run") and (c != "model" or c in keys)]
-    notes = sorted({r["note"] for r in rows if r.get("note")})
-    md = [f"# Sweep summary ({len(rows)} points)", "", *[f"> {n}" for n in notes], "",
-          "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
-    md += ["| " + " | ".join(cell(t.get(c)) for c in show) + " |" for t in table]
-    md += [f"- {r['point']}: {r['error']}" for r in rows if r.get("status") == "failed"]
-    written.append(runs.write_text(out / "summary.md", "\n".join(md) + "\n"))
-    done = [t for t in table if t.get("status") == "done"]
-    if done:
-        fig = viz.sweep_figure(done, keys)
-        written += viz.save_figure(fig, out / "figures", "sweep-summary", "png")
-    return written

@@ -1,0 +1,156 @@
+"""The synthesize stage: image + mask pairs, defects where the user puts them.
+
+``run(MaskSampleConfig)`` (CLI ``defectlab synthesize``) writes ``per_class`` pairs per class of a
+fine-tuned run in MVTec AD layout (``<product>/test/<class>/NNNN.png`` +
+``<product>/ground_truth/<class>/NNNN_mask.png``) with ``manifest.jsonl`` and ``mask_config.json``,
+resumable like ``sample``; ``data.load(DataConfig(data=out, product=…))`` reads it back.
+``condition`` needs a run fine-tuned with ``--mask-condition``; ``inpaint`` works with any run.
+The masks, inpainting and the defect detector are ``masks.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as data_mod, dataset, manifest, runs, sampler, train
+from .errors import DefectlabError
+from .images import quantised, save_mask_png, save_png
+from .masks import (KINDS, MODES, NEEDS, check_mask, inpaint, load_mask_png, procedural_mask,
+                    transform_mask)
+
+
+
+# ----------------------------------------------------------------------------- run(cfg)
+@dataclass
+class MaskSampleConfig:
+    run: str = "latest"            # run folder/name/number, or latest
+    mode: str = "inpaint"          # condition (needs a --mask-condition run) | inpaint (onto defect-free images, any run)
+    classes: str = ""              # comma-separated class names ("" = all)
+    per_class: int = 8             # image + mask pairs per class
+    mask: str = "dataset"          # dataset (the run's training masks of the class) | ellipse | stroke | blob | a PNG file
+    cx: float = -1.0               # mask centre x, fraction of the width (-1: dataset/PNG masks stay, drawn ones random 0.35-0.65)
+    cy: float = -1.0               # mask centre y, fraction of the height (-1: as for cx)
+    scale: float = 0.0             # drawn: longest side, fraction of the image side (0 = 0.25); dataset/PNG: resize factor (0 = 1)
+    angle: float = 0.0             # rotation, degrees counter-clockwise (drawn masks placed at random also get a random angle)
+    good: str = ""                 # inpaint: a defect-free image or folder of them ("" = the dataset's good images)
+    steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
+    scheduler: str = "ddpm"        # ddpm | ddim | dpmsolver
+    guidance: float = 1.5          # classifier-free guidance scale (on the class; both halves see the mask)
+    resample: int = 1              # inpaint: RePaint repeats per step (1 = plain latent blending; ddpm/ddim)
+    seed: int = 0                  # pair i of class c is seeded from (seed, c, i): noise, drawn mask shape and place
+    image_size: int = 0            # side in px (0 = the run's training size)
+    checkpoint: str = "best"       # best | latest | step number
+    batch_size: int = 8            # images per forward (never changes the images)
+    out: str = ""                  # output folder ("" = <run>/synthesized/<mode>-<mask>-<scheduler><steps>-s<seed>-<size>px)
+
+
+PIXEL_FIELDS = ("run", "checkpoint", "mode", "mask", "cx", "cy", "scale", "angle", "good", "steps", "scheduler",
+                "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
+
+
+def _check(cfg: MaskSampleConfig) -> None:
+    if cfg.mode not in MODES:
+        raise DefectlabError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.mask not in ("dataset", *KINDS) and not Path(cfg.mask).expanduser().is_file():
+        raise DefectlabError(f"mask {cfg.mask!r} is not dataset, {', '.join(KINDS)} or an existing PNG file")
+    if cfg.per_class < 1 or cfg.batch_size < 1 or cfg.steps < 0 or cfg.resample < 1 or cfg.scale < 0:
+        raise DefectlabError("per_class, batch_size and resample must be ≥ 1; steps and scale ≥ 0")
+    if cfg.resample > 1 and (cfg.mode != "inpaint" or cfg.scheduler == "dpmsolver"):
+        raise DefectlabError("resample applies to --mode inpaint only, with --scheduler ddpm or ddim")
+    if any(not (v == -1 or 0 <= v <= 1) for v in (cfg.cx, cfg.cy)):
+        raise DefectlabError(f"cx and cy are fractions of the side in [0, 1], or -1 (got {cfg.cx}, {cfg.cy})")
+
+
+def _mask_for(cfg: MaskSampleConfig, size: int, pool: list, i: int, seed: int) -> tuple[torch.Tensor, str]:
+    if cfg.mask in KINDS:
+        rng = np.random.default_rng(seed)  # place and shape follow the pair's own seed
+        cx, cy = (v if v >= 0 else float(rng.uniform(0.35, 0.65)) for v in (cfg.cx, cfg.cy))
+        angle = cfg.angle + (0.0 if cfg.cx >= 0 and cfg.cy >= 0 else float(rng.uniform(0, 360)))
+        return procedural_mask(cfg.mask, size, cx, cy, cfg.scale or 0.25, angle, seed), cfg.mask
+    mask, source = pool[i % len(pool)]
+    return transform_mask(mask, cfg.cx if cfg.cx >= 0 else None, cfg.cy if cfg.cy >= 0 else None,
+                          cfg.angle, cfg.scale or 1.0), source
+
+
+def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, run_name: str) -> tuple[dict, list]:
+    """``({class: [(mask, source)]}, good image paths)``: masks of the run's *training* split only
+    (test-split shapes never leak into synthetic training data), or the one PNG for every class."""
+    png = [(load_mask_png(Path(cfg.mask).expanduser(), size), cfg.mask)] if cfg.mask not in ("dataset", *KINDS) else []
+    pools = {n: png or [(dataset.load_mask(s.mask, size, crop), s.mask.relative_to(dd.root).as_posix())
+                        for s in (dd.train if cfg.mask == "dataset" else []) if s.defect == n and s.mask is not None]
+             for n in names}
+    if cfg.mask == "dataset" and (empty := [n for n, pool in pools.items() if not pool]):
+        raise DefectlabError(f"class {empty[0]!r} has no masks in the training split of run {run_name}; "
+                             "use --mask ellipse, stroke, blob or a PNG")
+    if cfg.mode != "inpaint":
+        return pools, []
+    g = Path(cfg.good).expanduser() if cfg.good else None
+    goods = (dd.good if g is None else [g] if g.is_file() else
+             sorted(p for p in g.glob("*") if p.suffix.lower() in data_mod.IMAGE_SUFFIXES) if g.is_dir() else [])
+    if not goods:
+        raise DefectlabError(f"no defect-free images for inpainting in {cfg.good or 'the dataset'}; pass --good")
+    return pools, goods
+
+
+def run(cfg: MaskSampleConfig) -> Path:
+    """Write ``per_class`` image + mask pairs per class (see module doc); returns the out folder."""
+    _check(cfg)
+    steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
+    sampler.check(steps, cfg.guidance, cfg.scheduler, "all")
+    folder = runs.resolve(cfg.run)
+    if cfg.mode == "condition" and not runs.load_config(folder).get("mask_condition"):
+        raise DefectlabError(f"run {folder.name} was trained without mask conditioning: --mode condition needs a run "
+                             "fine-tuned with --mask-condition (defectlab finetune --mask-condition …); "
+                             "--mode inpaint works with any run")
+    r = train.restore(folder, checkpoint=cfg.checkpoint)
+    size = cfg.image_size or r.config["image_size"]
+    dcfg = data_mod.from_settings(r.config, image_size=size)
+    names = [c.strip() for c in cfg.classes.split(",") if c.strip()] or list(r.classes)
+    if unknown := [c for c in names if c not in r.classes]:
+        raise DefectlabError(f"unknown class {', '.join(unknown)} (known: {', '.join(r.classes)})")
+    need_data = cfg.mask == "dataset" or (cfg.mode == "inpaint" and not cfg.good)
+    dd = data_mod.load(dcfg, manifest=folder / "split.json") if need_data else None
+    pools, goods = _sources(cfg, dd, names, size, dcfg.crop, folder.name)
+
+    slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
+    out = Path(cfg.out) if cfg.out else folder / "synthesized" / f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}-s{cfg.seed}-{size}px"
+    resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
+                "image_size": size, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
+    manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
+    done = set(manifest.read_records(out, NEEDS))
+    work = []  # (class, index, seed, mask, mask source): every mask is checked before anything is written
+    for n, i in ((n, i) for n in names for i in range(cfg.per_class) if (n, i) not in done):
+        seed = sampler.sample_seed(cfg.seed, n, i)
+        mask, src = _mask_for(cfg, size, pools[n], i, seed)
+        work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src))
+    runs.write_json(out / "mask_config.json", resolved)
+    common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
+    kw = dict(scheduler_config=r.base.scheduler_config, batch_size=cfg.batch_size, progress=False)
+    for start in range(0, len(work), cfg.batch_size):
+        chunk = work[start:start + cfg.batch_size]
+        batch_masks = torch.stack([w[3] for w in chunk])
+        labels = [r.classes.index(n) for n, *_ in chunk]
+        gens = [sampler.generators(cfg.seed, n, [i])[0] for n, i, *_ in chunk]
+        if cfg.mode == "inpaint":  # the good image as its PNG reads back: the kept region matches exactly
+            good = torch.stack([quantised(dataset.load_image(goods[w[1] % len(goods)], size, dcfg.crop)) for w in chunk])
+            images = inpaint(r.model, r.base.codec, good, batch_masks, labels, gens, steps, cfg.guidance, cfg.scheduler,
+                             cfg.resample, **kw)
+        else:
+            images = sampler.generate(r.model, r.base.codec, labels, gens,
+                                      sampler.Sampling(steps, cfg.guidance, cfg.scheduler), image_size=size,
+                                      cond=batch_masks, **kw)
+        lines = []
+        for (n, i, seed, mask, src), img in zip(chunk, images):
+            rel, mrel = f"{dcfg.product}/test/{n}/{i:04d}.png", f"{dcfg.product}/ground_truth/{n}/{i:04d}_mask.png"
+            save_mask_png(mask, runs.safe_join(out, mrel))
+            save_png(img, runs.safe_join(out, rel))  # the image last: it marks the pair finished
+            lines.append({"file": rel, "mask": mrel, "class": n, "label": r.classes.index(n), "index": i,
+                          "sample_seed": seed, "mask_source": src,
+                          "good": str(goods[i % len(goods)]) if goods else None, **common})
+        manifest.append(out, lines)
+    manifest.finish(out, NEEDS)
+    return out

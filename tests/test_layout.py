@@ -1,0 +1,83 @@
+"""The package's shape (issue 19): every module imports alone, the import graph has no cycle, no
+package import hides inside a function, and no module outgrows one screenful of concerns."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "defectlab"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__main__")
+MAX_LINES = 400
+
+
+def _package_imports(tree: ast.AST, name: str):
+    """(imported defectlab module, node) for every ``from . import x`` / ``from .x import y`` /
+    ``import defectlab.x`` in a module, wherever it stands."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("defectlab")):
+            base = (node.module or "").removeprefix("defectlab").lstrip(".")
+            if base:
+                yield base.split(".")[0], node
+            else:
+                for alias in node.names:
+                    yield alias.name, node
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("defectlab."):
+                    yield alias.name.split(".")[1], node
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for name in MODULES:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        graph[name] = {mod for mod, _ in _package_imports(tree, name) if mod in MODULES and mod != name}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph, state, order = _graph(), {}, []
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "open":
+            cycle = path[path.index(node):] + [node]
+            pytest.fail("import cycle: " + " → ".join(cycle))
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            visit(nxt, path + [node])
+        state[node] = "done"
+        order.append(node)
+
+    for name in MODULES:
+        visit(name, [])
+    assert set(order) == set(MODULES)
+
+
+def test_no_package_import_inside_a_function():
+    hidden = []
+    for name in MODULES:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            hidden += [f"{name}.{func.name} imports {mod}" for mod, _ in _package_imports(func, name)]
+    assert not hidden, hidden
+
+
+def test_every_module_imports_first():
+    """Each module imported with no other defectlab module loaded before it (one interpreter,
+    the package's own modules dropped between imports; torch & co. stay loaded, for speed)."""
+    script = ("import importlib, sys\n"
+              f"for name in {MODULES!r}:\n"
+              "    for key in [k for k in sys.modules if k == 'defectlab' or k.startswith('defectlab.')]:\n"
+              "        del sys.modules[key]\n"
+              "    importlib.import_module('defectlab.' + name)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_module_over_the_line_budget():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long

@@ -1,0 +1,111 @@
+"""Notebook parameters against the stage dataclasses: the same defaults and types, and any other
+field of a stage reachable from a params file or a sweep through the notebook's ``settings``."""
+import ast
+import dataclasses
+import json
+import typing
+
+import pytest
+
+from defectlab import batch, evaluate, params, train
+from defectlab.errors import DefectlabError
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return {name: params.declared(name) for name in params.NOTEBOOKS}
+
+
+@pytest.mark.parametrize("name", params.NOTEBOOKS)
+def test_notebook_defaults_are_the_dataclass_defaults(name, specs):
+    cls, spec = params.CONFIGS[name], specs[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    renamed = params.RENAMED.get(name, {})
+    assert set(renamed.values()) <= set(fields) and set(renamed) <= set(spec)  # the mapping names real things
+    assert spec[params.SETTINGS]["inferred_type_name"] == "str" and spec[params.SETTINGS]["default"] == '""'
+    matched = []
+    for key, p in spec.items():
+        field = fields.get(renamed.get(key, key))
+        if field is None:  # figures_dir, explorer_images, compare_rows, …: the notebook's own
+            continue
+        default = ast.literal_eval(p["default"])
+        assert (default, p["inferred_type_name"]) == (field.default, hints[field.name].__name__), (name, key)
+        matched.append(key)
+    assert len(matched) >= 2, (name, matched)
+
+
+def test_every_train_parameter_is_a_field():
+    """02 fills TrainConfig: all its parameters are fields (a new one must be added to both)."""
+    spec = params.declared("02_finetune")
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(spec) - fields == {params.SETTINGS}
+
+
+# ----------------------------------------------------------------------------- routing
+GIVEN = {"epochs": 1, "crop": 200, "rotations": [0, 90], "lr_schedule": "cosine", "numerics": "diffusers",
+         "timestep_spacing": "leading", "kid_subset_size": "5", "sample_seed": 3}
+
+
+def test_stage_fields_go_into_settings_and_reach_the_dataclass(specs):
+    params.check_names(GIVEN, specs, "p.yaml")
+    p = {name: params.for_notebook(name, GIVEN, specs, "p.yaml") for name in params.NOTEBOOKS}
+    settings = {name: json.loads(q.pop(params.SETTINGS, "{}")) for name, q in p.items()}
+    assert p["02_finetune"] == {"epochs": 1} and p["03_sample"] == {"sample_seed": 3}  # declared: as parameters
+    assert settings["01_explore_data"] == {"crop": 200, "rotations": [0, 90]}
+    assert settings["02_finetune"] == {"crop": 200, "rotations": [0, 90], "lr_schedule": "cosine",
+                                       "numerics": "diffusers"}
+    assert settings["03_sample"] == {"numerics": "diffusers", "timestep_spacing": "leading"}  # not seed: sample_seed
+    assert settings["04_evaluate"] == {"kid_subset_size": 5}
+    config = params.with_settings(train.TrainConfig(epochs=1), params.for_notebook("02_finetune", GIVEN, specs, "f")[
+        params.SETTINGS])
+    assert (config.crop, config.rotations, config.lr_schedule, config.epochs) == (200, (0, 90), "cosine", 1)
+    assert params.with_settings(evaluate.EvalConfig(), "") == evaluate.EvalConfig()
+
+
+def test_unknown_names_and_fields_are_one_line_errors(specs, tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("epochs: 2\ncropp: 200\n")
+    with pytest.raises(DefectlabError, match=f"unknown notebook parameter 'cropp' in {bad}") as err:
+        params.check_names(params.load_yaml(bad), specs, str(bad))
+    assert "\n" not in str(err.value) and "TrainConfig" in str(err.value)
+    with pytest.raises(DefectlabError, match="'settings' in f is filled by the batch"):
+        params.check_names({"settings": "{}"}, specs, "f")
+    with pytest.raises(DefectlabError, match="parameter 'rotations' from f must be int"):
+        params.for_notebook("02_finetune", {"rotations": ["a"]}, specs, "f")
+    with pytest.raises(DefectlabError, match="'cropp' is not a field of TrainConfig"):
+        params.with_settings(train.TrainConfig(), '{"cropp": 1}')
+
+
+def test_a_swept_stage_field_reaches_the_notebook(tmp_path, monkeypatch):
+    """``crop`` in a sweep grid: expanded, typed, and handed to 02 (and only the data notebooks) in
+    ``settings`` by the batch runner (papermill replaced by a recorder)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("base: {model: tiny, epochs: 1}\ngrid:\n  crop: [0, 200]\n")
+    stages = {k: params.declared(k) for k in params.NOTEBOOKS if k[:2] in batch.STAGES}
+    points = batch.expand(params.load_yaml(spec), "s", stages)
+    assert [p["crop"] for p in points] == [0, 200] and batch.point_name(points[1], ["crop"]) == "crop=200"
+    seen = []
+
+    def record(name, output, parameters, kernel, cell_timeout=0):
+        seen.append((name, parameters))
+        raise DefectlabError("stop")  # nothing runs: the parameters are what is tested
+
+    monkeypatch.setattr(batch, "execute", record)
+    with pytest.raises(DefectlabError, match="2 of 2 sweep points failed"):
+        batch.run(batch.SweepConfig(spec=str(spec), out=str(tmp_path / "o")))
+    assert [(n, json.loads(p[params.SETTINGS])) for n, p in seen] == [("02_finetune", {"crop": 0}),
+                                                                        ("02_finetune", {"crop": 200})]
+    assert seen[1][1]["epochs"] == 1 and seen[1][1]["model"] == "tiny"
+
+
+def test_executed_notebook_builds_its_config_with_the_settings(tmp_path):
+    """Notebook 02 executed with ``crop`` larger than the images: the data check inside
+    ``train.run`` names it, so the value reached the TrainConfig the notebook built."""
+    out = tmp_path / "nb"
+    with pytest.raises(DefectlabError, match=r"notebook 02_finetune failed in cell \d+: DefectlabError: "
+                                             r"crop 100000 px is larger than image"):
+        batch.run(batch.NotebooksConfig(out=str(out), only="02"),
+                  params={"model": "tiny", "epochs": 1, "progress": False, "crop": 100000})
+    recorded = json.loads((out / "batch.json").read_text())["notebooks"]["02_finetune"]["parameters"]
+    assert json.loads(recorded[params.SETTINGS]) == {"crop": 100000}
