@@ -12,7 +12,8 @@ other field of its stage dataclass (``params.py``): a name that is neither is re
 ``run(SweepConfig(spec))`` expands a YAML grid (``base:`` parameters, ``grid:`` lists) and runs
 02-04 once per point into ``<out>/points/<point>/``. A point whose folder holds ``done.json``
 is skipped, so a sweep is resumed by running it again; a point without it (killed, failed) is
-wiped and run from the start. The summary (``report.sweep_summary``) is rewritten every time.
+wiped and run from the start. The summary (``report.sweep_summary``) is rewritten after every
+point, so a killed sweep leaves one.
 YAML is data: ``yaml.safe_load`` only.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import papermill
 from ipykernel.kernelspec import install as install_kernel
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from . import evaluate, paths, report, runs
+from . import evaluate, paths, progress, report, runs
 from .errors import DefectlabError
 from .params import NOTEBOOKS, check_names, coerce, declared, for_notebook, kinds, load_yaml, notebook_path
 
@@ -128,7 +129,8 @@ def kernel_name(name: str = "", prefix: str | None = None) -> str:
 # Set for the kernel process unless the user set them. On shared CPUs (CI, 2 cores, other jobs),
 # OpenMP threads that spin while waiting slow torch down several-fold (measured: a tiny-DiT
 # forward 3.6 s spinning vs 0.6 s passive at load 9 on 2 cores); idle machines lose nothing.
-KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# progress.PLAIN: papermill gives the kernel no frontend, so bars are plain text that ends at 100 %.
+KERNEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE", progress.PLAIN: "1"}
 # ipykernel's own log (not cell output: errors in cells end up in the executed notebook): ipykernel 7
 # warns about TCP transport on every start and logs an interrupt at shutdown.
 QUIET = ["--IPKernelApp.log_level=CRITICAL"]
@@ -271,13 +273,24 @@ def run_sweep(cfg: SweepConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / "sweep.json", {"spec": spec, "source": str(cfg.spec), "points": len(points)})
     kernel = kernel_name(cfg.kernel)
-    rows, failed = [], []
-    for i, point in enumerate(points, 1):
-        name = point_name(point, keys)
+    names = [point_name(point, keys) for point in points]
+    rows: list[dict] = [{"point": name, "params": point, "status": "pending"} for name, point in zip(names, points)]
+    failed: list[str] = []
+
+    def summary() -> None:
+        """Rewritten after every point, with other shards' points as they stand now: a killed
+        sweep leaves a summary of what it finished."""
+        for j, name in enumerate(names):
+            done = out / "points" / name / "done.json"
+            if rows[j]["status"] == "pending" and done.is_file():
+                rows[j] = runs.read_json(done)
+        report.sweep_summary(out, rows, keys, (spec.get("base") or {}).get("formats", "png"))
+
+    summary()  # from the start: a sweep killed in its first point still says where it stands
+    for i, (name, point) in enumerate(zip(names, points), 1):
         folder = out / "points" / name
         done = folder / "done.json"
-        if (i - 1) % shards != shard:  # another shard's point: never touched, reported below
-            rows.append({"point": name, "params": point, "status": "pending", "done": done})
+        if (i - 1) % shards != shard:  # another shard's point: never touched, reported as it stands
             continue
         if done.is_file():
             row = runs.read_json(done)
@@ -285,7 +298,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
                 raise DefectlabError(f"sweep point {folder} was run with other parameters (was the base changed?): "
                                      "delete it or choose another --out")
             print(f"[{i}/{len(points)}] {name}: done before, skipped", flush=True)
-            rows.append(row)
+            rows[i - 1] = row
             continue
         if folder.exists():
             shutil.rmtree(folder)  # killed or failed earlier: start this point again from nothing
@@ -295,15 +308,14 @@ def run_sweep(cfg: SweepConfig) -> Path:
             batch = run_notebooks(NotebooksConfig(out=str(folder), only=",".join(STAGES), kernel=kernel), point)
         except DefectlabError as err:
             failed.append(f"{name}: {err}")
-            rows.append({"point": name, "params": point, "status": "failed", "error": str(err)})
+            rows[i - 1] = {"point": name, "params": point, "status": "failed", "error": str(err)}
+            summary()
             continue
         row = _point_row(name, point, runs.read_json(batch / "batch.json"))
         runs.write_json(done, row)  # written last: its presence means the point is complete
-        rows.append(row)
-    # other shards' points as they stand now (finished while this shard ran, or still pending)
-    rows = [runs.read_json(r["done"]) if "done" in r and r["done"].is_file() else
-            {k: v for k, v in r.items() if k != "done"} for r in rows]
-    report.sweep_summary(out, rows, keys)
+        rows[i - 1] = row
+        summary()
+    summary()
     if failed:
         raise DefectlabError(f"{len(failed)} of {len(points)} sweep points failed (first: {failed[0]}); the others "
                              f"are in {out / 'summary.md'}; run the sweep again to retry the failed ones")

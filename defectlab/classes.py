@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import data as data_mod, dataset, methods, model as model_mod, paths, runs, viz
+from .codec import check_image_size
 from .diffusion import Objective
 from .errors import DefectlabError
+from .progress import tqdm
 
 
 # Not a DataConfig subclass: its augmentation fields would be flags that do nothing here
@@ -44,6 +45,7 @@ class RankConfig:
     seed: int = 0                  # seeds the fixed noise
     out: str = ""                  # folder for ranking.json + figure ("" = outputs/class_rank/<product>-<model>)
     progress: bool = True          # tqdm progress bar
+    formats: str = "png"           # figure formats, comma-separated: png, pdf, svg
 
 
 # TrainConfig fields that mean the same here; ranking settings keep RankConfig's defaults
@@ -118,10 +120,7 @@ def _image_size(cfg, base: model_mod.Base) -> int:
         size = cfg.image_size
     else:  # what fine-tuning uses by default, so `defectlab classes` previews --class-init nearest
         size = model_mod.preset(cfg.model)["image_size"]
-    step = base.transformer.config.patch_size * base.codec.downsample
-    if size % step:
-        raise DefectlabError(f"image_size {size} must be a multiple of {step} for {base.spec}")
-    return size
+    return check_image_size(size, base.codec, base.transformer.config.patch_size, base.spec)
 
 
 def _data_cfg(cfg, size: int) -> data_mod.DataConfig:
@@ -236,7 +235,7 @@ def run(cfg: RankConfig) -> dict:
               else paths.OUTPUTS / "class_rank" / f"{data.product}-{_slug(cfg.model)}")
     result["config"], result["folder"] = dataclasses.asdict(cfg), str(folder)
     runs.write_json(folder / "ranking.json", result)
-    viz.save_figure(figure(result), folder, "ranking")
+    viz.save_figure(figure(result), folder, "ranking", cfg.formats)
     return result
 
 

@@ -25,6 +25,7 @@ import torchvision
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from .errors import DefectlabError
+from .progress import tqdm
 
 CONDITIONS = ("real", "real+gen", "gen")   # "gen" alone = the classification accuracy score (CAS)
 SUMMARY = ("accuracy", "macro_f1", "precision", "recall", "map")
@@ -63,7 +64,7 @@ def build(num_classes: int, size: int, weights: str = "") -> torch.nn.Module:
     return torch.nn.Sequential(_Normalize(), net)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random flips and a ±S/16 px translation (reflect padding) — label-preserving for defect types."""
     n, _, s, _ = x.shape
     flip_h = torch.rand(n, generator=gen) < 0.5
@@ -90,7 +91,7 @@ def train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: i
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-        x = _augment(images[idx].to(device), gen)
+        x = augment(images[idx].to(device), gen)
         loss = F.cross_entropy(model(x), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,12 +153,17 @@ def downstream(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: tuple[t
         train_sets["real+gen"] = (torch.cat([sets["real"][0], sets["gen"][0]]), torch.cat([sets["real"][1], sets["gen"][1]]))
     labels = test[1].numpy()
     out: dict = {"conditions": {}, "diff": {}}
+    bar = tqdm(total=len(conditions) * seeds, desc="downstream classifiers", unit="run")
     for cond in conditions:
         if cond not in train_sets or len(train_sets[cond][0]) == 0:
             raise DefectlabError(f"downstream condition {cond!r} has no training images (no generated samples?)")
         x, y = train_sets[cond]
-        runs_ = [scores(labels, predict(train(x, y, len(classes), steps, batch_size, seed=s, weights=weights,
-                                              device=device), test[0]), classes) for s in range(seeds)]
+        runs_ = []
+        for s in range(seeds):  # one classifier per seed: the long step of an evaluation
+            bar.set_postfix_str(f"{cond}, seed {s}")
+            runs_.append(scores(labels, predict(train(x, y, len(classes), steps, batch_size, seed=s, weights=weights,
+                                                      device=device), test[0]), classes))
+            bar.update(1)
         out["conditions"][cond] = {
             "n_train": len(x), "seeds": runs_,
             **{m: _mean_std([r[m] for r in runs_]) for m in SUMMARY},
@@ -168,4 +174,5 @@ def downstream(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: tuple[t
         for cond in (c for c in conditions if c != "real"):
             other = out["conditions"][cond]["seeds"]
             out["diff"][f"{cond} - real"] = {m: _mean_std([o[m] - b[m] for o, b in zip(other, base)]) for m in SUMMARY}
+    bar.close()
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import re
 import sys
@@ -26,6 +27,8 @@ STAGES = {
     # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
     "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
+    "export": ("export", "ExportConfig", "write a run as a diffusers folder (DiTPipeline for latent bases) with a "
+               "model card; --push-to-hub uploads it"),
     "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
     "sweep": ("batch", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
     "notebooks": ("batch", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
@@ -109,6 +112,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--product", default="hazelnut", help="product to fetch (default: hazelnut)")
     p.add_argument("--archive", type=Path, default=None, help="MVTec AD archive file (for source=mvtec)")
     p.add_argument("--dest", type=Path, default=None, help="destination root (default: data/<source>)")
+    p.add_argument("--force", action="store_true",
+                   help="mvtec: replace the archive's files in a product folder that exists (nothing else is touched)")
 
     for name, (module, cls_name, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -137,7 +142,7 @@ def _run_data(args) -> int:
         else:
             if args.archive is None:
                 raise DefectlabError("--archive is required for 'data fetch mvtec' (the MVTec AD .tar.xz you downloaded)")
-            out = fetch.fetch_mvtec(args.archive, dest, product=args.product)
+            out = fetch.fetch_mvtec(args.archive, dest, product=args.product, force=args.force)
         print(f"fetched into {out}")
     return 0
 
@@ -173,6 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("defectlab: interrupted; finished work is kept (run again, or --resume, to continue)", file=sys.stderr)
         return 130
+    except OSError as err:  # a file-system fault no stage turned into its own line: still one line
+        if debug or err.errno not in _DISK_FAULTS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"defectlab: error: cannot write{where}: {err.strerror}; free space, fix permissions or choose "
+              "another folder, then run again (finished files are kept)", file=sys.stderr)
+        return 2
+
+
+_DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOTDIR,
+                errno.EISDIR)
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:

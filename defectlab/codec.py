@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
+from .errors import DefectlabError
+
 
 class PixelCodec:
     """Identity: the transformer works on pixels in [-1, 1] (tiny / mini)."""
@@ -62,3 +64,12 @@ class VAECodec:
         return (self.channels, image_size // self.downsample, image_size // self.downsample)
 
 
+def check_image_size(size: int, codec, patch_size: int, model: str) -> int:
+    """``size`` if a transformer with ``patch_size`` can work on it through ``codec``: a multiple of
+    patch x codec downsampling; otherwise one line saying which sizes work."""
+    down = getattr(codec, "downsample", 1)  # pixels per latent cell (a codec without it: 1)
+    step = patch_size * down
+    if size < step or size % step:
+        raise DefectlabError(f"image_size {size} must be a positive multiple of {step} for {model} "
+                             f"(patch {patch_size} x {down} px per latent cell)")
+    return size

@@ -35,6 +35,7 @@ from PIL import Image
 
 from . import paths, runs, synth
 from .errors import DefectlabError
+from .images import GREY_MODES
 
 # Closest ImageNet-1k class per product: the class-table row a fine-tune can start from.
 ANCHOR_CLASSES = {"hazelnut": (990, "buckeye, horse chestnut, conker"), "screw": (783, "screw")}
@@ -89,6 +90,7 @@ class DefectData:
     train: list[Sample]
     test: list[Sample]
     good: list[Path]       # defect-free images (train/good for MVTec), may be empty
+    greyscale: bool = False  # every image has one channel (MVTec screws): generated images are made grey too
 
 
 # ----------------------------------------------------------------------------- roots and layouts
@@ -244,14 +246,18 @@ def _header(path: Path, verify: bool = True) -> tuple[tuple[int, int], str]:
     return size, mode
 
 
-def _verify(pairs: list[tuple[Path, Path | None]], crop: int, full: bool = True) -> None:
+def _verify(pairs: list[tuple[Path, Path | None]], crop: int, full: bool = True) -> set[str]:
+    """Check headers (``full``: PNG chunks too), crop and mask sizes; the images' modes."""
+    modes = set()
     for image, mask in pairs:
-        size, _ = _header(image, full)
+        size, mode = _header(image, full)
+        modes.add(mode)
         if crop > min(size):
             raise DefectlabError(f"crop {crop} px is larger than image {image} ({size[0]}x{size[1]})")
         if mask is not None and (msize := _header(mask)[0]) != size:
             raise DefectlabError(f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} "
                                  f"is {size[0]}x{size[1]}")
+    return modes
 
 
 def split(by_class: dict[str, list], test_fraction: float, seed: int) -> tuple[dict, dict]:
@@ -280,10 +286,10 @@ def load(cfg: DataConfig, manifest: Path | None = None) -> DefectData:
     if cfg.product not in products:
         raise DefectlabError(f"unknown product {cfg.product!r} in {root}; available: {', '.join(products)}")
     by_class, good, _ = _scan(root, layout, cfg.product)
-    _verify([p for pairs in by_class.values() for p in pairs], cfg.crop)
+    modes = _verify([p for pairs in by_class.values() for p in pairs], cfg.crop)
     # Good images: header only. There can be hundreds of them, they are not what we fine-tune
     # on, and load_image still names a corrupt one if a later stage reads it.
-    _verify([(g, None) for g in good], cfg.crop, full=False)
+    modes |= _verify([(g, None) for g in good], cfg.crop, full=False)
     classes = sorted(by_class)
     if manifest is not None and Path(manifest).is_file():
         train, test = _read_manifest(Path(manifest), root, layout, cfg, by_class)
@@ -293,9 +299,9 @@ def load(cfg: DataConfig, manifest: Path | None = None) -> DefectData:
     def make(groups: dict) -> list[Sample]:
         return [Sample(img, mask, d, classes.index(d), cfg.product) for d in classes for img, mask in groups[d]]
 
-    data = DefectData(layout, root, cfg.product, classes, make(train), make(test), good)
+    data = DefectData(layout, root, cfg.product, classes, make(train), make(test), good, modes <= set(GREY_MODES))
     if manifest is not None and not Path(manifest).is_file():
-        _write_manifest(Path(manifest), data, cfg)
+        write_manifest(Path(manifest), data, cfg)
     return data
 
 
@@ -303,7 +309,8 @@ def _rel(path: Path | None, root: Path) -> str | None:
     return None if path is None else path.relative_to(root).as_posix()
 
 
-def _write_manifest(path: Path, data: DefectData, cfg: DataConfig) -> None:
+def write_manifest(path: Path, data: DefectData, cfg: DataConfig) -> None:
+    """The split as ``load(cfg, manifest=path)`` reads it back (paths relative to the root)."""
     def entry(s: Sample) -> dict:
         return {"image": _rel(s.image, data.root), "mask": _rel(s.mask, data.root), "defect": s.defect}
 

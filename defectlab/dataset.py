@@ -1,15 +1,18 @@
 """From files to training tensors: image and mask pixels, the one augmentation, the datasets.
 
-Images are read as ``[3,S,S]`` float in [-1, 1] (RGB; MVTec screws are greyscale PNGs), masks
-as ``[1,S,S]`` in {0, 1}, both centre-cropped and resized the same way so they stay aligned.
+Images of any mode and bit depth (16-bit, palette, CMYK, …: ``images.plain``) are read as
+``[3,S,S]`` float in [-1, 1] (RGB; MVTec screws are greyscale PNGs), masks as ``[1,S,S]`` in
+{0, 1}, both centre-cropped and resized the same way so they stay aligned.
 The augmentation is a ``View`` (flips, then a rotation): ``draw_view`` draws one with torch's
-RNG, ``apply_view`` applies it. ``DefectDataset`` and the ``LatentCache`` (each (image, view)
-encoded once by a frozen codec) use the same views, so a run with the cache sees the same
-augmentations, noise and timesteps as one without.
+RNG, or, given a seed, with a generator of its own per (seed, epoch, item) (``view_generator``:
+what training uses, so a run resumed mid-epoch sees the same views); ``apply_view`` applies it.
+``DefectDataset`` and the ``LatentCache`` (each (image, view) encoded once by a frozen codec) use
+the same views, so a run with the cache sees the same augmentations, noise and timesteps as one without.
 """
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .data import UNREADABLE, DataConfig, Sample, check_config
 from .errors import DefectlabError
-from .images import from_pil
+from .images import from_pil, plain
 
 
 def _open(path: Path) -> Image.Image:
@@ -50,10 +53,8 @@ def load_image(path: Path, size: int, crop: int = 0) -> torch.Tensor:
 
 
 def _to_tensor(im: Image.Image, size: int, crop: int, path: Path) -> torch.Tensor:
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB")
-    im = _crop_resize(im, size, crop, Image.BICUBIC, path).convert("RGB")  # resize before RGB: 3x cheaper
-    return from_pil(im)
+    # any mode and bit depth → L, RGB or F (16-bit kept unquantised); resized before RGB: 3x cheaper
+    return from_pil(_crop_resize(plain(im), size, crop, Image.BICUBIC, path))
 
 
 def load_mask(path: Path | None, size: int, crop: int = 0,
@@ -67,24 +68,74 @@ def load_mask(path: Path | None, size: int, crop: int = 0,
     if image_size is not None and im.size != image_size:
         raise DefectlabError(f"mask {path} is {im.size[0]}x{im.size[1]} but its image is "
                              f"{image_size[0]}x{image_size[1]}")
-    binary = np.asarray(im.convert("RGB")).max(axis=-1) > 0
+    binary = _defect_pixels(im)
     im = _crop_resize(Image.fromarray(binary.astype(np.uint8) * 255), size, crop, Image.BOX, path)
     return torch.from_numpy((np.asarray(im) > 0).astype(np.float32))[None]
 
 
-def augment_pair(image: torch.Tensor, mask: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _defect_pixels(im: Image.Image) -> np.ndarray:
+    """``[H, W]`` bool: any non-black pixel of a mask (grey, colour or 16-bit)."""
+    return np.asarray(plain(im)).reshape(im.size[1], im.size[0], -1).max(axis=-1) > 0
+
+
+def check_masks(samples: list[Sample], crop: int = 0) -> None:
+    """Before training: warn, naming files, about masks with no defect pixel and about defects a
+    centre ``crop`` cuts away entirely or in part (the crop box of ``_crop_resize``)."""
+    empty, cut, part = [], [], []
+    for s in (s for s in samples if s.mask is not None):
+        pixels = _defect_pixels(_open(s.mask))
+        h, w = pixels.shape
+        left, top = (w - crop) // 2, (h - crop) // 2
+        kept = int(pixels[top:top + crop, left:left + crop].sum()) if crop else int(pixels.sum())
+        if not pixels.any():
+            empty.append(s.mask)
+        elif kept == 0:
+            cut.append(s.mask)
+        elif kept < pixels.sum():
+            part.append(s.mask)
+    if empty:
+        warnings.warn(f"{len(empty)} mask(s) hold no defect pixel (all black), e.g. {empty[0]}: fix or "
+                      "delete them (an image without a mask file trains without one)", stacklevel=2)
+    if cut or part:
+        n = sum(s.mask is not None for s in samples)
+        warnings.warn(f"crop {crop} px cuts {len(cut)} of {n} defect masks away entirely and {len(part)} partly "
+                      f"(e.g. {(cut or part)[0]}): use a larger --crop, or none", stacklevel=2)
+
+
+def augment_pair(image: torch.Tensor, mask: torch.Tensor, cfg: DataConfig,
+                 gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips and a rotation from ``{0, *cfg.rotations}``, identical for image and mask:
-    ``apply_view(draw_view(cfg))``. Draws from torch's global RNG, which DataLoader seeds per
-    worker, so a fixed seed reproduces a run."""
-    return apply_view(image, mask, draw_view(cfg))
+    ``apply_view(draw_view(cfg, gen))``. Without ``gen`` it draws from torch's global RNG, which
+    DataLoader seeds per worker, so a fixed seed reproduces a run."""
+    return apply_view(image, mask, draw_view(cfg, gen))
 
 
-class DefectDataset(torch.utils.data.Dataset):
+def view_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of item ``index``'s view in ``epoch``: a view that depends on nothing drawn
+    before it, so a run resumed in the middle of an epoch draws the same views."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+class _Epochs:
+    """Per-item seeded views (``seed``; None = torch's global RNG), keyed by the epoch that
+    ``set_epoch`` names (accelerate's loader calls it; the training loop does before each epoch)."""
+    seed: int | None = None
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, i: int) -> torch.Generator | None:
+        return None if self.seed is None else view_generator(self.seed, self.epoch, i)
+
+
+class DefectDataset(_Epochs, torch.utils.data.Dataset):
     """``{"image": [3,S,S] in [-1,1], "mask": [1,S,S] in {0,1}, "label": int}`` per sample."""
 
-    def __init__(self, samples: list[Sample], cfg: DataConfig, augment: bool = True):
+    def __init__(self, samples: list[Sample], cfg: DataConfig, augment: bool = True, seed: int | None = None):
         check_config(cfg)
-        self.samples, self.cfg, self.augment = list(samples), cfg, augment
+        self.samples, self.cfg, self.augment, self.seed = list(samples), cfg, augment, seed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -95,7 +146,7 @@ class DefectDataset(torch.utils.data.Dataset):
         mask = load_mask(s.mask, cfg.image_size, cfg.crop, im.size)
         image = _to_tensor(im, cfg.image_size, cfg.crop, s.image)
         if self.augment:
-            image, mask = augment_pair(image, mask, cfg)
+            image, mask = augment_pair(image, mask, cfg, self._generator(i))
         return {"image": image, "mask": mask, "label": s.label}
 
 
@@ -115,12 +166,12 @@ def views(cfg: DataConfig) -> list[View]:
     return [View(h, v, a) for h, v, a in itertools.product(flips(cfg.hflip), flips(cfg.vflip), angles)]
 
 
-def draw_view(cfg: DataConfig) -> View:
+def draw_view(cfg: DataConfig, gen: torch.Generator | None = None) -> View:
     """The view ``augment_pair`` would apply now: the same torch RNG calls, in the same order."""
-    h = bool(cfg.hflip and torch.rand(()) < 0.5)
-    v = bool(cfg.vflip and torch.rand(()) < 0.5)
+    h = bool(cfg.hflip and torch.rand((), generator=gen) < 0.5)
+    v = bool(cfg.vflip and torch.rand((), generator=gen) < 0.5)
     angles = (0, *cfg.rotations)
-    return View(h, v, angles[int(torch.randint(len(angles), ()))])
+    return View(h, v, angles[int(torch.randint(len(angles), (), generator=gen))])
 
 
 def apply_view(image: torch.Tensor | None, mask: torch.Tensor | None, view: View):
@@ -196,21 +247,21 @@ class LatentCache:
             self._latents[self.key(i, view)] = latent.clone()
         self.encodes += len(items)
 
-    def dataset(self, augment: bool = True) -> "CachedLatentDataset":
-        return CachedLatentDataset(self, augment)
+    def dataset(self, augment: bool = True, seed: int | None = None) -> "CachedLatentDataset":
+        return CachedLatentDataset(self, augment, seed)
 
 
-class CachedLatentDataset(torch.utils.data.Dataset):
+class CachedLatentDataset(_Epochs, torch.utils.data.Dataset):
     """``DefectDataset`` with the image replaced by its cached latent: same views for the same
-    RNG state (``draw_view``), mask augmented with the view, label."""
+    RNG state or seed (``draw_view``), mask augmented with the view, label."""
 
-    def __init__(self, cache: LatentCache, augment: bool = True):
-        self.cache, self.augment = cache, augment
+    def __init__(self, cache: LatentCache, augment: bool = True, seed: int | None = None):
+        self.cache, self.augment, self.seed = cache, augment, seed
 
     def __len__(self) -> int:
         return len(self.cache.samples)
 
     def __getitem__(self, i: int) -> dict:
-        view = draw_view(self.cache.cfg) if self.augment else View()
+        view = draw_view(self.cache.cfg, self._generator(i)) if self.augment else View()
         mask, label = self.cache.mask_label(i)
         return {"latent": self.cache.get(i, view), "mask": apply_view(None, mask, view)[1], "label": label}

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from . import classifier, data, dataset, masks, metrics, runs
+from . import classifier, data, dataset, judge, masks, metrics, runs, synth
 from .errors import DefectlabError
 
-METRICS = ("downstream", *metrics.FIDELITY)
+METRICS = ("downstream", "judge", *metrics.FIDELITY)
 
 
 @dataclass
 class EvalConfig:
     run: str = "latest"            # run folder, name or number; latest = the newest run
     samples: str = ""              # sampler output (<samples>/<product>/test/<class>/*.png); "" = newest under <run>/samples/
-    metrics: str = "downstream,fid,kid,is"  # any of downstream, fid, kid, is (default list: unavailable ones are skipped)
+    metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, fid, kid, is (default list: unavailable ones are skipped)
     feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" = torch hub cache or download
     feature_weights_note: str = ""  # label stored with the numbers, e.g. "random weights — numbers meaningless"
     kid_subset_size: int = 0       # KID subset size (0 = min(n_real, n_gen, 1000); capped at that)
@@ -61,6 +61,7 @@ class EvalResult:
     diversity: dict = field(default_factory=dict)  # {"per_class": {class: metrics.diversity}, "ic_lpips_reason"}
     downstream: dict | None = None         # classifier.downstream + "setup" (model, steps, seeds, n_test, seconds)
     masks: dict | None = None              # masks.summarize, for image + mask pairs
+    judge: dict | None = None              # offline proxy: share of samples a procedural-image judge assigns their class
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -199,11 +200,35 @@ def run(cfg: EvalConfig) -> EvalResult:
     result.diversity = {"per_class": metrics.diversity(gen_img, train_img, distance), "ic_lpips_reason": reason}
     if "downstream" in wanted:
         result.downstream = _downstream(cfg, dd, dcfg.crop, train, test, gen_paths, conditions, device)
+    if "judge" in wanted:
+        result.judge = _judge(dcfg, dd, gen_img, {c: load_images(test[c], size, dcfg.crop) for c in dd.classes})
+        if result.judge is None:
+            result.skipped["judge"] = ("judge: skipped — it is trained on the procedural generator's images, so it "
+                                       "judges runs on the embedded synthetic dataset (hazelnut, screw) only")
     if (samples / "mask_config.json").is_file():  # image + mask pairs: how well defects keep to their masks
         result.masks = masks.summarize(samples)
     result.seconds = round(time.time() - t0, 1)
     runs.write_json(folder / "metrics.json", result.to_json())
     return result
+
+
+def _judge(dcfg: data.DataConfig, dd: data.DefectData, gen_img: dict, real_img: dict) -> dict | None:
+    """``judge.judge_score`` of the samples (and, as the judge's own check, of the real held-out
+    images) at the run's size; None when the run's data is not the procedural dataset."""
+    if dcfg.data != "synthetic" or dd.product not in synth.PRODUCTS or dd.classes != judge.classes_of(dd.product):
+        return None
+    j = judge.judge_for(dd.product, dcfg.image_size)
+
+    def score(images: dict) -> dict:
+        labels = torch.cat([torch.full((len(images[c]),), i) for i, c in enumerate(dd.classes)])
+        s = judge.judge_score(j, torch.cat([images[c] for c in dd.classes]), labels, dd.classes)
+        plain = lambda c: {k: None if v != v else v for k, v in dataclasses.asdict(c).items()}  # noqa: E731  NaN (n = 0) → null
+        return {"per_class": {c.name: plain(c) for c in s.per_class}, "overall": plain(s.overall)}
+
+    return {"generated": score(gen_img), "real_test": score(real_img), "chance": 1 / len(dd.classes),
+            "judge": {"size": j.size, "seed": j.seed, "source": j.source, "recipe": dataclasses.asdict(j.recipe)},
+            "note": "offline proxy: a small CNN trained on abundant procedural images of the product, never on "
+                    "this run's images"}
 
 
 def _downstream(cfg: EvalConfig, dd: data.DefectData, crop: int, train: dict, test: dict, gen_paths: dict,

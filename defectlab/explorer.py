@@ -1,14 +1,20 @@
-"""Sample a fine-tuned model interactively: class, steps, seed, guidance and a Run button.
+"""Sample a fine-tuned model interactively: class, scheduler, steps, seed, guidance and a Run button.
 
 The model is loaded once by the caller (``train.restore``) and handed in; ``render`` only
 samples, with per-image generators (``sampler.generators(seed, class, range(n))``), so a seed
-gives exactly the images ``sample.run`` exports for the same settings. ``widget()`` builds
-the ipywidgets UI; ``render`` is the same thing without a browser.
+gives exactly the images ``sample.run`` exports for the same settings. Images are cached per
+(checkpoint, sampler settings, seed, size, class): a setting seen before shows at once, and
+more images of it sample only the new ones. The sampler is fast by default (``FAST``:
+DPM-Solver++, 25 steps). ``widget()`` builds the ipywidgets UI, displayed with a PNG of its
+grid beside it, so a saved notebook shows the grid where the widget cannot run; ``render`` is
+the same thing without a browser.
 """
 from __future__ import annotations
 
+import base64
 import html
 import time
+from collections import OrderedDict
 
 import ipywidgets as w
 import torch
@@ -19,13 +25,16 @@ from .errors import DefectlabError
 from .viz import figure_png, grid_figure
 
 ALL_CLASSES = "(all classes)"
+FAST = ("dpmsolver", 25)      # the explorer's sampler where the given one is slow (DDPM, or > FAST_STEPS steps)
+FAST_STEPS = 50
+CACHE_ENTRIES = 256           # (settings, class) entries kept, least recently used dropped first
 
 
 class Explorer:
     """``steps`` 0 = the scheduler's default (``sampler.DEFAULT_STEPS``), as in ``sample.SampleConfig``."""
 
-    def __init__(self, restored, steps: int = 50, guidance: float = 1.5, seed: int = 0, n: int = 4,
-                 scheduler: str = "ddim", cfg_channels: str = "all", image_size: int = 0, max_steps: int = 250,
+    def __init__(self, restored, steps: int = 0, guidance: float = 1.5, seed: int = 0, n: int = 4,
+                 scheduler: str = FAST[0], cfg_channels: str = "all", image_size: int = 0, max_steps: int = 250,
                  guidance_interval: tuple[float, float] | None = None, timestep_spacing: str = "auto"):
         self.restored, self.classes = restored, list(restored.classes)
         self.steps = steps or sampler.DEFAULT_STEPS.get(scheduler, 1)
@@ -34,44 +43,76 @@ class Explorer:
         self.guidance_interval, self.timestep_spacing = guidance_interval, timestep_spacing
         self.image_size = image_size or restored.config.get("image_size") or restored.base.default_image_size
         self.last_images: torch.Tensor | None = None
+        self.last_figure: Figure | None = None
         self.controls: dict = {}
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     @classmethod
-    def from_config(cls, restored, config: sample.SampleConfig, n: int = 4) -> Explorer:
-        """An explorer that starts from the settings of a ``sample.SampleConfig`` (what ``sample.run`` exports)."""
-        interval = sample.guidance_interval(config)
-        return cls(restored, steps=config.steps, guidance=config.guidance, seed=config.seed, n=n,
-                   scheduler=config.scheduler, cfg_channels=config.cfg_channels, image_size=config.image_size,
-                   guidance_interval=interval, timestep_spacing=config.timestep_spacing)
+    def from_config(cls, restored, config: sample.SampleConfig, n: int = 4, fast: bool = True) -> Explorer:
+        """An explorer that starts from the settings of a ``sample.SampleConfig`` (what ``sample.run``
+        exports); ``fast``: a slow sampler there (DDPM, or more than ``FAST_STEPS`` steps) becomes ``FAST``."""
+        steps = config.steps or sampler.DEFAULT_STEPS.get(config.scheduler, 1)
+        scheduler = config.scheduler
+        if fast and (scheduler == "ddpm" or steps > FAST_STEPS):
+            scheduler, steps = FAST
+        return cls(restored, steps=steps, guidance=config.guidance, seed=config.seed, n=n, scheduler=scheduler,
+                   cfg_channels=config.cfg_channels, image_size=config.image_size,
+                   guidance_interval=sample.guidance_interval(config), timestep_spacing=config.timestep_spacing)
 
     def render(self, class_name: str, steps: int | None = None, seed: int | None = None,
-               guidance: float | None = None, n: int | None = None) -> Figure:
+               guidance: float | None = None, n: int | None = None, scheduler: str | None = None,
+               progress: bool = False) -> Figure:
         """One class: ``n`` images in a row; ``ALL_CLASSES`` (or ""): columns = classes, rows = ``n``.
-        Settings not given are the explorer's own."""
+        Settings not given are the explorer's own; ``progress``: a bar while sampling."""
         steps, seed = steps or self.steps, self.seed if seed is None else seed
         guidance, n = self.guidance if guidance is None else guidance, self.n if n is None else n
+        scheduler = scheduler or self.scheduler
         if n < 1:
             raise DefectlabError(f"n must be ≥ 1 (got {n})")
         names = self.classes if class_name in ("", ALL_CLASSES) else [class_name]
         if names[0] not in self.classes:
             raise DefectlabError(f"unknown class {class_name!r} (known: {', '.join(self.classes)})")
-        labels = [self.classes.index(c) for c in names for _ in range(n)]
-        gens = [g for c in names for g in sampler.generators(seed, c, range(n))]
-        base = self.restored.base
-        plan = sampler.Sampling(steps, guidance, self.scheduler, self.cfg_channels, self.guidance_interval,
+        plan = sampler.Sampling(steps, guidance, scheduler, self.cfg_channels, self.guidance_interval,
                                 self.timestep_spacing)
-        images = sampler.generate(self.restored.model, base.codec, labels, gens, plan,
-                                  scheduler_config=base.scheduler_config, image_size=self.image_size, progress=False)
+        images = self._images(plan, seed, names, n, progress)
         self.last_images = images
-        title = f"{self.scheduler} {steps} steps · guidance {guidance:g} · seed {seed}"
+        title = f"{scheduler} {steps} steps · guidance {guidance:g} · seed {seed}"
         if len(names) == 1:
-            return grid_figure(images, [f"{names[0]} #{i}" for i in range(n)], rows=1, title=title)
-        return grid_figure(images, names, rows=n, title=title)
+            fig = grid_figure(images, [f"{names[0]} #{i}" for i in range(n)], rows=1, title=title)
+        else:
+            fig = grid_figure(images, names, rows=n, title=title, row_labels=[f"#{i}" for i in range(n)])
+        self.last_figure = fig
+        return fig
 
-    def widget(self) -> w.VBox:
-        """The ipywidgets UI; nothing is sampled until Run is pressed."""
+    def _images(self, plan: sampler.Sampling, seed: int, names: list[str], n: int, progress: bool) -> torch.Tensor:
+        """Images 0..n-1 of each class in ``names`` (class-major), sampling only what the cache lacks."""
+        settings = (str(self.restored.checkpoint), plan, seed, self.image_size)
+        have = {c: self._cache.get((settings, c)) for c in names}
+        missing = [(c, i) for c in names for i in range(0 if have[c] is None else len(have[c]), n)]
+        if missing:
+            base = self.restored.base
+            new = sampler.generate(self.restored.model, base.codec, [self.classes.index(c) for c, _ in missing],
+                                   [sampler.generators(seed, c, [i])[0] for c, i in missing], plan,
+                                   scheduler_config=base.scheduler_config, image_size=self.image_size,
+                                   progress=progress)
+            for c in names:
+                part = new[[k for k, (name, _) in enumerate(missing) if name == c]]
+                have[c] = part if have[c] is None else torch.cat([have[c], part])
+        for c in names:
+            self._cache[(settings, c)] = have[c]
+            self._cache.move_to_end((settings, c))
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return torch.cat([have[c][:n] for c in names])
+
+    def widget(self) -> ExplorerBox:
+        """The ipywidgets UI, showing the explorer's grid (the first class, or the last one
+        rendered); nothing else is sampled until Run is pressed."""
+        if self.last_figure is None:
+            self.render(self.classes[0])
         c = self.controls = {
             "class": w.Dropdown(options=[*self.classes, ALL_CLASSES], value=self.classes[0], description="class"),
+            "scheduler": w.Dropdown(options=list(sampler.SCHEDULERS), value=self.scheduler, description="sampler"),
             "steps": w.IntSlider(value=self.steps, min=1, max=self.max_steps, description="steps",
                                  continuous_update=False),
             "seed": w.IntText(value=self.seed, description="seed"),
@@ -80,14 +121,18 @@ class Explorer:
             "n": w.IntSlider(value=self.n, min=1, max=16, description="images", continuous_update=False),
             "run": w.Button(description="Run", button_style="primary", icon="play"),
             "status": w.HTML(value="press Run to sample"),
-            "image": w.Image(format="png"),
+            "progress": w.Output(),
+            "image": w.Image(value=figure_png(self.last_figure), format="png"),
         }
 
         def on_run(_button=None):
             c["run"].disabled, t0 = True, time.time()
             c["status"].value = "sampling…"
+            c["progress"].clear_output()
             try:
-                fig = self.render(c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value)
+                with c["progress"]:  # the sampler's progress bar, one per Run
+                    fig = self.render(c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value,
+                                      c["n"].value, c["scheduler"].value, progress=True)
                 c["image"].value = figure_png(fig)
                 c["status"].value = f"done in {time.time() - t0:.1f} s"
             except DefectlabError as err:
@@ -96,5 +141,17 @@ class Explorer:
                 c["run"].disabled = False
 
         c["run"].on_click(on_run)
-        return w.VBox([w.HBox([c["class"], c["steps"]]), w.HBox([c["seed"], c["guidance"]]),
-                       w.HBox([c["n"], c["run"], c["status"]]), c["image"]])
+        return ExplorerBox([w.HBox([c["class"], c["scheduler"]]), w.HBox([c["steps"], c["seed"]]),
+                            w.HBox([c["guidance"], c["n"]]), w.HBox([c["run"], c["status"]]), c["progress"],
+                            c["image"]])
+
+
+class ExplorerBox(w.VBox):
+    """The explorer's controls, displayed together with a PNG of the grid they show: a frontend
+    with the widget shows the widget, a saved notebook (GitHub, nbconvert, papermill output)
+    shows the image."""
+
+    def _repr_mimebundle_(self, **kwargs):
+        data = super()._repr_mimebundle_(**kwargs) or {}
+        image = self.children[-1].value
+        return {**data, "image/png": base64.b64encode(image).decode("ascii")} if image else data

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import snapshot_download
 from huggingface_hub import errors as hf_errors
 
-from . import paths
+from . import paths, runs
 from .errors import DefectlabError
 
 DS_REPO = "DefectSpectrum/Defect_Spectrum"
@@ -37,6 +37,7 @@ class FetchConfig:
     archive: str = ""               # MVTec AD archive (.tar.xz / .tar.gz / .zip) for source=mvtec
     dest: str = ""                  # destination root; "" = data/<source>
     revision: str = ""              # hub branch, tag or commit for a reproducible download; "" = main
+    force: bool = False             # mvtec: replace the archive's files in an existing product folder (nothing else)
 
 
 def run(cfg: FetchConfig) -> Path:
@@ -48,7 +49,7 @@ def run(cfg: FetchConfig) -> Path:
         if not cfg.archive:
             raise DefectlabError("source 'mvtec' needs --archive: the MVTec AD .tar.xz you "
                                  "downloaded from mvtec.com")
-        return fetch_mvtec(Path(cfg.archive), dest, product=cfg.product or None)
+        return fetch_mvtec(Path(cfg.archive), dest, product=cfg.product or None, force=cfg.force)
     raise DefectlabError(f"unknown source {cfg.source!r}; use 'defectspectrum' or 'mvtec'")
 
 
@@ -57,7 +58,7 @@ def fetch_defectspectrum(product: str, dest: Path | None = None, revision: str |
     """Download ``DS-MVTec/<product>/`` (only that product) into ``dest``; returns ``dest/DS-MVTec``."""
     if product not in MVTEC_PRODUCTS:
         raise DefectlabError(f"unknown DS-MVTec product {product!r}; available: {', '.join(MVTEC_PRODUCTS)}")
-    dest = Path(dest or paths.DATA / "defectspectrum")
+    dest = runs.ensure_dir(Path(dest or paths.DATA / "defectspectrum"), "--dest")
     # Only the folders data.py reads (images + binary and colour masks), one product at a time:
     # the whole repository is many GB.
     patterns = [f"{DS_FOLDER}/{product}/{sub}/*" for sub in ("image", "mask", "rgb_mask", "rbg_mask")]
@@ -112,10 +113,12 @@ def _members(archive: Path):
     raise DefectlabError(f"unsupported archive {archive}: expected one of {', '.join(ARCHIVE_SUFFIXES)}")
 
 
-def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = None) -> Path:
+def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = None, force: bool = False) -> Path:
     """Extract an MVTec AD archive (the full one or a per-product one) into ``dest`` and return the
     dataset root. With ``product``, only that product's folder is extracted. A single wrapping
-    folder (``mvtec_anomaly_detection/…``) is dropped so ``dest/<product>/train`` exists."""
+    folder (``mvtec_anomaly_detection/…``) is dropped so ``dest/<product>/train`` exists.
+    A product folder that already holds files is refused unless ``force``; then only the files
+    the archive holds are replaced: nothing else in ``dest`` is ever deleted."""
     archive = Path(archive)
     if not archive.is_file():
         raise DefectlabError(f"archive not found: {archive}")
@@ -135,7 +138,12 @@ def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = N
             raise DefectlabError(f"archive {archive} has no folder {product!r}; it contains: "
                                  f"{', '.join(products) or 'nothing'}")
         chosen = [(m, p) for m, p in members if len(p) > depth and (product is None or p[depth] == product)]
-        dest.mkdir(parents=True, exist_ok=True)
+        there = [dest / t for t in sorted({p[depth] for _, p in chosen}) if (dest / t).exists()
+                 and (not (dest / t).is_dir() or any((dest / t).iterdir()))]
+        if there and not force:
+            raise DefectlabError(f"{there[0]} already exists: pass --force to replace the files that come from "
+                                 "the archive (nothing else is touched), or choose another --dest")
+        runs.ensure_dir(dest, "--dest")
         # Extract into a temp folder inside dest, then move the product folders into place, so an
         # interrupted extraction never leaves a half product where data.py would find it.
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
@@ -147,15 +155,25 @@ def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = N
                 else:
                     handle.extractall(tmp, members=[m for m, _ in chosen], filter="data")
             except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
-                raise DefectlabError(f"archive {archive} is damaged or truncated: {_first_line(err)}") from err
-            base = tmp / wrapper if wrapper else tmp
-            for entry in sorted(base.iterdir()):
-                target = dest / entry.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-                os.replace(entry, target)
+                raise (runs.write_error(err, dest, "fetch again") or  # a full disk is not a damaged archive
+                       DefectlabError(f"archive {archive} is damaged or truncated: {_first_line(err)}")) from err
+            _merge(tmp / wrapper if wrapper else tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _merge(src: Path, dst: Path) -> None:
+    """Move what ``src`` holds into ``dst``: a folder ``dst`` lacks moves whole (one rename), a file
+    replaces the file of that name; anything else in ``dst`` stays."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if not target.exists():
+            os.replace(entry, target)
+        elif entry.is_dir() and target.is_dir():
+            _merge(entry, target)
+        elif entry.is_file() and target.is_file():
+            os.replace(entry, target)
+        else:
+            raise DefectlabError(f"{target} is in the way of the archive's {'folder' if entry.is_dir() else 'file'} "
+                                 "of that name: move it away and fetch again")

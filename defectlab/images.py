@@ -41,15 +41,45 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
     return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
 
 
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # one colour channel
+_WIDE = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit PNG / TIFF pixels: 0..65535
+
+
+def plain(im: Image.Image) -> Image.Image:
+    """Any PIL mode as L, RGB or F (grey on the 0..255 scale), the modes ``from_pil`` reads: 16-bit
+    (``I;16*``, and ``I``, which is how Pillow may open 16-bit files) is scaled by 65535; ``F`` is
+    read as 0..1 when no pixel exceeds 1, else as 0..255 (Pillow's own scale); alpha is dropped;
+    palette, CMYK and other colour modes become RGB."""
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode in _WIDE or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        scale = 255 / 65535 if im.mode in _WIDE else (255.0 if top <= 1 else 1.0)
+        return Image.fromarray(np.nan_to_num(arr * scale).clip(0, 255).astype(np.float32))
+    return im.convert("L" if im.mode in GREY_MODES else "RGB")
+
+
 def from_pil(im: Image.Image) -> torch.Tensor:
-    """An RGB (or L) PIL image → [3, H, W] in [-1, 1]."""
+    """A PIL image of any mode and bit depth (see ``plain``) → [3, H, W] in [-1, 1]."""
+    im = plain(im)
+    if im.mode == "F":  # float grey, kept unquantised
+        return from_uint8(torch.from_numpy(np.asarray(im, dtype=np.float32).copy())[None].repeat(3, 1, 1))
     arr = np.asarray(im.convert("RGB"), dtype=np.float32).copy()
     return from_uint8(torch.from_numpy(arr).permute(2, 0, 1))
 
 
-def save_png(image: torch.Tensor, path: Path) -> Path:
-    """[3,H,W] in [-1, 1] → 8-bit RGB PNG, written atomically."""
-    arr = to_uint8(image).permute(1, 2, 0).cpu().numpy()
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """[..., 3, H, W] in [-1, 1] → the same shape with all three channels set to the luma (ITU-R
+    601, as Pillow's ``convert("L")``): greyscale datasets stay greyscale in generated images."""
+    weights = images.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    return (images * weights).sum(-3, keepdim=True).expand_as(images).clone()
+
+
+def save_png(image: torch.Tensor, path: Path, grey: bool = False) -> Path:
+    """[3,H,W] in [-1, 1] → 8-bit RGB PNG (``grey``: 8-bit L of ``to_grey``), written atomically."""
+    arr = to_uint8(to_grey(image)[:1] if grey else image).permute(1, 2, 0).cpu().numpy()
+    arr = arr[..., 0] if grey else arr
     return atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 

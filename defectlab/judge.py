@@ -27,11 +27,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from scipy import stats  # a dependency of scikit-learn, which the package already requires
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import classifier, paths, runs, synth, viz
 from .errors import DefectlabError
 from .images import from_pil  # the one uint8 → [-1, 1] conversion
+from .progress import tqdm
 
 SPLITS = ("judge", "test", "real")
 DRAW_SIZE = 256                       # synth's drawing size: images are resized down from it
@@ -101,7 +101,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
     model.train()
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-        loss = F.cross_entropy(model(classifier._augment(images[idx], gen)), labels[idx])
+        loss = F.cross_entropy(model(classifier.augment(images[idx], gen)), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,6 +25,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from .errors import DefectlabError
 from .images import to_uint8
+from .progress import tqdm
 
 FIDELITY = ("fid", "kid", "is")
 OFFICIAL_SHA256 = "6726825d"  # prefix of the official weights' sha256 (torch hub's hash in the file name)
@@ -174,7 +175,7 @@ def per_class(extractor, gen: dict[str, torch.Tensor], real: dict[str, torch.Ten
     """``distribution`` per class and pooled, for images [n,3,H,W] in [-1, 1] keyed by class:
     features extracted once per set, pooled = their concatenation."""
     feats = {c: (features(extractor, to_uint8(gen[c])), features(extractor, to_uint8(real[c])))
-             for c in gen if len(gen[c]) and len(real[c])}
+             for c in tqdm([c for c in gen if len(gen[c]) and len(real[c])], desc="Inception features", unit="class")}
     out: dict = {"per_class": {}}
     for c in gen:
         if c in feats:
@@ -244,4 +245,4 @@ def ic_lpips(gen: torch.Tensor, train: torch.Tensor, distance) -> float | None:
 def diversity(gen: dict[str, torch.Tensor], train: dict[str, torch.Tensor], distance=None) -> dict:
     """``pixel_diversity`` and IC-LPIPS (None without a ``distance``) per class."""
     return {c: {**pixel_diversity(gen[c], train[c]), "ic_lpips": ic_lpips(gen[c], train[c], distance) if distance
-                else None} for c in gen}
+                else None} for c in tqdm(list(gen), desc="diversity", unit="class", disable=distance is None)}

@@ -21,10 +21,11 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from filelock import FileLock
 from torch import nn
 
-from . import corpus, data, methods, paths
+from . import corpus, data, folders, methods, paths
 from .codec import PixelCodec, VAECodec
 from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
 from .errors import DefectlabError, first_line
+from .runs import read_json  # one-line errors for malformed JSON, naming the file
 
 HUB_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"   # what DiT trained with; `-mse` also works
@@ -214,10 +215,7 @@ def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: boo
                 extra_files: dict[str, str] | None = None) -> Path:
     """``save_pretrained`` + ``model_index.json`` (corpus class names, anchors, numerics) +
     ``scheduler/scheduler_config.json`` (+ ``extra_files``), swapped in atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with folders.building(out) as tmp:
         (net.half() if fp16 else net).save_pretrained(tmp, safe_serialization=True)
         net.float()
         index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
@@ -228,17 +226,7 @@ def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: boo
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=1))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text(tmp) if callable(text) else text)
-        for f in (tmp, *tmp.iterdir()):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _ensure_mini_scratch() -> Path:
@@ -302,16 +290,16 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
         raise DefectlabError(f"cannot load the model in {folder}: {first_line(err)}") from err
     sched = folder / "scheduler" / "scheduler_config.json"
     index = folder / "model_index.json"
-    return _base(transformer, codec, spec, json.loads(sched.read_text()) if sched.is_file() else None,
-                 json.loads(index.read_text()) if index.is_file() else None)
+    return _base(transformer, codec, spec, read_json(sched) if sched.is_file() else None,
+                 read_json(index) if index.is_file() else None)
 
 
 def _load_hub(repo: str, vae: str) -> Base:
     from huggingface_hub import hf_hub_download
 
     with _hub_errors(repo):  # small files first: a missing/gated/offline repo fails before any weights
-        sched = json.loads(Path(hf_hub_download(repo, "scheduler/scheduler_config.json")).read_text())
-        index = json.loads(Path(hf_hub_download(repo, "model_index.json")).read_text())  # id2label
+        sched = read_json(hf_hub_download(repo, "scheduler/scheduler_config.json"))
+        index = read_json(hf_hub_download(repo, "model_index.json"))  # id2label
         transformer = DiTTransformer2DModel.from_pretrained(repo, subfolder="transformer")
         codec = VAECodec(AutoencoderKL.from_pretrained(repo, subfolder="vae"))
     return _base(transformer, codec, repo, sched, index)
@@ -329,6 +317,9 @@ def _codec_for(transformer, vae: str) -> PixelCodec | VAECodec:
 
 
 def _base(transformer, codec, spec, sched: dict | None, index: dict | None, original_pt: bool = False) -> Base:
+    if bad := [n for n, o in (("scheduler_config.json", sched), ("model_index.json", index)) if o is not None
+               and not isinstance(o, dict)]:
+        raise DefectlabError(f"{bad[0]} of model {spec} is not a JSON object: fix or remove it")
     cfg = transformer.config
     # Keep DiT's DDPM training schedule; take the numbers a shipped scheduler config pins down
     # (the hub's is a DDIM config: same betas, but no variance_type).
@@ -338,7 +329,8 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, orig
     labels = (index or {}).get("id2label")
     names = ([labels.get(str(i), str(i)) for i in range(methods.num_classes(transformer))]
              if isinstance(labels, dict) and len(labels) == methods.num_classes(transformer) else None)
-    return Base(transformer, codec, schedule, spec, cfg.sample_size * codec.downsample, names,
+    size = (index or {}).get("defectlab_image_size") or cfg.sample_size * codec.downsample  # export: the run's
+    return Base(transformer, codec, schedule, spec, size, names,
                 (index or {}).get("defectlab_anchors"), default_numerics(index, original_pt))
 
 

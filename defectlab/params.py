@@ -49,7 +49,9 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise DefectlabError(f"file not found: {p}")
     try:
-        obj = yaml.safe_load(p.read_text())
+        obj = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DefectlabError(f"{p} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,17 @@ def format_table(m: EvalResult) -> str:
         for name in m.classes:
             pc = [dn["conditions"][c]["per_class"][name] for c in conds]
             out.append(f"| {name} | " + " | ".join(f"{_pm(p['f1'])} | {_pm(p['ap'])}" for p in pc) + " |")
+    if m.judge:
+        jd, gen, real = m.judge["judge"], m.judge["generated"], m.judge["real_test"]
+        out += ["", f"### Judge (offline proxy: a small CNN trained on abundant procedural images at {jd['size']} px, "
+                f"{jd['source']}; chance {m.judge['chance']:.0%})", "",
+                "| class | generated recognised | real held-out recognised |", "|---|---|---|"]
+        for name in [*m.classes, "overall"]:
+            g = gen["overall"] if name == "overall" else gen["per_class"][name]
+            r = real["overall"] if name == "overall" else real["per_class"][name]
+            share = lambda d: "—" if not d["n"] else f"{d['correct']}/{d['n']} ({d['share']:.0%}"  # noqa: E731
+            out.append(f"| {name} | {share(g)}{', p=' + format(g['p_value'], '.2g') + ')' if g['n'] else ''} "
+                       f"| {share(r)}{')' if r['n'] else ''} |")
     notes = list(m.skipped.values()) + m.warnings
     if m.config.bootstrap and m.distribution:
         notes.append("95% intervals: percentile bootstrap over images; at small n they are wide and may exclude the "
@@ -228,7 +240,7 @@ def real_vs_generated_for_run(run: str | Path, samples: str | Path, rows: int = 
 
 # ----------------------------------------------------------------------------- notebook one-liners
 def resolve_run(run: str | Path, runs_dir: str | Path = "") -> Path:
-    """A run folder from a path, name, number, or ``latest`` (the highest number under runs_dir)."""
+    """A run folder from a path, name, number, or ``latest`` (the newest with a checkpoint, ``runs.resolve``)."""
     return runs.resolve(run, Path(runs_dir) if runs_dir else None)
 
 
@@ -288,10 +300,15 @@ def metrics_summary(m: EvalResult) -> dict:
     down = m.downstream or {}
     for cond, r in down.get("conditions", {}).items():
         out[f"acc[{cond}]"] = r["accuracy"]["mean"]
+        if r["accuracy"].get("std") is not None:  # sample std over classifier seeds (none with one seed)
+            out[f"acc_std[{cond}]"] = r["accuracy"]["std"]
         out[f"macro_f1[{cond}]"] = r["macro_f1"]["mean"]
     for diff, r in down.get("diff", {}).items():
         out[f"acc_gain[{diff.replace(' - real', '')}]"] = r["accuracy"]["mean"]
         out[f"acc_gain_std[{diff.replace(' - real', '')}]"] = r["accuracy"]["std"]
+    for part, name in (("generated", "gen"), ("real_test", "real")):
+        if m.judge:  # offline proxy: share of images the procedural judge assigns their own class
+            out[f"judge[{name}]"] = m.judge[part]["overall"]["share"]
     pooled = (m.distribution or {}).get("pooled", {})
     for key in ("fid", "kid"):
         if key in pooled:
@@ -303,28 +320,47 @@ def metrics_summary(m: EvalResult) -> dict:
 SUMMARY_SKIP = ("params", "run", "note", "error")
 
 
-def sweep_summary(out: Path, points: list[dict], keys: list[str]) -> list[Path]:
-    """``summary.csv``, ``summary.md`` and ``figures/sweep-summary.png`` (val loss, downstream
-    accuracy) of a sweep's point rows; ``keys`` are the swept parameters."""
+def _links(out: Path, row: dict) -> dict:
+    """Where a point's run folder and executed notebooks are, relative to the sweep folder."""
+    folder = out / "points" / row["point"]
+    notebooks = sorted(p.relative_to(out).as_posix() for p in folder.glob("*.ipynb")) if folder.is_dir() else []
+    run = Path(row.get("run") or "")  # a row holds the run's name (run_summary); a point trains into <point>/runs
+    run = run if run.is_absolute() else folder / "runs" / run
+    return {"run_folder": Path(os.path.relpath(run, out)).as_posix() if row.get("run") and run.is_dir() else "",
+            "notebooks": " ".join(notebooks)}
+
+
+def sweep_summary(out: Path, points: list[dict], keys: list[str], formats: str = "png") -> list[Path]:
+    """``summary.csv``, ``summary.md`` and ``figures/sweep-summary.<formats>`` (val loss, downstream
+    accuracy) of a sweep's point rows, each row linking its run folder and executed notebooks;
+    ``keys`` are the swept parameters. Pending and failed points are rows too: written after every
+    point, the summary says how far a sweep got."""
+    out = Path(out)
     columns = ["point", "status", *keys]
     for r in points:
         columns += [k for k in r if k not in columns and k not in SUMMARY_SKIP and k not in r.get("params", {})]
-    table = [{**{k: r.get("params", {}).get(k) for k in keys}, **{k: v for k, v in r.items() if k in columns}}
-             for r in points]
+    columns += ["run_folder", "notebooks"]
+    table = [{**{k: r.get("params", {}).get(k) for k in keys}, **{k: v for k, v in r.items() if k in columns},
+              **_links(out, r)} for r in points]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(table)
     written = [runs.write_text(out / "summary.csv", buf.getvalue())]
     cell = lambda v: _fmt(v) if isinstance(v, float) else "—" if v is None else str(v)  # noqa: E731
-    show = [c for c in columns if c not in ("point", "run") and (c != "model" or c in keys)]
+    show = [c for c in columns if c not in ("point", "run", "run_folder", "notebooks") and (c != "model" or c in keys)]
     notes = sorted({r["note"] for r in points if r.get("note")})
-    md = [f"# Sweep summary ({len(points)} points)", "", *[f"> {n}" for n in notes], "",
-          "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
-    md += ["| " + " | ".join(cell(t.get(c)) for c in show) + " |" for t in table]
+    done = [t for t in table if t.get("status") == "done"]
+    md = [f"# Sweep summary ({len(done)} of {len(points)} points done)", "", *[f"> {n}" for n in notes], "",
+          "| " + " | ".join(["point", *show, "files"]) + " |", "|" + "---|" * (len(show) + 2)]
+    for t in table:
+        files = ([f"[run]({t['run_folder']})"] if t["run_folder"] else []) + [
+            f"[{Path(nb).name[:2]}]({nb})" for nb in t["notebooks"].split()]
+        md.append("| " + " | ".join([f"[{t['point']}](points/{t['point']}/)", *(cell(t.get(c)) for c in show),
+                                     " ".join(files) or "—"]) + " |")
     md += [f"- {r['point']}: {r['error']}" for r in points if r.get("status") == "failed"]
     written.append(runs.write_text(out / "summary.md", "\n".join(md) + "\n"))
-    done = [t for t in table if t.get("status") == "done"]
     if done:
-        written += viz.save_figure(viz.sweep_figure(done, keys), out / "figures", "sweep-summary", "png")
+        written += viz.save_figure(viz.sweep_figure(done, keys, total=len(points)), out / "figures", "sweep-summary",
+                                   formats)
     return written

@@ -7,16 +7,19 @@ atomic (temporary file + ``os.replace``): a killed process leaves the previous c
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import paths
@@ -42,15 +45,47 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are not
         os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(err, path) or err
+    return path
+
+
+_FULL, _DENIED = (errno.ENOSPC, errno.EDQUOT), (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(err: BaseException, path: Path, then: str = "run again") -> DefectlabError | None:
+    """The one-line error for a write of ``path`` that failed for want of space or permission
+    (``OSError``, or safetensors' own error type, which carries the OS error in its text); None
+    for any other failure."""
+    code = err.errno if isinstance(err, OSError) else None
+    if isinstance(err, SafetensorError) and (found := re.search(r"os error (\d+)|code: (\d+)", str(err))):
+        code = int(found.group(1) or found.group(2))
+    if code in _FULL:
+        return DefectlabError(f"disk full while writing {path}: free space and {then} (finished files are kept)")
+    if code in _DENIED:
+        return DefectlabError(f"cannot write {path}: {os.strerror(code).lower()}; make it writable or choose "
+                              f"another folder, then {then} (finished files are kept)")
+    return None
+
+
+def ensure_dir(path: Path, what: str) -> Path:
+    """Make folder ``path`` (``what`` names it for the user, e.g. ``--out``) and check that files can
+    be written into it: a file in the way, a read-only disk or missing permission is one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise DefectlabError(f"{what} {path}: {blocker} is a file, not a folder: choose a folder") from err
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.errno == 28:  # ENOSPC
-            raise DefectlabError(f"disk full while writing {path}: free space and run again "
-                                 "(finished files are kept)") from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if err.errno in _FULL:
+            raise write_error(err, path) from err
+        raise DefectlabError(f"cannot write into {what} {path}: {str(err.strerror or err).lower()}; "
+                             "make it writable or pass another folder") from err
     return path
 
 
@@ -92,18 +127,21 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DefectlabError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DefectlabError(f"malformed JSON in {path}: {err.msg} (line {err.lineno})") from err
+    except UnicodeDecodeError as err:
+        raise DefectlabError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8 JSON") from err
 
 
 def safe_join(folder: Path, relative: str) -> Path:
-    """``folder / relative`` but refuse anything that escapes ``folder`` (``../``, absolute paths)."""
-    folder = Path(folder).resolve()
-    target = (folder / relative).resolve()
-    if target != folder and folder not in target.parents:
+    """``folder / relative`` but refuse a name that points outside ``folder`` (``..``, absolute
+    paths). What a name inside the folder links to is the user's business: datasets made of
+    symlinks work."""
+    rel = PurePath(relative)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
         raise DefectlabError(f"path {relative!r} escapes its folder {folder}")
-    return target
+    return Path(os.path.abspath(folder)) / rel
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -121,19 +159,19 @@ def versions() -> dict[str, str]:
 
 def create(name: str, config: Any, base: Path | None = None) -> Path:
     """Make ``<base>/<NNN>-<name>/`` with ``config.json``; a new number every time, so no run
-    ever overwrites another."""
-    base = Path(base or paths.RUNS)
-    base.mkdir(parents=True, exist_ok=True)
+    ever overwrites another. The number is taken under a lock on ``base``: two processes
+    creating runs at once never share one, whatever their names."""
+    base = ensure_dir(Path(base or paths.RUNS), "runs folder (--runs-dir)")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    while True:
+    with FileLock(str(base / ".numbering.lock")):
         taken = [int(m.group(1)) for p in base.iterdir() if (m := re.match(r"(\d{3,})-", p.name))]
         folder = base / f"{max(taken, default=-1) + 1:03d}-{slug}"
-        try:
-            folder.mkdir()
-            break
-        except FileExistsError:  # another process took the number first
-            continue
-    write_json(folder / "config.json", {"config": config, "versions": versions()})
+        folder.mkdir()
+    try:
+        write_json(folder / "config.json", {"config": config, "versions": versions()})
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # no run folder without its config
+        raise
     return folder
 
 
@@ -152,21 +190,42 @@ def numbered(base: Path | None = None) -> list[Path]:
 
 
 def resolve(run: str | Path, base: Path | None = None) -> Path:
-    """A run given as a path, a folder name, its number (``7`` → ``007-…``) or ``latest``."""
+    """A run given as a path, a folder name, its number (``7`` → ``007-…``) or ``latest`` (the
+    newest run that holds a checkpoint: a run that failed or is still before its first one is
+    passed over)."""
     base = Path(base or paths.RUNS)
     if str(run) == "latest":
-        found = numbered(base)
+        found = [p for p in numbered(base) if latest_checkpoint(p) is not None]
         if not found:
-            raise DefectlabError(f"no run folders under {base}: fine-tune first (defectlab finetune)")
+            raise DefectlabError(f"no run with a checkpoint under {base}: fine-tune first (defectlab finetune)")
         return found[-1]
     candidate = Path(run)
     if candidate.is_dir():
         return candidate
     if base.is_dir():
-        for p in sorted(base.iterdir()):
-            if p.name == str(run) or (str(run).isdigit() and p.name.startswith(f"{int(run):03d}-")):
-                return p
+        named = [p for p in base.iterdir() if p.name == str(run)]
+        if str(run).isdigit() and not named:
+            named = [p for p in numbered(base) if int(p.name.split("-")[0]) == int(run)]
+        if len(named) > 1:
+            raise DefectlabError(f"run number {run} is shared by {', '.join(sorted(p.name for p in named))} "
+                                 f"under {base}: name the run by its folder name")
+        if named:
+            return named[0]
     raise DefectlabError(f"run not found: {run} (looked for a folder, or a name/number under {base})")
+
+
+def lock(folder: Path) -> FileLock:
+    """Hold this while training ``folder``: a second process (two ``--resume`` at once) gets a
+    one-line error instead of writing the same checkpoints."""
+    held = FileLock(str(Path(folder) / ".train.lock"))
+    try:
+        held.acquire(timeout=0)
+    except Timeout:
+        raise DefectlabError(f"run {folder} is being trained by another process (lock {held.lock_file}): "
+                             "wait for it to finish, then resume") from None
+    except OSError as err:
+        raise write_error(err, held.lock_file, "train again") or err
+    return held
 
 
 def load_config(folder: Path) -> dict:
@@ -175,8 +234,20 @@ def load_config(folder: Path) -> dict:
 
 def log(folder: Path, record: dict) -> None:
     """Append one JSON line; a line is written in one call so a crash loses at most that line."""
-    with open(Path(folder) / "log.jsonl", "a") as f:
-        f.write(json.dumps(record, default=_jsonable) + "\n")
+    path = Path(folder) / "log.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+    except OSError as err:
+        raise write_error(err, path, "resume the run") or err
+
+
+def truncate_log(folder: Path, step: int) -> None:
+    """Drop the records after ``step`` (what a run did between its last checkpoint and a kill)
+    and a line cut by the kill, so a resumed run logs each step once."""
+    if (Path(folder) / "log.jsonl").is_file():
+        kept = [r for r in read_log(folder) if not isinstance(r.get("step"), int) or r["step"] <= step]
+        write_text(Path(folder) / "log.jsonl", "".join(json.dumps(r, default=_jsonable) + "\n" for r in kept))
 
 
 def read_log(folder: Path) -> list[dict]:
@@ -202,10 +273,10 @@ def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor],
                     protect: tuple[str, ...] = ("best",)) -> Path:
     """Write ``checkpoints/<step>/`` complete in a temp folder, then rename it into place."""
     root = Path(folder) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(folder, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / STATE_FILE))
         if optimizer is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in optimizer.items()}, str(tmp / OPTIM_FILE))
@@ -213,19 +284,28 @@ def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor],
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as err:
+        if root.is_dir():
+            _prune(root, keep=0, protect=())  # only the temp folder goes: earlier checkpoints stay
+        raise write_error(err, final, f"continue with --resume {Path(folder)}") or err
     _prune(root, keep, protect)
     return final
 
 
+def marked(folder: Path, name: str = "best") -> str | None:
+    """The checkpoint folder name ``checkpoints/<name>.json`` points at (None without the file)."""
+    path = Path(folder) / CHECKPOINTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    entry = read_json(path)
+    if not isinstance(entry, dict) or not str(entry.get("checkpoint", "")).isdigit():
+        raise DefectlabError(f"{path} names no checkpoint (expected {{\"checkpoint\": \"<step>\"}}): "
+                             "delete it and the newest checkpoint is used")
+    return str(entry["checkpoint"])
+
+
 def _prune(root: Path, keep: int, protect: tuple[str, ...]) -> None:
-    keepers = set()
-    for name in protect:
-        link = root / f"{name}.json"
-        if link.is_file():
-            keepers.add(json.loads(link.read_text())["checkpoint"])
+    keepers = {m for name in protect if (m := marked(root.parent, name))}
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
     for p in steps[:-keep] if keep > 0 else []:
         if p.name not in keepers:
@@ -252,10 +332,10 @@ def find_checkpoint(folder: Path, which: str = "best") -> Path:
     """``best`` (falls back to latest), ``latest``, or a step number."""
     folder = Path(folder)
     root = folder / CHECKPOINTS
-    if which == "best" and (root / "best.json").is_file():
-        path = root / read_json(root / "best.json")["checkpoint"]
-        if path.is_dir():
-            return path
+    if which not in ("best", "latest") and not str(which).isdigit():
+        raise DefectlabError(f"checkpoint must be best, latest or a step number (got {which!r})")
+    if which == "best" and (best := marked(folder, "best")) and (root / best).is_dir():
+        return root / best
     if which in ("best", "latest"):
         path = latest_checkpoint(folder)
     else:

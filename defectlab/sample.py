@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from tqdm.auto import tqdm
 
 from . import manifest, methods, model as model_mod, paths, runs, sampler, train, viz
+from .codec import check_image_size
 from .errors import DefectlabError
 from .images import load_png, save_png
+from .progress import tqdm
 
 GRID_ROWS, GRID_CLASSES = 8, 16    # the saved grid figure shows at most this many rows / columns
 
@@ -67,6 +68,7 @@ class _Source:
     checkpoint: str
     spec: str
     image_size: int
+    greyscale: bool = False   # the run trained on greyscale images: write grey PNGs
 
 
 def guidance_interval(cfg: SampleConfig) -> tuple[float, float] | None:
@@ -104,7 +106,7 @@ def _from_restored(cfg: SampleConfig, r: train.Restored) -> _Source:
     size = cfg.image_size or r.config.get("image_size") or r.base.default_image_size
     return _Source(r.model, r.base.codec, r.base.scheduler_config, list(r.classes), list(range(len(r.classes))),
                    list(r.classes), r.config.get("product", "product"), r.folder, r.folder.name,
-                   Path(r.checkpoint).name, r.base.spec, size)
+                   Path(r.checkpoint).name, r.base.spec, size, bool(r.config.get("greyscale")))
 
 
 def _pick(cfg: SampleConfig, src: _Source) -> list[int]:
@@ -136,6 +138,7 @@ def run(cfg: SampleConfig, restored: train.Restored | None = None) -> Path:
     # several processes without CUDA (torchrun on a CPU box) need accelerate's gloo backend
     state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     src = _load_source(cfg, str(state.device)) if restored is None else _from_restored(cfg, restored)
+    check_image_size(src.image_size, src.codec, src.model.config.patch_size, src.spec)
     chosen = _pick(cfg, src)
     interval = guidance_interval(cfg)
     numerics = model_mod.numerics_of(src.model)
@@ -155,6 +158,7 @@ def run(cfg: SampleConfig, restored: train.Restored | None = None) -> Path:
     done = manifest.read_records(out)
     state.wait_for_everyone()  # everyone has checked and read before anything is written
     if state.is_main_process:
+        runs.ensure_dir(out, "--out")
         runs.write_json(out / "sample_config.json", resolved)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -174,7 +178,7 @@ def run(cfg: SampleConfig, restored: train.Restored | None = None) -> Path:
         lines = []
         for (j, i), img in zip(chunk, images):
             rel = f"{src.product}/test/{src.names[j]}/{i:04d}.png"
-            save_png(img, runs.safe_join(out, rel))
+            save_png(img, runs.safe_join(out, rel), grey=src.greyscale)
             lines.append({"file": rel, "class": src.names[j], "label": src.labels[j], "index": i,
                           "sample_seed": sampler.sample_seed(cfg.seed, src.names[j], i), **common})
         manifest.append(out, lines, state.process_index)

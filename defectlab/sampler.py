@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
 
 from . import engine, model as model_mod
 from .errors import DefectlabError
+from .progress import tqdm
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 # ddpm: the original experiments found 100-500 steps best for the fine-tuned model (1000 worse)

@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import DefectlabError
+from .runs import atomic_write, ensure_dir
 
+MIN_SIZE = 32           # px: below this the defects no longer fit (or show) on the products
 GENERATOR_VERSION = 1   # bump whenever the pictures change: data.py regenerates stale copies
 
 # Part labels in the object map returned by ``product_image`` (0 = background). Defects say
@@ -326,8 +328,8 @@ def _rng(seed: int, *keys: str | int) -> np.random.Generator:
 
 
 def _save(array: Array, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, compress_level=1)  # PNG bytes are deterministic at any level
+    # atomic: a full disk or a kill leaves whole PNGs only; PNG bytes are deterministic at any level
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
 
 
 def generate(out: Path, seed: int = 0, size: int = 256, per_class: int = 20, good: int = 20,
@@ -337,6 +339,11 @@ def generate(out: Path, seed: int = 0, size: int = 256, per_class: int = 20, goo
     ``<product>/test/<defect>/NNN.png`` (``per_class`` each) and
     ``<product>/ground_truth/<defect>/NNN_mask.png`` (0/255)."""
     out = Path(out)
+    if size < MIN_SIZE:
+        raise DefectlabError(f"size must be at least {MIN_SIZE} px (got {size}): smaller pictures cannot hold the defects")
+    if per_class < 1 or good < 0:
+        raise DefectlabError(f"per_class must be ≥ 1 and good ≥ 0 (got {per_class}, {good})")
+    ensure_dir(out, "--out")
     for product in products:
         if product not in PRODUCTS:
             raise DefectlabError(f"unknown synthetic product {product!r}; available: {', '.join(PRODUCTS)}")

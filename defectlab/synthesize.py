@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from . import data as data_mod, dataset, manifest, runs, sampler, train
+from .codec import check_image_size
 from .errors import DefectlabError
 from .images import quantised, save_mask_png, save_png
 from .masks import (KINDS, MODES, NEEDS, check_mask, inpaint, load_mask_png, procedural_mask,
                     transform_mask)
+from .progress import tqdm
 
 
 
@@ -86,6 +88,10 @@ def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, 
     if cfg.mask == "dataset" and (empty := [n for n, pool in pools.items() if not pool]):
         raise DefectlabError(f"class {empty[0]!r} has no masks in the training split of run {run_name}; "
                              "use --mask ellipse, stroke, blob or a PNG")
+    if blank := [src for pool in pools.values() for mask, src in pool if not mask.any()]:
+        where = dd.root / blank[0] if cfg.mask == "dataset" else blank[0]
+        raise DefectlabError(f"mask {where} holds no defect pixel at {size} px (all black, or outside the crop): "
+                             "fix or delete it, or use --mask ellipse, stroke or blob")
     if cfg.mode != "inpaint":
         return pools, []
     g = Path(cfg.good).expanduser() if cfg.good else None
@@ -107,7 +113,9 @@ def run(cfg: MaskSampleConfig) -> Path:
                              "fine-tuned with --mask-condition (defectlab finetune --mask-condition …); "
                              "--mode inpaint works with any run")
     r = train.restore(folder, checkpoint=cfg.checkpoint)
-    size = cfg.image_size or r.config["image_size"]
+    size = check_image_size(cfg.image_size or r.config["image_size"], r.base.codec, r.model.config.patch_size,
+                            r.base.spec)
+    grey = bool(r.config.get("greyscale"))  # a greyscale dataset: grey pairs, as the images it trained on
     dcfg = data_mod.from_settings(r.config, image_size=size)
     names = [c.strip() for c in cfg.classes.split(",") if c.strip()] or list(r.classes)
     if unknown := [c for c in names if c not in r.classes]:
@@ -127,10 +135,11 @@ def run(cfg: MaskSampleConfig) -> Path:
         seed = sampler.sample_seed(cfg.seed, n, i)
         mask, src = _mask_for(cfg, size, pools[n], i, seed)
         work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src))
+    runs.ensure_dir(out, "--out")
     runs.write_json(out / "mask_config.json", resolved)
     common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
     kw = dict(scheduler_config=r.base.scheduler_config, batch_size=cfg.batch_size, progress=False)
-    for start in range(0, len(work), cfg.batch_size):
+    for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"image + mask pairs → {out.name}", unit="batch"):
         chunk = work[start:start + cfg.batch_size]
         batch_masks = torch.stack([w[3] for w in chunk])
         labels = [r.classes.index(n) for n, *_ in chunk]
@@ -147,7 +156,7 @@ def run(cfg: MaskSampleConfig) -> Path:
         for (n, i, seed, mask, src), img in zip(chunk, images):
             rel, mrel = f"{dcfg.product}/test/{n}/{i:04d}.png", f"{dcfg.product}/ground_truth/{n}/{i:04d}_mask.png"
             save_mask_png(mask, runs.safe_join(out, mrel))
-            save_png(img, runs.safe_join(out, rel))  # the image last: it marks the pair finished
+            save_png(img, runs.safe_join(out, rel), grey=grey)  # the image last: it marks the pair finished
             lines.append({"file": rel, "mask": mrel, "class": n, "label": r.classes.index(n), "index": i,
                           "sample_seed": seed, "mask_source": src,
                           "good": str(goods[i % len(goods)]) if goods else None, **common})

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +19,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
-from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, viz
+from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, tracking, viz
+from . import resume, validation
+from .codec import check_image_size
 from .diffusion import Objective
 from .errors import DefectlabError
+from .progress import tqdm
 
 @dataclass
 class TrainConfig(data_mod.DataConfig):
@@ -50,6 +54,8 @@ class TrainConfig(data_mod.DataConfig):
     val_every: int = 5             # validate (and checkpoint) every N epochs
     patience: int = 0              # stop after N validations without improvement (0 = off)
     keep_checkpoints: int = 2      # newest checkpoints kept (plus the best)
+    checkpoint_minutes: float = 10.0  # also checkpoint every N minutes, and on Ctrl-C / SIGTERM (0 = only at validation)
+    greyscale: bool = False        # generated images grey (set by itself when every dataset image is greyscale)
     seed: int = 0                  # seeds data order, noise, dropout, new class rows
     resume: str = ""               # run folder/name/number to continue from its last checkpoint
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
@@ -62,6 +68,9 @@ class TrainConfig(data_mod.DataConfig):
     latent_cache: bool = False     # encode each (image, augmentation view) once; same views and noise as without
     model_heads: int = 0           # attention heads of an original .pt whose width is not DiT-S/B/L/XL (0 = from its shape)
     numerics: str = "auto"         # timestep frequencies: auto (original for DiT .pt / facebook/DiT-* / DiTPipeline folders, else diffusers) | original | diffusers; stored resolved
+    report_to: str = "tensorboard"  # experiment tracker: tensorboard (into <run>/tensorboard/) | wandb | mlflow | none
+    log_samples: int = 1           # images per class drawn (DDIM 25) at each validation for the tracker (0 = none)
+    formats: str = "png"           # loss-curve figure formats, comma-separated: png, pdf, svg
 
 
 @dataclass
@@ -83,7 +92,12 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
             setattr(out, key, defaults[key])
     if not out.name:
         out.name = f"{out.product}-{out.method}"
+    out.data = _absolute(out.data)  # later stages find the data from any working folder
     return out
+
+
+def _absolute(data: str) -> str:
+    return data if data == "synthetic" else os.path.abspath(os.path.expanduser(data))
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -103,6 +117,15 @@ def _check(cfg: TrainConfig) -> None:
         raise DefectlabError(f"compile must be '' or one of {', '.join(engine.COMPILE_MODES)} (got {cfg.compile!r})")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise DefectlabError(f"mixed_precision must be no, fp16 or bf16 (got {cfg.mixed_precision!r})")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise DefectlabError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule!r})")
+    for key in ("max_steps", "warmup_steps", "patience", "keep_checkpoints", "checkpoint_minutes", "grad_clip",
+                "weight_decay", "ema"):
+        if not getattr(cfg, key) >= 0:
+            raise DefectlabError(f"{key} must be ≥ 0 (got {getattr(cfg, key)})")
+
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 
 
 def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.DefectData) -> str | int | list[int]:
@@ -172,90 +195,71 @@ def _drop_labels(labels: torch.Tensor, k: int, p: float, gen: torch.Generator | 
     return torch.where(drop, torch.full_like(labels, k), labels)
 
 
-def _split_val(samples: list, per_class: int) -> tuple[list, list]:
-    if per_class <= 0:
-        return samples, samples
-    train, val = [], []
-    for label in sorted({s.label for s in samples}):
-        members = [s for s in samples if s.label == label]
-        if len(members) <= per_class:
-            raise DefectlabError(f"class {members[0].defect!r} has {len(members)} training images; "
-                                 f"need more than val_per_class={per_class}")
-        train += members[:-per_class]
-        val += members[-per_class:]
-    return train, val
-
-
-class Validator:
-    """Loss on held-out images at fixed timesteps with fixed noise: comparable across epochs."""
-
-    def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device,
-                 mask_condition: bool = False):
-        ds = dataset.DefectDataset(samples, dcfg, augment=False)
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
-        self.labels = torch.tensor([ds[i]["label"] for i in range(len(ds))], device=device)
-        with torch.no_grad():
-            self.x0 = base.codec.encode(images)
-        gen = torch.Generator().manual_seed(seed + 12345)
-        n = objective.num_timesteps
-        self.timesteps = torch.linspace(0, n - 1, timesteps + 2)[1:-1].round().long().to(device)
-        self.noise = torch.randn((timesteps, *self.x0.shape), generator=gen).to(device)
-        self.objective = objective
-        # mask_condition: the held-out masks on the latent grid, fed as the extra input channel
-        self.cond = (masks.latent_mask(torch.stack([ds[i]["mask"] for i in range(len(ds))]), self.x0.shape[-2:])
-                     .to(device) if mask_condition else None)
-
-    @torch.no_grad()
-    def __call__(self, net) -> float:
-        was_training = net.training
-        net.eval()
-        total = 0.0
-        for t, noise in zip(self.timesteps, self.noise):
-            tt = t.repeat(len(self.x0))
-            xt = self.objective.add_noise(self.x0, noise, tt)
-            inp = xt if self.cond is None else torch.cat([xt, self.cond.to(xt)], 1)  # mask channel
-            out = net(inp, timestep=tt, class_labels=self.labels).sample
-            total += self.objective.loss(out, self.x0, xt, noise, tt)[0].mean().item()
-        net.train(was_training)
-        return total / len(self.timesteps)
-
-
 def run(cfg: TrainConfig) -> Path:
-    """Train; returns the run folder. Resumes when ``cfg.resume`` names a run."""
+    """Train; returns the run folder. Resumes when ``cfg.resume`` names a run (``resume.settings``
+    says which flags may change). Settings, data and model are checked before a new run folder
+    exists, and a new run that fails before its first checkpoint leaves no folder behind."""
+    folder, extended = None, False
     if cfg.resume:
         folder = runs.resolve(cfg.resume, cfg.runs_dir or None)
-        saved = runs.load_config(folder)
-        cfg = TrainConfig(**{"numerics": "diffusers", **saved, "resume": str(folder), "progress": cfg.progress})
+        given, defaults = dataclasses.asdict(cfg), dataclasses.asdict(TrainConfig())
+        extended = any(given[k] != defaults[k] for k in ("epochs", "max_steps", "patience"))
+        saved = {"numerics": "diffusers", **runs.load_config(folder)}
+        cfg = TrainConfig(**resume.settings(saved, {**given, "data": _absolute(cfg.data)}, defaults, folder))
     cfg = resolved(cfg)
     _check(cfg)
+    if folder is not None and (last := runs.latest_checkpoint(folder)) is not None:
+        meta = runs.read_json(last / runs.META_FILE)
+        if resume.finished(folder, meta["epoch"], meta["step"], meta["bad"], cfg, extended):
+            return folder
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                      cpu=not torch.cuda.is_available())
+                      cpu=not torch.cuda.is_available(), **tracking.accelerator_args(cfg))
     set_seed(cfg.seed)
     dcfg = data_mod.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data_mod.DataConfig)})
-    folder = [cfg.resume]
-    if not cfg.resume and acc.is_main_process:
-        folder = [str(runs.create(cfg.name, dataclasses.asdict(cfg), base=cfg.runs_dir or None))]
-    folder = Path(broadcast_object_list(folder)[0])  # every process writes into the same run
-    data = data_mod.load(dcfg, manifest=folder / "split.json")
-    train_samples, val_samples = _split_val(data.train, cfg.val_per_class)
+    data = data_mod.load(dcfg, manifest=folder / "split.json" if folder else None)
+    train_samples, val_samples = validation.split(data.train, cfg.val_per_class)
     if cfg.batch_size > len(train_samples):
         raise DefectlabError(f"batch_size {cfg.batch_size} is larger than the {len(train_samples)} training images")
-    runs.write_json(folder / "classes.json", data.classes)
-
     base, net = build(cfg, data.classes, device=acc.device, data=data)
-    if cfg.numerics == "auto":  # stored resolved: restore() computes as the run trained, whatever auto means later
-        cfg.numerics = base.numerics
-        if acc.is_main_process:
-            runs.update_config(folder, numerics=base.numerics)
+    check_image_size(cfg.image_size, base.codec, base.transformer.config.patch_size, base.spec)
+    # stored resolved: restore() computes as the run trained; grey data gives grey samples
+    cfg.numerics, cfg.greyscale = base.numerics, cfg.greyscale or data.greyscale
+    new = folder is None
+    if new and acc.is_main_process:
+        dataset.check_masks(data.train, cfg.crop)
+        folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=cfg.runs_dir or None)
+    folder = Path(broadcast_object_list([str(folder)])[0])  # every process writes into the same run
+    held = runs.lock(folder) if acc.is_main_process else None
+    try:
+        with resume.Stopper(cfg.checkpoint_minutes) as stopper:
+            return _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, stopper)
+    except BaseException:
+        if new and acc.is_main_process and runs.latest_checkpoint(folder) is None:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing to resume: no empty run folder for `latest`
+        raise
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, stopper) -> Path:
+    """The loop, in a run folder that is new or resumes from its last checkpoint."""
+    if acc.is_main_process:
+        if cfg.resume:  # config.json says what the run trains with now (new --max-steps, …)
+            runs.update_config(folder, **{k: getattr(cfg, k) for k in resume.MAY_CHANGE
+                                          if hasattr(cfg, k) and k not in ("resume", "runs_dir")})
+        if not (folder / "split.json").is_file():
+            data_mod.write_manifest(folder / "split.json", data, dcfg)
+        runs.write_json(folder / "classes.json", data.classes)
     engine.prepare_for_training(net, frozen_dtype=cfg.frozen_dtype, grad_checkpointing=cfg.grad_checkpointing,
                                 compile=cfg.compile)
     k = len(data.classes)
     trainable = [p for p in net.parameters() if p.requires_grad]
     acc.print(methods.summary(net))
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_set = dataset.DefectDataset(train_samples, dcfg, augment=True)
+    train_set = dataset.DefectDataset(train_samples, dcfg, augment=True, seed=cfg.seed)
     if cfg.latent_cache:  # the codec is frozen: each (image, view) is encoded once, when first drawn
-        train_set = dataset.LatentCache(train_samples, dcfg, base.codec, device=acc.device).dataset()
+        train_set = dataset.LatentCache(train_samples, dcfg, base.codec, device=acc.device).dataset(seed=cfg.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size,
         shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
@@ -264,24 +268,30 @@ def run(cfg: TrainConfig) -> Path:
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
     net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
     objective = Objective(base.scheduler_config, acc.device)
-    validate = Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device,
-                         mask_condition=cfg.mask_condition)
+    validate = validation.Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device,
+                                    mask_condition=cfg.mask_condition)
     ema = EMAModel(trainable, decay=cfg.ema) if cfg.ema > 0 else None
 
-    step, start_epoch, best, bad = 0, 0, float("inf"), 0
+    at = resume.Position()
     last = runs.latest_checkpoint(folder)
     if last is not None:
-        step, start_epoch, best, bad = _load_state(last, acc, net, opt, sched, loader, ema)
-        acc.print(f"resumed {folder.name} from {last.name} (epoch {start_epoch}, step {step})")
-    if start_epoch >= cfg.epochs or (cfg.max_steps and step >= cfg.max_steps):
-        return folder
+        at = resume.load(last, acc, net, opt, sched, loader, ema)
+        if acc.is_main_process:
+            runs.truncate_log(folder, at.step)  # the steps after the checkpoint are trained again
+        acc.print(f"resumed {folder.name} from {last.name} (epoch {at.epoch}, batch {at.batch}, step {at.step})")
+    step, start_epoch, skip, best, bad = at.step, at.epoch, at.batch, at.best, at.bad
 
+    tracker = tracking.Tracker(acc, folder, cfg, base, data.classes)  # log.jsonl + --report-to
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process),
                desc=f"{cfg.method} {folder.name}", unit="step")
     net.train()
     t0, stop = time.time(), False
     for epoch in range(start_epoch, cfg.epochs):
-        for batch in loader:
+        epoch_rng = resume.loader_state(loader)  # the epoch's order: what a mid-epoch checkpoint keeps
+        loader.set_epoch(epoch)  # keys each item's augmentation (dataset.view_generator)
+        for i, batch in enumerate(loader):
+            if i < skip:  # resumed mid-epoch: these batches were trained before the checkpoint
+                continue
             with acc.accumulate(net):
                 engine.step_begin(net)  # CUDA-graph modes: a new iteration starts
                 x0 = batch["latent"] if "latent" in batch else base.codec.encode(batch["image"])
@@ -300,8 +310,8 @@ def run(cfg: TrainConfig) -> Path:
                     raise DefectlabError(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
                                          f"last good checkpoint: {kept or 'none'}; try a lower --lr")
                 acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                if acc.sync_gradients:  # max_norm inf (grad_clip 0): the norm, for the log, without clipping
+                    grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -310,25 +320,34 @@ def run(cfg: TrainConfig) -> Path:
                 if ema is not None:
                     ema.step(trainable)
                 rec = {"step": step, "epoch": epoch, "loss": loss.item(), "mse": mse.mean().item(),
-                       "vb": vb.mean().item(), "lr": sched.get_last_lr()[0], "time": round(time.time() - t0, 2)}
-                if acc.is_main_process:
-                    runs.log(folder, rec)
+                       "vb": vb.mean().item(), "lr": sched.get_last_lr()[0], "time": round(time.time() - t0, 2),
+                       "grad_norm": float(grad_norm)}
+                tracker.log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
                 bar.update(1)
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
                     break
-        end = epoch + 1
+                if stopper.due(acc):  # checkpoint_minutes passed, or Ctrl-C / SIGTERM (then stops)
+                    if acc.is_main_process:
+                        _save_state(folder, cfg, acc, net, opt, sched, ema,
+                                    resume.Position(step, epoch, i + 1, best, bad), epoch_rng)
+                    stopper.saved(acc, folder, step)
+        skip, end = 0, epoch + 1
         if end % cfg.val_every == 0 or end == cfg.epochs or stop:
             val = _ema_val(ema, trainable, validate, net) if ema is not None else validate(net)
             improved = val < best
             best, bad = (val, 0) if improved else (best, bad + 1)
+            whole = not stop or i + 1 == len(loader)  # max_steps may stop mid-epoch
             if acc.is_main_process:
-                runs.log(folder, {"step": step, "epoch": epoch, "val_loss": val, "best": best,
-                                  "objective": objective.prediction_type})
-                _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, end, best, bad)
+                tracker.log({"step": step, "epoch": epoch, "val_loss": val, "best": best,
+                             "objective": objective.prediction_type}, model=acc.unwrap_model(net))
+                _save_state(folder, cfg, acc, net, opt, sched, ema,
+                            resume.Position(step, *((end, 0) if whole else (epoch, i + 1)), best, bad),
+                            resume.loader_state(loader) if whole else epoch_rng)
                 if improved:
                     runs.mark(folder, "best", step, val_loss=val, epoch=end)
+            stopper.saved(acc, folder, step)
             bar.write(f"epoch {end}: val_loss {val:.4f} (best {best:.4f})") if cfg.progress else None
             if cfg.patience and bad >= cfg.patience:
                 acc.print(f"early stop: no improvement in {cfg.patience} validations")
@@ -336,9 +355,10 @@ def run(cfg: TrainConfig) -> Path:
         if stop:
             break
     bar.close()
+    tracker.finish()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        plot_loss(folder)
+        plot_loss(folder, cfg.formats)
     return folder
 
 
@@ -352,38 +372,9 @@ def _ema_val(ema: EMAModel, params, validate, net) -> float:
         ema.restore(params)
 
 
-def _save_state(folder, cfg, acc, net, opt, sched, loader, ema, step, epoch, best, bad) -> Path:
-    unwrapped = acc.unwrap_model(net)
-    state = methods.trainable_state(unwrapped)
-    if ema is not None:
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        state.update({f"ema.{n}": p for n, p in zip(names, ema.shadow_params)})
-    opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    opt_tensors["rng.loader"] = loader.generator.get_state() if getattr(loader, "generator", None) is not None \
-        else torch.get_rng_state()
-    meta = {"epoch": epoch, "best": best, "bad": bad, "optimizer": skeleton,
-            "lr_scheduler": sched.state_dict(), "method": cfg.method, "base_model": cfg.model,
-            "ema_step": ema.optimization_step if ema is not None else 0}
-    return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=cfg.keep_checkpoints)
-
-
-def _load_state(ckpt: Path, acc, net, opt, sched, loader, ema) -> tuple[int, int, float, int]:
-    meta = runs.read_json(ckpt / runs.META_FILE)
-    state = runs.load_tensors(ckpt / runs.STATE_FILE)
-    unwrapped = acc.unwrap_model(net)
-    methods.load_trainable_state(unwrapped, {k: v for k, v in state.items() if not k.startswith("ema.")})
-    if ema is not None:
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        ema.shadow_params = [state[f"ema.{n}"].to(acc.device) for n in names]
-        ema.optimization_step = meta["ema_step"]  # the decay warm-up depends on it
-    tensors = runs.load_tensors(ckpt / runs.OPTIM_FILE)
-    opt.load_state_dict(runs.unflatten_optimizer(tensors, meta["optimizer"]))
-    sched.load_state_dict(meta["lr_scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if getattr(loader, "generator", None) is not None:
-        loader.generator.set_state(tensors["rng.loader"])
-    return meta["step"], meta["epoch"], meta["best"], meta["bad"]
+def _save_state(folder, cfg, acc, net, opt, sched, ema, at: resume.Position, epoch_rng) -> Path:
+    return resume.save(folder, acc, net, opt, sched, ema, at, epoch_rng, cfg.keep_checkpoints,
+                       method=cfg.method, base_model=cfg.model)
 
 
 def plot_loss(folder: Path, formats: str = "png") -> Path | None:

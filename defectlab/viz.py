@@ -10,6 +10,7 @@ ipywidgets is imported, so stages can draw their figures without notebook extras
 from __future__ import annotations
 
 import io
+import re
 import textwrap
 from pathlib import Path
 from typing import Iterable
@@ -53,14 +54,28 @@ def _label(name: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(str(name).replace("_", " "), width)) or str(name)
 
 
+PHRASE_BREAKS = (" · ", " — ", "; ", ": ")   # where a title may wrap: between its phrases
+
+
 def _wrap(title: str | None, width_in: float) -> str | None:
     """Wrap a figure title to the figure's width (about 11 characters per inch at 11 pt), so a
-    long sampler tag over a 2-column grid is not cut off."""
-    return None if not title else "\n".join(textwrap.wrap(title, max(16, int(width_in * 11)))) or title
+    long sampler tag over a 2-column grid is not cut off: between phrases (``PHRASE_BREAKS``),
+    inside a phrase only when it alone is wider than the figure."""
+    if not title:
+        return None
+    width = max(16, int(width_in * 11))
+    phrases = re.split("|".join(f"(?<={re.escape(sep)})" for sep in PHRASE_BREAKS), title)  # separators kept
+    lines = [""]
+    for ph in phrases:
+        if lines[-1] and len((lines[-1] + ph).rstrip()) > width:
+            lines.append("")
+        lines[-1] += ph
+    return "\n".join(w for line in lines for w in (textwrap.wrap(line.strip(), width) or [""]))
 
 
-def _grid(fig, images: list[list[np.ndarray | None]], col_titles: list[str], row_label: str | None = None):
-    """Fill ``fig`` (a Figure or SubFigure) with a rows × cols image grid; ``None`` = empty cell."""
+def _grid(fig, images: list[list[np.ndarray | None]], col_titles: list[str], row_labels: list[str] | None = None):
+    """Fill ``fig`` (a Figure or SubFigure) with a rows × cols image grid; ``None`` = empty cell;
+    ``row_labels`` beside the first column."""
     rows, cols = len(images), len(col_titles)
     shape = next((img.shape for row in images for img in row if img is not None), (1, 1, 3))
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
@@ -75,17 +90,19 @@ def _grid(fig, images: list[list[np.ndarray | None]], col_titles: list[str], row
             ax.imshow(img if img is not None else np.full(shape, 0.94), interpolation="nearest", vmin=0, vmax=1)
             if r == 0:
                 ax.set_title(_label(col_titles[c]), pad=3)
-    if row_label:
-        axes[0, 0].set_ylabel(row_label)
+        if row_labels:
+            axes[r, 0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center")
     return axes
 
 
 def grid_figure(images: torch.Tensor, class_names: list[str], rows: int | None = None,
-                title: str | None = None) -> Figure:
+                title: str | None = None, row_labels: list[str] | None = None) -> Figure:
     """Columns = classes, rows = samples (the original experiments' grid).
 
     ``images`` are [N,3,H,W] in [-1, 1], ordered class by class: ``images[c * rows + r]`` is
-    sample ``r`` of ``class_names[c]``. ``rows`` defaults to ``N // len(class_names)``.
+    sample ``r`` of ``class_names[c]``. ``rows`` defaults to ``N // len(class_names)``;
+    ``row_labels`` default to the sample index (``#r``, the index that seeds the image) when
+    there is more than one row.
     """
     cols = len(class_names)
     if cols == 0:
@@ -95,12 +112,15 @@ def grid_figure(images: torch.Tensor, class_names: list[str], rows: int | None =
         raise DefectlabError(f"grid_figure: {len(images)} images do not fill {cols} classes × {rows} rows")
     arr = to_numpy(images)
     cells = [[arr[c * rows + r] for c in range(cols)] for r in range(rows)]
+    row_labels = row_labels or ([f"#{r}" for r in range(rows)] if rows > 1 else None)
+    if row_labels is not None and len(row_labels) != rows:
+        raise DefectlabError(f"grid_figure: {len(row_labels)} row labels for {rows} rows")
     with style():
         title = _wrap(title, CELL * cols)
         extra = 0.3 * (title.count("\n") + 1) if title else 0
         fig = Figure(figsize=(CELL * cols, CELL * rows + 0.45 + extra), layout="constrained")
         fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.02, hspace=0.02)
-        _grid(fig, cells, class_names)
+        _grid(fig, cells, class_names, row_labels)
         if title:
             fig.suptitle(title)
     return fig
@@ -147,8 +167,10 @@ def save_figure(fig: Figure, folder: str | Path, name: str, formats: str | Itera
     out = []
     for fmt in fmts:
         path = Path(folder) / f"{name}.{fmt}"
-        # the temp file has no image suffix, so the format is given explicitly
-        out.append(atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI)))
+        # the temp file has no image suffix, so the format is given explicitly; font embedding
+        # (STYLE: Type 42 in PDF, text in SVG) is read at save time, so the style holds here too
+        with style():
+            out.append(atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=DPI)))
     return out
 
 
@@ -166,14 +188,16 @@ def show(*objs, dpi: int = 100) -> None:
     returned Figure prints as text); files saved at ``DPI`` are shown at half size, so they look
     like the on-screen figures."""
     try:
-        from IPython.display import Image, display
+        from IPython.display import SVG, Image, display
     except ImportError:  # plain Python: nothing to show inline
         print(*objs)
         return
     for obj in objs:
         if isinstance(obj, tuple):
             obj = obj[-1]
-        if isinstance(obj, (str, Path)):
+        if isinstance(obj, (str, Path)) and Path(obj).suffix.lower() in (".svg", ".pdf"):
+            display(SVG(filename=str(obj)) if Path(obj).suffix.lower() == ".svg" else f"saved: {obj}")
+        elif isinstance(obj, (str, Path)):
             display(Image(filename=str(obj), retina=True))
         else:
             display(Image(data=figure_png(obj, dpi)))
@@ -185,7 +209,7 @@ MASK_RGB = np.array([1.0, 0.1, 0.1])    # mask overlay colour (red)
 
 def _overlay(img: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     m = mask[..., None] * alpha
-    return img * (1 - m) + MASK_RGB * m
+    return np.clip(img * (1 - m) + MASK_RGB * m, 0, 1)  # float rounding of the blend: up to 1 + 3e-8
 
 
 def dataset_figure(data, per_class: int = 6, with_masks: bool = True, size: int = 96,
@@ -289,9 +313,11 @@ def loss_figure(records: list[dict], title: str = "") -> Figure | None:
         return fig
 
 
-def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
+def sweep_figure(rows: list[dict], keys: list[str], total: int | None = None) -> Figure:
     """Best validation loss and downstream accuracy per condition, one bar group per sweep point
-    (``rows``: the sweep summary rows; ``keys``: the grid parameters that label the points)."""
+    (``rows``: the finished points' summary rows; ``keys``: the grid parameters that label the
+    points; ``total``: points in the sweep, for "k of n"). Accuracy bars carry ± one standard
+    deviation over classifier seeds where a row has it (``acc_std[<condition>]``)."""
     def fmt(v):
         return format(v, "g") if isinstance(v, float) else str(v)
 
@@ -309,14 +335,17 @@ def sweep_figure(rows: list[dict], keys: list[str]) -> Figure:
             ax1.set_yscale("log")
         width = 0.8 / max(len(accs), 1)
         for i, k in enumerate(accs):
+            std = [r.get(f"acc_std{k[3:]}") for r in rows]
             ax2.bar(x + (i - (len(accs) - 1) / 2) * width, [r.get(k) if r.get(k) is not None else np.nan for r in rows],
-                    width, label=k[4:-1])
-        ax2.set_ylabel("downstream accuracy")
+                    width, label=k[4:-1], yerr=[s if s is not None else np.nan for s in std]
+                    if any(s is not None for s in std) else None, capsize=2, error_kw={"lw": 0.8})
+        ax2.set_ylabel("downstream accuracy" + (" (± sd over seeds)" if any(
+            r.get(f"acc_std{k[3:]}") is not None for r in rows for k in accs) else ""))
         ax2.set_ylim(0, 1.05)
         if accs:
             ax2.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="trained on",
                        title_fontsize=7)
         ax2.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
         ax2.set_xlabel(" · ".join(keys))
-        fig.suptitle(f"sweep: {len(rows)} points")
+        fig.suptitle(f"sweep: {len(rows)} of {total or len(rows)} points")
     return fig

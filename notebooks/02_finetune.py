@@ -42,6 +42,7 @@ seed: int = 0  # seeds data order, noise, label dropout and new class rows
 name: str = ""  # run name ("" means <product>-<method>)
 runs_dir: str = ""  # parent of run folders ("" means outputs/runs)
 progress: bool = True  # progress bar while training
+formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batch runs put them here)
 
 # %%
@@ -54,7 +55,7 @@ config = params.with_settings(train.TrainConfig(
     max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, mixed_precision=mixed_precision,
     lora_rank=lora_rank, class_init=class_init, label_dropout=label_dropout, ema=ema,
     val_per_class=val_per_class, val_timesteps=val_timesteps, val_every=val_every, patience=patience,
-    seed=seed, name=name, runs_dir=runs_dir, progress=progress), settings)
+    seed=seed, name=name, runs_dir=runs_dir, progress=progress, formats=formats), settings)
 
 # %% [markdown]
 # ## Fine-tune
@@ -74,8 +75,8 @@ display(Markdown(report.trainable_table(restored.model)))
 # %% [markdown]
 # ## Loss curve
 # Training loss per optimizer step and the validation loss (held-back images, fixed noise and
-# timesteps, so epochs are comparable). Saved as `figures/loss_curve.png` in the run folder.
+# timesteps, so epochs are comparable). Saved as `figures/loss_curve.<format>` in the run folder.
 
 # %%
-viz.show(train.plot_loss(run_folder))
+viz.show(train.plot_loss(run_folder, config.formats))
 report.run_summary(run_folder)

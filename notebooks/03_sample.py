@@ -59,12 +59,11 @@ samples
 
 # %% [markdown]
 # ## Explorer
-# Pressing **Run** only samples. Below the controls, a preview of the first class with the
-# settings above (what a batch run keeps).
+# The settings above, with a fast sampler when they are slow (DDPM, or more than 50 steps:
+# DPM-Solver++, 25 steps). It starts with the first class; pressing **Run** samples what the
+# controls say, with a progress bar, and a setting seen before shows at once. A saved notebook
+# shows the grid as an image where the widget cannot run.
 
 # %%
 explorer = Explorer.from_config(restored, config, n=explorer_images)
-viz.show(explorer.render(restored.classes[0]))
-
-# %%
 explorer.widget()

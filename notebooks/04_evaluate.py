@@ -22,7 +22,7 @@
 # %% tags=["parameters"]
 run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
 samples: str = ""  # sampler output folder made by 03 ("" means the newest under the run)
-metrics: str = "downstream,fid,kid,is"  # any of downstream, fid, kid, is (unavailable ones are skipped)
+metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, fid, kid, is (unavailable ones are skipped)
 conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen
 seeds: int = 3  # downstream classifier seeds (mean and std over them)
 classifier_steps: int = 40  # optimizer steps per classifier (300 or more on a GPU)

@@ -323,3 +323,99 @@ def test_real_mvtec_screws(shared_screws):
     assert 0 < item["mask"].sum() < 64 * 64 / 4                # a small defect, kept at 64 px
     info = data.info(shared_screws)["products"]["screw"]
     assert info["sizes"] == {"1024x1024": 16} and info["modes"] == {"L": 16} and info["test_good"] == 2
+
+
+# ----------------------------------------------------------------------------- issue 21: pixels, grey, links, masks
+def _gradient(size=32):
+    return np.linspace(0, 255, size * size).reshape(size, size).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "P", "LA", "CMYK", "RGBA", "1"])
+def test_every_mode_and_bit_depth_reads_to_the_right_range(tmp_path, mode):
+    """16-bit PNGs used to read as white (99 % of pixels at 1.0)."""
+    g = _gradient()
+    rgb = np.stack([g, g[::-1], g.T], -1)
+    if mode in ("I;16", "I"):  # 16-bit: 0..65535, the same picture
+        im, ref = Image.fromarray(g.astype(np.uint16 if mode == "I;16" else np.int32) * 257), Image.fromarray(g)
+    elif mode == "F":  # float in 0..1
+        im, ref = Image.fromarray(g.astype(np.float32) / 255), Image.fromarray(g)
+    elif mode in ("LA", "1"):
+        im, ref = Image.fromarray(g).convert(mode), Image.fromarray(g).convert(mode).convert("L")
+    else:
+        im, ref = Image.fromarray(rgb).convert(mode), Image.fromarray(rgb).convert(mode).convert("RGB")
+    path = tmp_path / ("x.tiff" if mode in ("F", "CMYK", "I") else "x.png")
+    im.save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    x, want = dataset.load_image(path, 32), dataset.load_image(_save(ref, tmp_path / "ref.png"), 32)
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert (x - want).abs().max() < 2 / 255, mode  # 16-bit used to read as white
+
+
+def _save(im, path):
+    im.save(path)
+    return path
+
+
+def test_sixteen_bit_masks_and_images_resize_without_quantising(tmp_path):
+    wide = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "img.png")
+    x = dataset.load_image(tmp_path / "img.png", 16)
+    assert torch.equal(x[0], x[2]) and len(torch.unique(x)) > 200  # finer than 8 bits
+    mask = np.zeros((64, 64), np.uint16)
+    mask[10:20, 10:20] = 65535
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    m = dataset.load_mask(tmp_path / "mask.png", 64)
+    assert m.sum() == 100
+
+
+def test_greyscale_datasets_are_detected(tmp_path, shared_screws):
+    assert data.load(DataConfig(data=str(shared_screws), product="screw", image_size=32)).greyscale
+    assert not data.load(cfg_for(make_mvtec(tmp_path / "colour"))).greyscale
+    grey = make_mvtec(tmp_path / "grey")
+    for p in grey.rglob("*.png"):
+        Image.open(p).convert("L").save(p)
+    assert data.load(cfg_for(grey)).greyscale
+
+
+def test_a_dataset_of_symlinks_reads_its_own_split_back(tmp_path):
+    """finetune wrote split.json; evaluate, synthesize and --resume read it back and failed with
+    "escapes its folder" because every file pointed outside the dataset folder."""
+    real = make_mvtec(tmp_path / "real")
+    links = tmp_path / "links"
+    for p in sorted(real.rglob("*")):
+        target = links / p.relative_to(real)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.symlink_to(p)
+    manifest = tmp_path / "split.json"
+    first = data.load(cfg_for(links), manifest=manifest)
+    again = data.load(cfg_for(links), manifest=manifest)
+    assert [s.image for s in again.train] == [s.image for s in first.train]
+    assert all(s.image.is_symlink() for s in again.train)
+
+
+def test_crop_and_empty_masks_warn_before_training(tmp_path):
+    root = make_mvtec(tmp_path / "mv", size=64)
+    _mask(root / "widget/ground_truth/dent/000_mask.png", 64, square=(0, 0, 6))     # cut away by crop 32
+    _mask(root / "widget/ground_truth/dent/001_mask.png", 64, square=(12, 12, 10))  # half outside
+    Image.new("L", (64, 64)).save(root / "widget/ground_truth/bent/000_mask.png")   # no defect pixel
+    d = data.load(cfg_for(root))
+    samples = d.train + d.test
+    with pytest.warns(UserWarning) as caught:
+        dataset.check_masks(samples, crop=32)
+    text = " ".join(str(w.message) for w in caught)
+    assert "crop 32 px cuts" in text and "bent/000_mask.png" in text
+    assert "entirely" in text and "partly" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset.check_masks([s for s in samples if s.defect == "bent" and "000" not in s.image.name], crop=0)
+
+
+def test_training_views_depend_on_seed_epoch_and_item_only():
+    cfg = DataConfig(image_size=16)
+    a = [dataset.draw_view(cfg, dataset.view_generator(0, e, i)) for e in range(3) for i in range(8)]
+    torch.rand(5)  # whatever else draws from torch's RNG
+    b = [dataset.draw_view(cfg, dataset.view_generator(0, e, i)) for e in range(3) for i in range(8)]
+    assert a == b and len(set(a)) > 4

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_fidelity
 from PIL import Image
 
-from defectlab import classifier, data, evaluate, images, metrics, report, runs
+from defectlab import classifier, data, evaluate, images, judge, metrics, report, runs
 from defectlab.errors import DefectlabError
 
 
@@ -284,7 +284,8 @@ def test_run_skips_unavailable_fid_by_default_and_refuses_when_asked(run_folder,
     monkeypatch.setenv("DEFECTLAB_OFFLINE", "1")
     result = evaluate.run(evaluate.EvalConfig(run=str(run_folder), seeds=1, classifier_steps=1, classifier_size=8))
     saved = json.loads((run_folder / "metrics.json").read_text())
-    assert set(result.skipped) == {"fid", "kid", "is"} and result.distribution is None and "distribution" not in saved
+    assert set(result.skipped) == {"fid", "kid", "is", "judge"} and result.distribution is None and "distribution" not in saved
+    assert "synthetic dataset" in result.skipped["judge"] and result.judge is None  # a folder dataset: no judge
     assert result.skipped["fid"].startswith("fid: skipped — no Inception weights (offline)")
     assert "--feature-weights FILE" in result.skipped["fid"] and "fid: skipped" in report.format_table(result)
     assert result.downstream["conditions"]["real"]["accuracy"]["std"] is None  # one seed: no spread to report
@@ -309,3 +310,29 @@ def test_cli_flags_come_from_the_config():
     cfg = cli.config_from_args(evaluate.EvalConfig, args)
     assert (cfg.feature_weights, cfg.kid_subset_size, cfg.conditions, cfg.seeds) == ("w.pth", 5, "real,gen", 3)
     assert "random weights" in parser.format_help()  # the field comments are the flags' help
+
+
+def test_judge_scores_samples_of_a_synthetic_run(tmp_path):
+    """The judge section: procedural images of the right class are recognised, mislabelled ones not."""
+    dcfg = data.DataConfig(data="synthetic", product="hazelnut", image_size=64)
+    folder = tmp_path / "runs" / "000-hazelnut-difffit"
+    folder.mkdir(parents=True)
+    runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "mini", "method": "difffit"}})
+    dd = data.load(dcfg, manifest=folder / "split.json")
+    pics, labels, classes = judge.procedural("hazelnut", "test", 6, 64, progress=False)
+    out = folder / "samples" / "s"
+    lines = []
+    for i, (img, y) in enumerate(zip(pics, labels.tolist())):
+        name = classes[y] if classes[y] != "print" else "crack"  # print's images filed as crack: mislabelled
+        rel = f"hazelnut/test/{name}/{i:04d}.png"
+        images.save_png(img, out / rel)
+        lines.append(json.dumps({"file": rel, "class": name, "index": i}))
+    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    result = evaluate.run(evaluate.EvalConfig(run=str(folder), metrics="judge"))
+    gen = result.judge["generated"]
+    assert dd.classes == classes and result.judge["chance"] == 0.25
+    assert gen["per_class"]["cut"]["share"] >= 0.8 and gen["per_class"]["hole"]["share"] >= 0.8
+    assert gen["per_class"]["crack"]["n"] == 12 and gen["per_class"]["crack"]["share"] <= 0.6  # half are prints
+    assert gen["per_class"]["print"]["n"] == 0 and result.judge["real_test"]["overall"]["share"] >= 0.8
+    assert "Judge (offline proxy" in report.format_table(result)
+    assert report.metrics_summary(result)["judge[gen]"] == gen["overall"]["share"]

@@ -137,3 +137,45 @@ def test_archive_errors(tmp_path):
     archive = _tar(tmp_path / "one.tar.gz", _mvtec_files("hazelnut"))
     with pytest.raises(DefectlabError, match="no folder 'screw'.*hazelnut"):
         fetch.fetch_mvtec(archive, tmp_path / "out", product="screw")
+
+
+def test_refetch_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    """Issue 21: fetching again into a product folder that holds files is refused without
+    --force; with --force only the archive's files are replaced, the user's notes and extra class
+    folder stay, and another product beside it is never touched."""
+    from defectlab import cli
+
+    archive = _tar(tmp_path / "mvtec.tar.gz", _mvtec_files("hazelnut"))
+    root = fetch.fetch_mvtec(archive, tmp_path / "out")
+    notes, extra = root / "hazelnut" / "notes.txt", root / "hazelnut" / "test" / "mine" / "000.png"
+    extra.parent.mkdir()
+    notes.write_text("my notes")
+    extra.write_bytes(_png_bytes())
+    (root / "hazelnut/test/crack/000.png").write_bytes(b"edited")
+    code = cli.main(["data", "fetch", "mvtec", "--archive", str(archive), "--dest", str(root),
+                     "--product", "hazelnut"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--force" in err and "hazelnut" in err and "Traceback" not in err
+    assert notes.read_text() == "my notes" and (root / "hazelnut/test/crack/000.png").read_bytes() == b"edited"
+    assert cli.main(["data", "fetch", "mvtec", "--archive", str(archive), "--dest", str(root),
+                     "--product", "hazelnut", "--force"]) == 0
+    assert notes.read_text() == "my notes" and extra.is_file()  # not from the archive: kept
+    assert (root / "hazelnut/test/crack/000.png").read_bytes() == _png_bytes(value=30)  # the archive's file back
+    other = _tar(tmp_path / "screw.tar.gz", _mvtec_files("screw"))
+    fetch.fetch_mvtec(other, root)  # another product into the same root needs no --force
+    assert data.detect_layout(root) == ("mvtec", ["hazelnut", "screw"]) and notes.is_file()
+    assert not list(root.glob(".extract-*"))
+
+
+def test_disk_full_while_extracting_is_not_a_damaged_archive(tmp_path, monkeypatch):
+    import errno
+
+    archive = _tar(tmp_path / "mvtec.tar.gz", _mvtec_files("hazelnut"))
+
+    def full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(DefectlabError, match="disk full while writing .*out"):
+        fetch.fetch_mvtec(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # the temp folder is gone

@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from defectlab.explorer import Explorer
 
 # tiny model, 32 px, one epoch, 2 images per class, 4 sampling steps, 2 classifier steps
 TRAIN = dict(model="tiny", image_size=32, epochs=1, batch_size=4, grad_accum=1, val_per_class=1, val_timesteps=2,
-             val_every=1, progress=False)
+             val_every=1)  # progress on: saved notebooks must show complete bars
 LATER = dict(guidance=1.5, per_class=2, scheduler="ddim", steps=4, explorer_images=2, metrics="downstream", seeds=1,
              classifier_steps=2, classifier_size=32, compare_rows=2)
 TINY = dict(show_per_class=2, show_size=32, **TRAIN, **LATER)
@@ -82,10 +83,30 @@ def test_executed_notebooks_show_figures_and_the_widget(executed):
     nb = nbformat.read(executed / "03_sample.ipynb", as_version=4)
     mimes = [set(o.get("data", {})) for c in nb.cells for o in c.get("outputs", [])]
     assert sum("image/png" in m for m in mimes) >= 2  # saved grid + explorer preview
-    assert any("application/vnd.jupyter.widget-view+json" in m for m in mimes)
+    widget = [m for m in mimes if "application/vnd.jupyter.widget-view+json" in m]
+    assert widget and all("image/png" in m for m in widget)  # the explorer's static twin beside the widget
     nb4 = nbformat.read(executed / "04_evaluate.ipynb", as_version=4)
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for c in nb4.cells for o in c.get("outputs", [])])
     assert "Offline proxy numbers" in text and "Downstream defect-type classifier" in text
+
+
+def _shown_lines(text: str) -> list[str]:
+    """What a notebook viewer shows of a stream: each line after its last carriage return."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+
+
+@pytest.mark.parametrize("name", params.NOTEBOOKS)
+def test_saved_progress_ends_at_100_percent_and_no_warnings(executed, name):
+    """papermill runs get plain-text bars (progress.PLAIN, set by batch.py): every bar the saved
+    notebook shows is complete, none is a widget, and nothing warns."""
+    nb = nbformat.read(executed / f"{name}.ipynb", as_version=4)
+    streams = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "stream")
+    bars = [line for line in _shown_lines(streams) if re.search(r"\d+%\|", line)]
+    assert all(re.search(r"\b100%\|", line) for line in bars), bars
+    assert "Warning" not in streams and "Clipping input data" not in streams, streams[-2000:]
+    views = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json"
+             in o.get("data", {}) and "image/png" not in o.get("data", {})]
+    assert not views  # a widget bar (tqdm.notebook) would be saved as a dead widget
 
 
 def test_explorer_reproduces_the_exported_samples(executed, record):
@@ -267,8 +288,13 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
     cfg = batch.SweepConfig(spec=str(spec), out=str(tmp_path / "sweep"))
     out = batch.run(cfg)
     lines = (out / "summary.csv").read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("point,status,method,")
-    assert (out / "summary.md").read_text().count("| done |") == 2
+    assert len(lines) == 3 and lines[0].startswith("point,status,method,") and lines[0].endswith(",run_folder,notebooks")
+    summary = (out / "summary.md").read_text()
+    assert summary.count("| done |") == 2 and "(2 of 2 points done)" in summary
+    # each row links its run folder and executed notebooks, relative to the sweep folder
+    assert "[method=full](points/method=full/)" in summary and "[03](points/method=full/03_sample.ipynb)" in summary
+    run_link = summary.split("[run](")[1].split(")")[0]
+    assert (out / run_link / "config.json").is_file()
     assert (out / "figures" / "sweep-summary.png").stat().st_size > 5000
     points = sorted((out / "points").iterdir())
     assert [p.name for p in points] == ["method=difffit", "method=full"]
@@ -290,6 +316,7 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
         batch.run(cfg)
     assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["method"] == "full"
     assert points[1].is_dir() and not list(points[1].iterdir())  # restarted from an empty folder
+    assert "(1 of 2 points done)" in (out / "summary.md").read_text()  # the killed sweep left its summary
 
 
 def test_sweep_grid_lists_and_shards(tmp_path, monkeypatch):

@@ -79,3 +79,93 @@ def test_optimizer_state_round_trip():
     json.dumps(skeleton)  # the skeleton must be plain JSON
     state = runs.unflatten_optimizer(tensors, skeleton)
     assert torch.equal(state["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def _create_many(args):
+    base, worker = args
+    return [runs.create(f"w{worker}-{i}", {}, base=base).name for i in range(8)]
+
+
+def test_concurrent_creates_never_share_a_number(tmp_path):
+    """Issue 21: processes creating runs with different names at once got the same number."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        names = [n for part in pool.map(_create_many, [(tmp_path, w) for w in range(4)]) for n in part]
+    numbers = [n.split("-")[0] for n in names]
+    assert len(set(numbers)) == len(numbers) == 32
+
+
+def test_resolve_refuses_a_shared_number_and_latest_needs_a_checkpoint(tmp_path):
+    a = runs.create("a", {}, base=tmp_path)
+    (tmp_path / "000-b").mkdir()  # two folders with one number (made by an older version)
+    with pytest.raises(DefectlabError, match="run number 0 is shared by 000-a, 000-b"):
+        runs.resolve("0", tmp_path)
+    assert runs.resolve("000-a", tmp_path) == a
+    with pytest.raises(DefectlabError, match="no run with a checkpoint"):
+        runs.resolve("latest", tmp_path)
+    runs.save_checkpoint(a, 1, {"w": torch.zeros(1)}, {})
+    runs.create("newer-but-empty", {}, base=tmp_path)
+    assert runs.resolve("latest", tmp_path) == a
+
+
+def test_safe_join_allows_symlinks_named_inside(tmp_path):
+    """A dataset of symlinks: the guard is about the name, not where a link points."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(b"png")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.png").symlink_to(tmp_path / "elsewhere" / "x.png")
+    assert runs.safe_join(tmp_path / "data", "x.png").read_bytes() == b"png"
+    with pytest.raises(DefectlabError, match="escapes"):
+        runs.safe_join(tmp_path / "data", "sub/../../elsewhere/x.png")
+
+
+def test_checkpoint_names_and_best_json_errors(tmp_path):
+    runs.save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {})
+    with pytest.raises(DefectlabError, match="checkpoint must be best, latest or a step number"):
+        runs.find_checkpoint(tmp_path, "abc")
+    (tmp_path / "checkpoints" / "best.json").write_text('{"val_loss": 0.1}')
+    with pytest.raises(DefectlabError, match="best.json names no checkpoint"):
+        runs.find_checkpoint(tmp_path, "best")
+
+
+def test_lock_refuses_a_second_trainer(tmp_path):
+    held = runs.lock(tmp_path)
+    with pytest.raises(DefectlabError, match="being trained by another process"):
+        runs.lock(tmp_path)
+    held.release()
+    runs.lock(tmp_path).release()
+
+
+def test_truncate_log_drops_the_steps_after_the_checkpoint(tmp_path):
+    for step in (1, 2, 3, 4):
+        runs.log(tmp_path, {"step": step, "loss": 0.1})
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # cut by a kill
+    runs.truncate_log(tmp_path, 2)
+    runs.log(tmp_path, {"step": 3, "loss": 0.2})
+    assert [r["step"] for r in runs.read_log(tmp_path)] == [1, 2, 3]
+
+
+def test_write_faults_are_one_line_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    err = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert "disk full while writing" in str(runs.write_error(err, tmp_path / "x"))
+    assert "read-only file system" in str(runs.write_error(OSError(errno.EROFS, "ro"), tmp_path / "x"))
+    assert runs.write_error(ValueError("os error 28"), tmp_path / "x") is None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DefectlabError, match="--out .*file: .*file is a file, not a folder"):
+        runs.ensure_dir(tmp_path / "file", "--out")
+    with pytest.raises(DefectlabError, match="--out .*file/sub: .*file is a file, not a folder"):
+        runs.ensure_dir(tmp_path / "file" / "sub", "--out")
+
+    def full(tensors, path, metadata=None):
+        raise err
+
+    monkeypatch.setattr(runs, "save_file", full)
+    with pytest.raises(DefectlabError, match="disk full while writing .*checkpoints/0000002.*--resume"):
+        runs.save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {})
+    assert not list((tmp_path / "checkpoints").iterdir())

@@ -292,9 +292,11 @@ def test_run_refuses_bad_input(fake_run, tmp_path):
 
 def test_latest_run_is_the_highest_number(tmp_path, monkeypatch):
     monkeypatch.setattr(runs.paths, "RUNS", tmp_path)
-    with pytest.raises(DefectlabError, match="no run folders"):
+    with pytest.raises(DefectlabError, match="no run with a checkpoint"):
         runs.resolve("latest")
-    for name in ("002-a", "010-b", "009-c", "notes"):
+    for name in ("002-a", "010-b", "009-c"):
+        runs.save_checkpoint(tmp_path / name, 1, {"w": torch.zeros(1)}, {})
+    for name in ("011-failed", "notes"):  # a run without a checkpoint is passed over (issue 21)
         (tmp_path / name).mkdir()
     assert runs.resolve("latest").name == "010-b"
 

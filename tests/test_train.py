@@ -132,3 +132,26 @@ def test_two_cpu_processes_under_accelerate_launch_write_one_run(tmp_path, home)
     assert all(r["loss"] == r["loss"] for r in log if "loss" in r)  # finite, logged once per step
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps))  # only the main process logs
+
+
+def test_tensorboard_gets_the_logged_scalars_and_a_sample_grid(tmp_path):
+    """--report-to tensorboard (the default): event files inside the run folder, with every
+    log.jsonl scalar at its step and a sample grid at each validation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = train.run(tiny_cfg(tmp_path, epochs=2, report_to="tensorboard"))
+    events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "mse", "vb", "lr", "grad_norm", "val_loss", "best"} <= set(tags["scalars"])
+    log = runs.read_log(folder)
+    steps = [r for r in log if "loss" in r]
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in steps]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in steps])
+    assert all(r["grad_norm"] > 0 for r in steps)  # logged whether or not it clips
+    assert [e.value for e in events.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in log if "val_loss" in r])
+    grids = events.Images("samples")
+    assert len(grids) == 2 and grids[0].width == 4 * 32 + 5  # one image per class, 1 px padding
+    none = train.run(tiny_cfg(tmp_path, epochs=1, report_to="none", name="quiet"))
+    assert not (none / "tensorboard").exists()
+    with pytest.raises(DefectlabError, match="unknown report_to 'tensorbord'"):
+        train.run(tiny_cfg(tmp_path, report_to="tensorbord"))

@@ -1,12 +1,13 @@
 """Figure helpers: grid layout, titles, no ticks, saving formats and resolution."""
 import ast
+import base64
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from defectlab import report, viz
+from defectlab import report, sampler, viz
 from defectlab.errors import DefectlabError
 from defectlab.explorer import ALL_CLASSES, Explorer
 
@@ -26,8 +27,29 @@ def test_grid_figure_columns_are_classes():
     # class by class: images[c * rows + r] sits in row r, column c
     shown = axes[1 * 3 + 2].get_images()[0].get_array()  # row 1, column 2 → image 2*2+1
     assert torch.allclose(torch.as_tensor(shown), (imgs[5].permute(1, 2, 0) + 1) / 2, atol=1e-6)
+    assert [ax.get_ylabel() for ax in axes[::3]] == ["#0", "#1"]  # rows: the sample index that seeds them
+    assert [ax.get_ylabel() for ax in viz.grid_figure(imgs, names, 2, row_labels=["seed 3", "seed 4"]).axes[::3]] \
+        == ["seed 3", "seed 4"]
+    assert not viz.grid_figure(images(3), names, rows=1).axes[0].get_ylabel()  # one row: nothing to tell apart
     with pytest.raises(DefectlabError, match="do not fill"):
         viz.grid_figure(images(5), names, rows=2)
+
+
+def test_titles_wrap_between_phrases():
+    title = "000-hazelnut-difffit · ddim 4 steps · guidance 1.5 (all)"
+    assert viz._wrap(title, 2.2) == "000-hazelnut-difffit ·\nddim 4 steps ·\nguidance 1.5 (all)"
+    assert viz._wrap(title, 20) == title
+    assert max(len(line) for line in viz._wrap("x" * 60 + " · end", 2.2).split("\n")) <= 24  # one long phrase: cut
+
+
+def test_pdf_fonts_are_type42_and_svg_text_is_text(tmp_path):
+    """What journals and editors need: TrueType (Type 42) fonts embedded in PDFs, no Type 3
+    bitmaps, and SVG text as <text> elements (viz.STYLE)."""
+    fig = viz.loss_figure([{"step": s, "loss": 1 / s, "objective": "v_prediction"} for s in range(1, 30)], "run")
+    pdf, svg = viz.save_figure(fig, tmp_path, "loss", "pdf,svg")
+    raw = pdf.read_bytes()
+    assert (b"/FontFile2" in raw or b"/Subtype /TrueType" in raw) and b"/Type3" not in raw
+    assert "<text" in svg.read_text()
 
 
 def test_real_vs_generated_figure():
@@ -151,12 +173,44 @@ def test_explorer_render_shape_and_seeds(explorer):
 def test_explorer_widget_runs_on_click(explorer):
     ui = explorer.widget()
     c = explorer.controls
-    assert {"class", "steps", "seed", "guidance", "run", "image"} <= set(c) and c["image"].value == b""
+    assert {"class", "scheduler", "steps", "seed", "guidance", "run", "image", "progress"} <= set(c)
+    first = bytes(c["image"].value)
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"  # the explorer's current grid from the start
+    # the static twin: one output with the live widget and a PNG of its grid (what a saved notebook shows)
+    bundle = ui._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == first
     c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value = "cut", 2, 3, 1.0, 2
+    c["scheduler"].value = "ddim"
     c["run"].click()
-    assert c["image"].value[:8] == b"\x89PNG\r\n\x1a\n" and c["status"].value.startswith("done")
+    assert c["image"].value[:8] == b"\x89PNG\r\n\x1a\n" and bytes(c["image"].value) != first
+    assert c["status"].value.startswith("done")
     assert explorer.last_images.shape[0] == 2 and not c["run"].disabled
-    assert ui.children  # a VBox the notebook displays
+
+
+def test_explorer_cache_hit_does_not_sample(explorer, monkeypatch):
+    fig = explorer.render("print", steps=2, seed=11, guidance=2.0, n=2, scheduler="ddim")
+    first = explorer.last_images.clone()
+    calls = []
+    real = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
+    explorer.render("print", steps=2, seed=11, guidance=2.0, n=2, scheduler="ddim")
+    assert calls == [] and torch.equal(explorer.last_images, first)      # seen before: shown at once
+    explorer.render("print", steps=2, seed=11, guidance=2.0, n=3, scheduler="ddim")
+    assert calls == [1] and torch.equal(explorer.last_images[:2], first)  # one more image: only it is sampled
+    explorer.render("print", steps=2, seed=11, guidance=2.0, n=2, scheduler="dpmsolver")
+    assert calls == [1, 2]                                                # another sampler: sampled again
+    assert len(fig.axes) == 2
+
+
+def test_explorer_is_fast_unless_the_settings_already_are(explorer):
+    from defectlab import sample
+
+    slow = Explorer.from_config(explorer.restored, sample.SampleConfig(scheduler="ddpm", steps=250))
+    assert (slow.scheduler, slow.steps) == ("dpmsolver", 25)
+    quick = Explorer.from_config(explorer.restored, sample.SampleConfig(scheduler="ddim", steps=4))
+    assert (quick.scheduler, quick.steps) == ("ddim", 4)  # what sample.run exports for these settings
+    assert Explorer(explorer.restored).scheduler == "dpmsolver"
 
 
 def test_sweep_figure_one_bar_group_per_point():
@@ -170,3 +224,10 @@ def test_sweep_figure_one_bar_group_per_point():
     assert loss.get_yscale() == "linear"
     rows[2]["best_val_loss"] = 5.0  # a diverged point (0.05 vs 5.0): log scale keeps the others readable
     assert viz.sweep_figure(rows, ["method", "lr"]).axes[0].get_yscale() == "log"
+    assert fig.get_suptitle() == "sweep: 3 of 3 points"
+    assert not [c for c in acc.containers if getattr(c, "has_yerr", False)]  # one seed: no intervals
+    for r in rows:
+        r["acc_std[real+gen]"] = 0.05  # several classifier seeds: ± one sd on those bars
+    fig = viz.sweep_figure(rows, ["method", "lr"], total=5)
+    assert fig.get_suptitle() == "sweep: 3 of 5 points" and "sd over seeds" in fig.axes[1].get_ylabel()
+    assert len([c for c in fig.axes[1].containers if getattr(c, "has_yerr", False)]) == 1

@@ -1,0 +1,183 @@
+"""Export a fine-tuned run as a diffusers folder others can load: ``defectlab export --run … --out DIR``.
+
+The folder has DiTPipeline's layout: ``transformer/`` (a plain ``DiTTransformer2DModel``: LoRA
+merged, DiffFit's γ folded into the layers it scales, the trained class table), ``scheduler/``
+(DDIM on the run's training schedule), ``vae/`` (latent bases), ``model_index.json`` (``id2label`` =
+the run's class names, ``defectlab_numerics``, ``defectlab_image_size``) and ``README.md``, a model
+card with the run's settings and metrics. ``--push-to-hub REPO`` uploads it.
+
+What DiTPipeline fixes, and what the export does about it:
+
+- its null class is always 1000: the K trained rows are followed by copies of the run's null row
+  up to row 1000 (class ids K..999 sample unconditionally);
+- it always decodes with a VAE. A pixel-space run (the ``tiny`` and ``mini`` bases) has none,
+  and no ``AutoencoderKL`` decodes as the identity (its decoder ends in GroupNorm → SiLU → conv),
+  so such a run is exported as the same folder without ``vae/`` and with ``_class_name``
+  ``DiTTransformer2DModel`` (the layout of the shipped mini); the card says how to sample it
+  (``defectlab sample --run base --model DIR``);
+- it computes diffusers' timestep frequencies: a run trained with the original DiT's
+  (``numerics`` original) samples differently there, which the card says;
+- it has no mask input: mask-conditioned runs are refused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiTPipeline, DiTTransformer2DModel
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from . import engine, evaluate, folders, methods, report, runs, sampler, train
+from .errors import DefectlabError, first_line
+
+NULL = 1000  # DiTPipeline's unconditional class id (hard-coded there)
+
+
+@dataclass
+class ExportConfig:
+    run: str = "latest"            # run folder/name/number, or latest
+    checkpoint: str = "best"       # best | latest | step number
+    out: str = ""                  # destination folder ("" = <run>/export); replaced whole when it exists
+    push_to_hub: str = ""          # hub repo id (user/name) to upload the folder to: needs internet and `hf auth login`
+    private: bool = True           # a repo that --push-to-hub creates is private
+
+
+def run(cfg: ExportConfig) -> Path:
+    """Write the export folder (see module doc) and return it; upload it when ``push_to_hub``."""
+    repo = _hub_repo(cfg.push_to_hub)  # before any work: a bad id or no internet is one line
+    folder = runs.resolve(cfg.run)
+    if runs.load_config(folder).get("mask_condition"):
+        raise DefectlabError(f"run {folder.name} is mask-conditioned: DiTPipeline has no mask input, so it cannot "
+                             "be exported (sample it with defectlab synthesize)")
+    restored = train.restore(folder, cfg.checkpoint, device="cpu")
+    net = plain_transformer(restored.model)
+    numerics, latent = restored.config["numerics"], hasattr(restored.base.codec, "vae")
+    size = restored.config.get("image_size") or restored.base.default_image_size
+    scheduler = sampler.make_scheduler("ddim", restored.base.scheduler_config,
+                                       spacing=sampler.spacing_for("ddim", numerics))
+    out = Path(cfg.out) if cfg.out else folder / "export"
+    with folders.building(out) as tmp:
+        if latent:
+            DiTPipeline(transformer=net, vae=restored.base.codec.vae, scheduler=scheduler).save_pretrained(tmp)
+            index = runs.read_json(tmp / "model_index.json")
+        else:  # DiTPipeline cannot decode pixels: the layout model.load reads, without the pipeline's name
+            net.save_pretrained(tmp / "transformer")
+            scheduler.save_pretrained(tmp / "scheduler")
+            index = {"_class_name": "DiTTransformer2DModel"}
+        index.update(id2label={str(i): c for i, c in enumerate(restored.classes)}, defectlab_numerics=numerics,
+                     defectlab_image_size=size, defectlab_run=folder.name)
+        runs.write_json(tmp / "model_index.json", index)
+        runs.write_text(tmp / "README.md", model_card(restored, latent, size, net.config.sample_size,
+                                                      Path(restored.checkpoint).name))
+    if repo:
+        push(out, repo, cfg.private, folder.name)
+    return out
+
+
+def plain_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
+    """A plain ``DiTTransformer2DModel`` that computes what ``model`` (a restored run) computes: a
+    copy with LoRA merged, tied embeddings untied, DiffFit's γ folded (γ·(Wx + b) = (γW)x + γb,
+    into ``attn1.to_out.0`` and ``ff.net.2``, the layers whose output it scales) and the class
+    table padded to DiTPipeline's null id ``NULL``. Numerics: diffusers' (the config has no switch)."""
+    if methods.has_mask_channel(model):
+        raise DefectlabError("a mask-conditioned model has an input DiTPipeline cannot give it: not exportable")
+    net = copy.deepcopy(model)
+    engine.untie_embeddings(net)
+    engine.merge_lora(net)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    for i in range(len(net.transformer_blocks)):
+        for branch, layer in (("attn", "attn1.to_out.0"), ("ff", "ff.net.2")):
+            gamma = state.pop(f"transformer_blocks.{i}.difffit_gamma_{branch}", None)
+            for kind, scale in (() if gamma is None else (("weight", gamma[:, None]), ("bias", gamma))):
+                key = f"transformer_blocks.{i}.{layer}.{kind}"
+                state[key] = state[key] * scale
+    k = methods.num_classes(net)
+    if k > NULL:
+        raise DefectlabError(f"{k} classes: DiTPipeline's null class is {NULL}, so at most {NULL} can be exported")
+    for key in [key for key in state if key.endswith("class_embedder.embedding_table.weight")]:
+        state[key] = torch.cat([state[key][:k], state[key][k:k + 1].expand(NULL + 1 - k, -1)])
+    plain = DiTTransformer2DModel.from_config({**net.config, "num_embeds_ada_norm": NULL})
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+# ----------------------------------------------------------------------------- the model card
+def model_card(restored: train.Restored, latent: bool, size: int, native: int, checkpoint: str) -> str:
+    """README.md: what was trained, how to sample it (and where DiTPipeline differs), metrics."""
+    cfg, folder = restored.config, Path(restored.folder)
+    summary = report.run_summary(folder)
+    ids = ", ".join(f"{i} {c}" for i, c in enumerate(restored.classes))
+    hub_base = "/" in cfg["model"] and not Path(cfg["model"]).exists()
+    lines = ["---", "library_name: diffusers", "tags: [defectlab, dit, class-conditional, defect-images]",
+             *([f"base_model: {cfg['model']}"] if hub_base else []), "---", "",
+             f"# {folder.name}: {cfg['product']} defects from a fine-tuned DiT", "",
+             f"Fine-tuned with defectlab from `{cfg['model']}` on `{cfg['data']}` "
+             f"({cfg['product']}), method `{cfg['method']}`, {size} px, checkpoint {checkpoint} "
+             f"(best validation loss {_fmt(summary['best_val_loss'])}). Classes (id name): {ids}. "
+             f"Ids {len(restored.classes)}…{NULL - 1} are copies of the unconditional row; {NULL} is the null "
+             f"class DiTPipeline guides with. Licence: that of the base model.", "", "## Sampling", ""]
+    if latent:
+        lines += ["```python", "from diffusers import DiTPipeline", "",
+                  'pipe = DiTPipeline.from_pretrained("THIS_FOLDER_OR_REPO")',
+                  f'images = pipe(class_labels=pipe.get_label_ids(["{restored.classes[0]}"]), '
+                  "num_inference_steps=50, guidance_scale=1.5).images", "```", "",
+                  "This is `defectlab sample --scheduler ddim --cfg-channels all`: with the same per-image generators "
+                  "(`defectlab.sampler.generators(seed, class_name, indices)`) the images are the same.", ""]
+    else:
+        lines += [f"DiTPipeline cannot sample this model: it is a pixel-space DiT ({size} px, 3 channels, no VAE), "
+                  "and DiTPipeline always decodes with a VAE, which no AutoencoderKL can do as the identity. "
+                  "Sample it with defectlab installed:", "",
+                  "```bash", "defectlab sample --run base --model THIS_FOLDER --classes 0,1 --per-class 8 "
+                  "--scheduler ddim", "```", ""]
+    if cfg["numerics"] == "original":
+        lines += ["**Numerics.** This model was trained with the original DiT's timestep frequencies "
+                  "(divided by half); DiTPipeline's DiT always divides by half − 1, so its samples of this model "
+                  "are not what it learned. `defectlab sample --run base --model THIS_FOLDER` computes as it "
+                  "was trained (it reads `defectlab_numerics` in model_index.json).", ""]
+    if latent and size != native * restored.base.codec.downsample:
+        lines += [f"**Size.** Trained at {size} px; the transformer's native size is "
+                  f"{native * restored.base.codec.downsample} px, which is what DiTPipeline samples at (its position "
+                  f"table follows `sample_size`). defectlab samples at {size} px (`defectlab_image_size`).", ""]
+    lines += ["## Training", "", "| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in summary.items()], "",
+              "<details><summary>config.json</summary>", "", "```json", json.dumps(cfg, indent=1), "```",
+              "</details>", "", "## Metrics", ""]
+    if (folder / "metrics.json").is_file():
+        lines += [report.caption(evaluate.EvalResult.load(folder)), "",
+                  (folder / "metrics.md").read_text() if (folder / "metrics.md").is_file() else ""]
+    else:
+        lines += [f"Not evaluated (`defectlab evaluate --run {folder.name}`)."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- the hub
+def _hub_repo(repo: str) -> str:
+    if not repo:
+        return ""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as err:
+        raise DefectlabError(f"push_to_hub: {repo!r} is not a hub repo id (user/name): {first_line(err)}") from err
+    if constants.HF_HUB_OFFLINE:
+        raise DefectlabError("push_to_hub needs internet, and HF_HUB_OFFLINE is set: unset it, or export without "
+                             "--push-to-hub and upload the folder later (`hf upload REPO DIR`)")
+    return repo
+
+
+def push(out: Path, repo: str, private: bool, run_name: str) -> None:
+    """Create ``repo`` (when new) and upload the export folder to it."""
+    api = HfApi()
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(out), commit_message=f"defectlab export of {run_name}")
+    except (OSError, ValueError) as err:  # hub HTTP errors are OSErrors
+        raise DefectlabError(f"upload to {repo} failed ({first_line(err)}); the export is in {out}: "
+                             f"`hf upload {repo} {out}` retries") from err

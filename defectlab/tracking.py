@@ -1,0 +1,97 @@
+"""Experiment tracking through accelerate's trackers: ``--report-to tensorboard|wandb|mlflow|none``.
+
+Every record ``train.py`` writes to ``log.jsonl`` (loss, lr, grad norm per optimizer step; the
+validation loss) goes to the tracker as well, with a grid of samples at each validation
+(TensorBoard and W&B; MLflow gets the scalars). TensorBoard, the default, writes into the run
+folder (``<run>/tensorboard/``), so ``tensorboard --logdir outputs/runs`` shows every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+from torchvision.utils import make_grid
+
+from . import paths, runs, sampler
+from .errors import DefectlabError
+from .images import to_uint8
+
+REPORT_TO = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available,
+             "none": lambda: True}
+SCALARS = ("loss", "mse", "vb", "lr", "grad_norm", "val_loss", "best")   # log.jsonl keys sent to the tracker
+GRID = sampler.Sampling(steps=25, guidance=1.5, scheduler="ddim")       # the validation sample grid
+
+
+def accelerator_args(cfg) -> dict:
+    """``Accelerator`` keywords for ``cfg.report_to`` (a ``train.TrainConfig``); a one-line error
+    for an unknown tracker or a missing package. ``project_dir`` is the parent of the run folder:
+    the run folder does not exist yet when the accelerator is made, and each run's TensorBoard
+    tracker is named ``<run>/tensorboard``, so it writes inside the run folder all the same."""
+    if cfg.report_to not in REPORT_TO:
+        raise DefectlabError(f"unknown report_to {cfg.report_to!r}; choose one of {', '.join(REPORT_TO)}")
+    if not REPORT_TO[cfg.report_to]():
+        raise DefectlabError(f"report_to {cfg.report_to} needs the {cfg.report_to} package "
+                             f"(pip install {cfg.report_to}), or use --report-to none")
+    if cfg.report_to == "none":
+        return {}
+    root = Path(cfg.resume).parent if cfg.resume else Path(cfg.runs_dir or paths.RUNS)
+    return {"log_with": cfg.report_to, "project_dir": str(root)}
+
+
+def _hparams(config: dict) -> dict:
+    """Settings as the trackers take them (TensorBoard's hparams: bool, int, float or str only)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+
+
+class Tracker:
+    """``log.jsonl`` and the accelerator's trackers, written together (on the main process)."""
+
+    def __init__(self, acc: Accelerator, folder: Path, cfg, base, classes: list[str]):
+        self.acc, self.folder, self.cfg, self.base, self.classes = acc, Path(folder), cfg, base, list(classes)
+        if acc.log_with:  # init_trackers runs on the main process only
+            name = f"{self.folder.name}/tensorboard" if cfg.report_to == "tensorboard" else "defectlab"
+            acc.init_trackers(name, config=_hparams(dataclasses.asdict(cfg)), init_kwargs={
+                "wandb": {"name": self.folder.name, "dir": str(self.folder)},
+                "mlflow": {"run_name": self.folder.name}})
+
+    def log(self, record: dict, model: torch.nn.Module | None = None) -> None:
+        """One record to ``log.jsonl`` and its scalars to the tracker at ``record["step"]``;
+        ``model`` given (at a validation): a grid of samples from it too."""
+        if not self.acc.is_main_process:
+            return
+        runs.log(self.folder, record)
+        scalars = {k: float(record[k]) for k in SCALARS if k in record}
+        if self.acc.trackers and scalars:
+            self.acc.log(scalars, step=record["step"])
+        # compiled training (CUDA graphs) would recompile for the grid's batch: no grid there
+        if model is not None and self.acc.trackers and self.cfg.log_samples > 0 and not self.cfg.compile:
+            self.log_images(self.samples(model), record["step"])
+
+    def samples(self, model: torch.nn.Module) -> torch.Tensor:
+        """``log_samples`` images per class (``GRID``: DDIM 25, guidance 1.5), seeded as ``sample.run``
+        seeds them (``cfg.seed``); rows = index, columns = classes. Drawn with the weights being
+        trained (with ``--ema``, validation and checkpoints use the EMA weights instead)."""
+        n, k = self.cfg.log_samples, len(self.classes)
+        gens = {c: sampler.generators(self.cfg.seed, c, range(n)) for c in self.classes}
+        return sampler.generate(model, self.base.codec, [j for _ in range(n) for j in range(k)],
+                                [gens[c][i] for i in range(n) for c in self.classes], GRID,
+                                scheduler_config=self.base.scheduler_config, image_size=self.cfg.image_size,
+                                progress=False)
+
+    def log_images(self, images: torch.Tensor, step: int) -> None:
+        pixels = to_uint8(make_grid(images, nrow=len(self.classes), padding=1, pad_value=1.0))  # [3,H,W]
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_image("samples", pixels, global_step=step)
+                tracker.tracker.flush()
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [pixels.permute(1, 2, 0).numpy()]}, step=step)
+
+    def finish(self) -> None:
+        """Close the trackers. Not ``Accelerator.end_training``: that also destroys the process
+        group, and a launched process may sample or evaluate after training."""
+        for tracker in self.acc.trackers:
+            tracker.finish()
