@@ -62,8 +62,9 @@ def params(cfg: DemoConfig) -> dict:
         "val_timesteps": 4, "val_every": max(1, epochs // 5), "progress": False,
         # 03 sample
         "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": 1.5, "explorer_images": 6,
-        # 04 evaluate: downstream only (offline: no Inception weights, and random ones make FID meaningless)
-        "metrics": "downstream", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
+        # 04 evaluate: downstream classifier + the procedural judge (offline: no Inception weights,
+        # and random ones make FID meaningless)
+        "metrics": "downstream,judge", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
         "classifier_size": 32, "compare_rows": 4,
     }
 
@@ -91,7 +92,7 @@ def _stages(cfg: DemoConfig, out: Path) -> Path:
     folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
     sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
                                    guidance=p["guidance"]))
-    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics="downstream", seeds=p["seeds"],
+    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics="downstream,judge", seeds=p["seeds"],
                                             classifier_steps=p["classifier_steps"],
                                             classifier_size=p["classifier_size"]))
     return folder
