@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from . import corpus, methods, model as model_mod, paths, runs, sampler, viz
 from .diffusion import Objective
@@ -81,8 +83,20 @@ def _step_generator(cfg: PretrainConfig, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
 
 
-def _lr(cfg: PretrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+def _loop_pieces(cfg: PretrainConfig, params: list) -> tuple:
+    """train.py's pieces: diffusers' ``EMAModel`` (``update_after_step=-1``: the decay after s
+    optimizer steps is min(ema, (1 + s) / (10 + s)), DiT's warm-up) and AdamW."""
+    ema = EMAModel(params, decay=cfg.ema, update_after_step=-1, foreach=True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return ema, opt
+
+
+def _schedule(cfg: PretrainConfig, opt, step: int):
+    """diffusers' ``get_scheduler`` warm-up, built at ``last_epoch=step`` (LambdaLR then steps once
+    more), so optimizer step s trains at lr · min(1, (s + 1) / warmup), on resume too."""
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return get_scheduler("constant_with_warmup", opt, num_warmup_steps=max(cfg.warmup_steps, 1), last_epoch=step)
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -100,8 +114,7 @@ def run(cfg: PretrainConfig) -> Path:
         folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=Path(cfg.runs_dir) if cfg.runs_dir else None)
     net = build(cfg).to(device).train()
     params = list(net.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema, opt = _loop_pieces(cfg, params)
     objective = Objective(schedule(cfg), device)
     k = len(corpus.CLASSES)
     step, seen, wall = 0, 0, 0.0
@@ -109,6 +122,7 @@ def run(cfg: PretrainConfig) -> Path:
     if last is not None:
         step, seen, wall = _load(last, net, ema, opt, device)
         print(f"resumed {folder.name} at step {step} ({seen:,} images, {wall / 60:.1f} min)")
+    sched = _schedule(cfg, opt, step)
     saved_step = step if last is not None else -1
     t0, loss_avg, losses = time.time(), None, []
     while step < cfg.max_steps:
@@ -127,23 +141,21 @@ def run(cfg: PretrainConfig) -> Path:
         loss = (mse + vb).mean()
         if not torch.isfinite(loss):
             raise DefectlabError(f"loss became {loss.item()} at step {step}; lower --lr")
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        lr = sched.get_last_lr()[0]
+        sched.step()
         step += 1
         seen += len(x0)
-        decay = min(cfg.ema, (1 + step) / (10 + step))  # DiT/diffusers-style warm-up of the EMA
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema.step(params)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         losses.append(loss.item())
         if step % 20 == 0:
             rec = {"step": step, "loss": sum(losses) / len(losses), "mse": mse.mean().item(),
-                   "images": seen, "time": round(wall + time.time() - t0, 1), "lr": _lr(cfg, step - 1)}
+                   "images": seen, "time": round(wall + time.time() - t0, 1), "lr": lr}
             runs.log(folder, rec)
             losses = []
             if cfg.progress:
@@ -186,7 +198,7 @@ def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, gu
 def _save(folder, net, ema, opt, step, seen, wall, loss) -> Path:
     names = [n for n, _ in net.named_parameters()]
     state = {n: p for n, p in net.state_dict().items()}
-    state.update({f"ema.{n}": e for n, e in zip(names, ema)})
+    state.update({f"ema.{n}": e for n, e in zip(names, ema.shadow_params)})
     opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
     meta = {"images": seen, "wall_s": wall, "loss": loss, "optimizer": skeleton}
     return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=2)
@@ -198,8 +210,9 @@ def _load(ckpt: Path, net, ema, opt, device) -> tuple[int, int, float]:
     net.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
     names = [n for n, _ in net.named_parameters()]
     with torch.no_grad():
-        for n, e in zip(names, ema):
+        for n, e in zip(names, ema.shadow_params):
             e.copy_(state[f"ema.{n}"].to(device))
+    ema.optimization_step = meta["step"]
     opt.load_state_dict(runs.unflatten_optimizer(runs.load_tensors(ckpt / runs.OPTIM_FILE), meta["optimizer"]))
     return meta["step"], meta["images"], meta["wall_s"]
 
