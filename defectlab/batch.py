@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import papermill
 from ipykernel.kernelspec import install as install_kernel
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -160,7 +161,31 @@ def execute(name: str, output: Path, parameters: dict, kernel: str, cell_timeout
         msg = (str(err.evalue).strip().splitlines() or [""])[0][:300]
         raise DefectlabError(f"notebook {name} failed in cell {err.exec_count}: {err.ename}: {msg} "
                              f"(traceback in {output})") from None
+    finally:
+        if Path(output).is_file():
+            settle_streams(Path(output))
     return time.time() - t0
+
+
+def settle_streams(path: Path) -> None:
+    """Merge each cell's consecutive stdout/stderr outputs and keep what a terminal would show
+    after every carriage return, so any renderer (nbconvert, GitHub, not only JupyterLab, which
+    merges them itself) shows a progress bar's last state, not its 0 % line."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" \
+                    and merged[-1].get("name") == out.get("name"):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = "\n".join(line.rsplit("\r", 1)[-1] for line in out["text"].split("\n"))
+        if "outputs" in cell:
+            cell["outputs"] = merged
+    runs.atomic_write(path, lambda tmp: nbformat.write(nb, str(tmp)))
 
 
 def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:

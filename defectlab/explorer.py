@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 
 import ipywidgets as w
+from IPython.display import Image, display
 import torch
 from matplotlib.figure import Figure
 
@@ -147,11 +148,17 @@ class Explorer:
 
 
 class ExplorerBox(w.VBox):
-    """The explorer's controls, displayed together with a PNG of the grid they show: a frontend
-    with the widget shows the widget, a saved notebook (GitHub, nbconvert, papermill output)
-    shows the image."""
+    """The explorer's controls, displayed after a static PNG of the grid they start from: a saved
+    notebook (nbconvert, GitHub, papermill output), where no widget can run, still shows the
+    grid; the live widget below updates on Run. The widget output also carries the PNG, for
+    frontends that pick one representation of it."""
 
     def _repr_mimebundle_(self, **kwargs):
         data = super()._repr_mimebundle_(**kwargs) or {}
         image = self.children[-1].value
         return {**data, "image/png": base64.b64encode(image).decode("ascii")} if image else data
+
+    def _ipython_display_(self):
+        if self.children[-1].value:  # the static twin: its own output, which every renderer shows
+            display(Image(data=self.children[-1].value, format="png"))
+        display(self._repr_mimebundle_(), raw=True)

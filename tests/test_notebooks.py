@@ -85,6 +85,10 @@ def test_executed_notebooks_show_figures_and_the_widget(executed):
     assert sum("image/png" in m for m in mimes) >= 2  # saved grid + explorer preview
     widget = [m for m in mimes if "application/vnd.jupyter.widget-view+json" in m]
     assert widget and all("image/png" in m for m in widget)  # the explorer's static twin beside the widget
+    cell = next(c for c in nb.cells if any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                                           for o in c.get("outputs", [])))
+    first = set(cell.outputs[0].get("data", {}))  # nbconvert renders a widget bundle as the (dead) widget:
+    assert "image/png" in first and "application/vnd.jupyter.widget-view+json" not in first  # a plain image first
     nb4 = nbformat.read(executed / "04_evaluate.ipynb", as_version=4)
     text = json.dumps([o.get("data", {}).get("text/markdown", "") for c in nb4.cells for o in c.get("outputs", [])])
     assert "Offline proxy numbers" in text and "Downstream defect-type classifier" in text
@@ -103,6 +107,10 @@ def test_saved_progress_ends_at_100_percent_and_no_warnings(executed, name):
     streams = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "stream")
     bars = [line for line in _shown_lines(streams) if re.search(r"\d+%\|", line)]
     assert all(re.search(r"\b100%\|", line) for line in bars), bars
+    outs = [c.get("outputs", []) for c in nb.cells]  # settled: one stream per name in a row, no \r left
+    assert not any("\r" in o.get("text", "") for cell in outs for o in cell), "unsettled progress output"
+    assert not any(a["output_type"] == b["output_type"] == "stream" and a["name"] == b["name"]
+                   for cell in outs for a, b in zip(cell, cell[1:]))
     assert "Warning" not in streams and "Clipping input data" not in streams, streams[-2000:]
     views = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json"
              in o.get("data", {}) and "image/png" not in o.get("data", {})]
