@@ -186,9 +186,11 @@ def run(cfg: EvalConfig) -> EvalResult:
                 raise
             result.skipped.update({m: f"{m}: skipped — {err}" for m in fidelity})
             fidelity = []
+    # the held-out real images at the run's size, read once for FID/KID/IS and the judge's own check
+    real_img = ({c: load_images(test[c], size, dcfg.crop) for c in dd.classes}
+                if fidelity or "judge" in wanted else {})
     if fidelity:
         result.feature_extractor = metrics.describe_weights(weights, source, cfg.feature_weights_note)
-        real_img = {c: load_images(test[c], size, dcfg.crop) for c in dd.classes}
         result.distribution = metrics.per_class(metrics.load_extractor(weights, device), gen_img, real_img, fidelity,
                                                 cfg.kid_subset_size, cfg.bootstrap)
         ns = [min(r["n_gen"], r["n_real"]) for r in result.distribution["per_class"].values()]
@@ -201,7 +203,7 @@ def run(cfg: EvalConfig) -> EvalResult:
     if "downstream" in wanted:
         result.downstream = _downstream(cfg, dd, dcfg.crop, train, test, gen_paths, conditions, device)
     if "judge" in wanted:
-        result.judge = _judge(dcfg, dd, gen_img, {c: load_images(test[c], size, dcfg.crop) for c in dd.classes})
+        result.judge = _judge(dcfg, dd, gen_img, real_img)
         if result.judge is None:
             result.skipped["judge"] = ("judge: skipped — it is trained on the procedural generator's images, so it "
                                        "judges runs on the embedded synthetic dataset (hazelnut, screw) only")

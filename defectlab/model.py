@@ -153,9 +153,13 @@ def numerics_of(transformer) -> str:
     return found[0]
 
 
+def unwrap(transformer) -> nn.Module:
+    """The diffusers model inside a peft wrapper (LoRA hides it one level down), else itself."""
+    return transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
+
+
 def _blocks(transformer) -> list[nn.Module]:
-    inner = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer  # peft
-    return list(getattr(inner, "transformer_blocks", []))
+    return list(getattr(unwrap(transformer), "transformer_blocks", []))
 
 
 def default_numerics(index: dict | None, original_pt: bool = False) -> str:

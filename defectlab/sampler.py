@@ -81,9 +81,7 @@ def make_scheduler(name: str, scheduler_config: dict | None = None, learned_sigm
 
 
 def _dit_config(transformer):
-    # a peft wrapper (LoRA) hides the diffusers config one level down
-    inner = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
-    return inner.config
+    return model_mod.unwrap(transformer).config
 
 
 def check(steps, guidance, scheduler, cfg_channels, interval=None, num_train=1000) -> None:
@@ -203,12 +201,12 @@ class _Batch:
 
 
 def _denoise(transformer, plan: Sampling, scheduler_config: dict, b: _Batch, shape, param, bar) -> torch.Tensor:
-    c = shape[0]
-    learned = _dit_config(transformer).out_channels == 2 * c
+    c, conf = shape[0], _dit_config(transformer)
+    learned = conf.out_channels == 2 * c
     sched = make_scheduler(plan.scheduler, scheduler_config, learned_sigma=learned, spacing=plan.timestep_spacing)
     sched.set_timesteps(plan.steps)
     x = _noise(b.gens, shape, param) * sched.init_noise_sigma
-    y_null = torch.full_like(b.y, _dit_config(transformer).num_embeds_ada_norm)
+    y_null = torch.full_like(b.y, conf.num_embeds_ada_norm)
     k = c if plan.cfg_channels == "all" else min(3, c)
     interval = plan.guidance_interval
     for t, last in ((t, r == plan.resample - 1) for t in sched.timesteps for r in range(plan.resample)):
