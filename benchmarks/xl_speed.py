@@ -270,6 +270,22 @@ def counted_flops(cfg: dict) -> float:
     return float(fc.get_total_flops())
 
 
+def matmul_tflops(device: str, n: int = 8192, reps: int = 10) -> float | None:
+    """The device's bf16 matrix-product rate measured here (n³ products, mean of ``reps`` after 3
+    warm-ups): the peak that a target stated for an H100 (790) is scaled by on another device."""
+    if device != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return round(2 * n**3 * reps / (time.perf_counter() - t0) / 1e12, 1)
+
+
 def mfu(images_per_s: float, forwards_per_image: float, device: str, gf: float) -> dict:
     if device != "cuda":
         return {"mfu_790": None, "mfu_989": None}  # a CPU figure against an H100 peak means nothing
@@ -284,6 +300,7 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
     from defectlab.diffusion import Objective
 
     dev, cfg = args.device, (TINY if args.tiny else XL)
+    torch.compiler.reset()  # each case compiles afresh: no recompile limit reached, no graph of another case
     fresh_memory(dev)
     with torch.device(dev):
         t = hub_like(DiTTransformer2DModel(**cfg))
@@ -341,12 +358,14 @@ def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: f
     from defectlab import engine, model, sampler
 
     dev = args.device
+    torch.compiler.reset()
     fresh_memory(dev)
     with torch.device(dev):
         t = hub_like(DiTTransformer2DModel(**(TINY if args.tiny else XL))).eval()
         codec = model.VAECodec(AutoencoderKL(**(VAE_TINY if args.tiny else VAE_XL)))
     codec.to(dev, torch.bfloat16)
-    net = engine.prepare_for_sampling(t, dtype=torch.bfloat16, inplace=True, **SAMPLE_VARIANTS[variant])
+    net = engine.prepare_for_sampling(t, dtype=torch.bfloat16, inplace=True, compile_scope=args.sample_scope,
+                                      **SAMPLE_VARIANTS[variant])
     labels = [i % 1000 for i in range(batch)]
     gens = lambda: sampler.generators(0, "bench", range(batch))  # noqa: E731
     run = lambda n: sampler.generate(net, codec, labels, gens(), steps=n, guidance=4.0, scheduler="ddim",  # noqa: E731
@@ -433,6 +452,9 @@ def parse(argv=None) -> argparse.Namespace:
                    "('' = eager+compiled at every batch, lowmem+lowmem-graphs at batch 8)")
     p.add_argument("--sample-variants", default="bf16,compiled,graphs", help=",".join(SAMPLE_VARIANTS))
     p.add_argument("--sample-batch", type=int, default=64)
+    p.add_argument("--sample-scope", choices=("model", "blocks"), default="model",
+                   help="what torch.compile compiles for sampling: the whole model (one graph, longer compile) "
+                   "or each block (one graph shared by the blocks, shorter compile)")
     p.add_argument("--sample-steps", default="250,50")
     p.add_argument("--tie-train", action="store_true", help="tie the conditioning embedders in training too "
                    "(changes what trains; sampling ties whenever the copies are identical)")
@@ -472,7 +494,7 @@ def main(argv=None) -> list[dict]:
          flop_per_forward_nominal=None if args.tiny else GF_FWD, flop_per_forward_counted=counted,
          sdpa_bf16=engine.attention_backends(*((2, 16, 64) if args.tiny else (16, 72, 256)), dtype=torch.bfloat16, device=dev),
          sdpa_fp32=engine.attention_backends(*((2, 16, 64) if args.tiny else (16, 72, 256)), dtype=torch.float32, device=dev),
-         performance_figures=dev == "cuda" and not args.tiny)
+         bf16_matmul_tflops_measured=matmul_tflops(dev), performance_figures=dev == "cuda" and not args.tiny)
     stock, source = (None, None) if args.no_stock else load_stock(args.stock, dev, args.tiny)
     methods_ = [m for m in args.methods.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]

@@ -204,6 +204,10 @@ def _compile(module, mode, scope: str, backend: str | None) -> str:
     if backend is None and device != "cuda":
         return f"skipped ({device}: compile runs on CUDA only; eager)"
     kw = {"backend": backend} if backend else {"mode": mode}
+    # DiffFit's γ lives in forward hooks. By default dynamo does not guard on hooks, so a block
+    # compiled earlier in this process (any DiT block shares the code) would be reused without
+    # γ: a wrong result, found on an H200. Guarding on hooks makes such a block recompile.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     for m in (module.transformer_blocks if scope == "blocks" else [module]):
         m.compile(dynamic=False, **kw)  # in place: same module, names and state dict
     return f"{backend or mode} ({scope})"
