@@ -30,6 +30,8 @@ STAGES = {
     "export": ("export", "ExportConfig", "write a run as a diffusers folder (DiTPipeline for latent bases) with a "
                "model card; --push-to-hub uploads it"),
     "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
+    "pretrain-ae": ("autoencoder", "AEConfig", "pre-train the small autoencoder of a latent base (the SD VAE's "
+                    "offline stand-in)"),
     "sweep": ("batch", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
     "notebooks": ("batch", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
     "demo": ("demo", "DemoConfig", "the main job on the embedded default: data, fine-tune, sample, evaluate"),
@@ -67,7 +69,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
+        help_text = f"{helps.get(f.name, '')} (default: {default!r})".replace("%", "%%")  # argparse formats help with %
         name = f.name if f.name in positional else "--" + f.name.replace("_", "-")
         kw: dict = {"help": help_text}
         if f.name in positional:

@@ -38,7 +38,9 @@ class VAECodec:
 
     clip_sample = False  # latents are unbounded: no clipping, as the original DiT samples
 
-    def __init__(self, vae: AutoencoderKL, scaling_factor: float = 0.18215, sample: bool = False):
+    def __init__(self, vae: AutoencoderKL, scaling_factor: float | None = None, sample: bool = False):
+        # None: the VAE's own (SD VAE 0.18215; pretrain-ae stores 1 / its latents' std)
+        scaling_factor = scaling_factor or getattr(vae.config, "scaling_factor", None) or 0.18215
         self.vae, self.scaling_factor, self.sample = vae.eval().requires_grad_(False), scaling_factor, sample
         self.channels = vae.config.latent_channels
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -3,13 +3,16 @@
 ``make demo`` (``defectlab demo``) executes notebooks 01-04 through papermill on the offline
 embedded default (procedural hazelnut images; the shipped pre-trained ``mini`` pixel-space DiT
 when it is installed, else the random-weight ``tiny`` one) and leaves the executed notebooks,
-the run folder and every figure in ``outputs/demo/``. It is sized for about 3-5 minutes on 2
+the run folder and every figure in ``outputs/demo/``. It is sized for about 5-8 minutes on 2
 CPU cores. ``--no-notebooks`` calls the same stage functions
 directly, without Jupyter.
 
-Every number it prints is an offline proxy: the downstream classifier (ResNet-18 from
-scratch) on real vs real + generated images; no FID (a random-weight Inception would make it
-meaningless). It shows the pipeline works, not how DiT-XL does on real defects.
+Every number it prints is an offline proxy: the judge (share of samples a CNN trained on
+abundant procedural images recognises as their class), the gain study (k real images per class
+with and without the samples, 95 % intervals over seeds, 400 procedural test images) and a
+ResNet-18 on the run's 20 held-out images; no FID (a random-weight Inception would make it
+meaningless). It shows what the method does on the embedded default, not how DiT-XL does on
+real defects.
 """
 from __future__ import annotations
 
@@ -27,19 +30,22 @@ class DemoConfig:
     method: str = ""               # fine-tuning method ("" = difffit on a pre-trained base, full on random tiny)
     product: str = "hazelnut"      # product of the embedded dataset (hazelnut | screw)
     image_size: int = 0            # training and sampling size in px (0 = 32 for mini and tiny)
-    epochs: int = 0                # fine-tuning epochs (0 = 12 for mini, 30 for tiny; batch 8)
+    epochs: int = 0                # fine-tuning epochs (0 = 100 for mini, 30 for tiny; batch 8)
     per_class: int = 12            # generated images per class (the downstream classifier trains on them)
     steps: int = 20                # DDIM sampling steps
+    guidance: float = 0.0          # classifier-free guidance (0 = 4 for mini, 1.5 for tiny)
     classifier_steps: int = 30     # optimizer steps of each downstream classifier (32 px)
     seeds: int = 2                 # downstream classifier seeds (mean ± std)
+    gain_ks: str = "5,13"          # gain study: real images per class k (offline proxy, procedural test set)
+    gain_seeds: int = 5            # gain study: seeds per k (95 % interval of the paired gain)
     notebooks: bool = True         # run notebooks 01-04 through papermill (else call the stages directly)
     out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/demo)
 
 
 # Per base: a random-weight tiny DiT has to learn everything (train all of it, small images,
 # more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 32 px).
-PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3},
-           "mini": {"method": "difffit", "image_size": 32, "epochs": 12, "lr": 1e-3}}
+PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3, "guidance": 1.5},
+           "mini": {"method": "difffit", "image_size": 32, "epochs": 100, "lr": 3e-3, "guidance": 4.0}}
 
 
 def base_model(cfg: DemoConfig) -> str:
@@ -61,11 +67,12 @@ def params(cfg: DemoConfig) -> dict:
         "epochs": epochs, "lr": preset["lr"], "batch_size": 8, "grad_accum": 1, "val_per_class": 1,
         "val_timesteps": 4, "val_every": max(1, epochs // 5), "progress": False,
         # 03 sample
-        "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": 1.5, "explorer_images": 6,
+        "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": cfg.guidance or preset["guidance"],
+        "explorer_images": 6,
         # 04 evaluate: downstream classifier + the procedural judge (offline: no Inception weights,
         # and random ones make FID meaningless)
-        "metrics": "downstream,judge", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
-        "classifier_size": 32, "compare_rows": 4,
+        "metrics": "downstream,judge,gain", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
+        "classifier_size": 32, "compare_rows": 4, "gain_ks": cfg.gain_ks, "gain_seeds": cfg.gain_seeds,
     }
 
 
@@ -92,9 +99,10 @@ def _stages(cfg: DemoConfig, out: Path) -> Path:
     folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
     sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
                                    guidance=p["guidance"]))
-    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics="downstream,judge", seeds=p["seeds"],
+    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics=p["metrics"], seeds=p["seeds"],
                                             classifier_steps=p["classifier_steps"],
-                                            classifier_size=p["classifier_size"]))
+                                            classifier_size=p["classifier_size"], gain_ks=p["gain_ks"],
+                                            gain_seeds=p["gain_seeds"]))
     return folder
 
 

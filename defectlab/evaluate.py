@@ -19,14 +19,14 @@ import torch
 from . import classifier, data, dataset, judge, masks, metrics, runs, synth
 from .errors import DefectlabError
 
-METRICS = ("downstream", "judge", *metrics.FIDELITY)
+METRICS = ("downstream", "judge", "gain", *metrics.FIDELITY)
 
 
 @dataclass
 class EvalConfig:
     run: str = "latest"            # run folder, name or number; latest = the newest run
     samples: str = ""              # sampler output (<samples>/<product>/test/<class>/*.png); "" = newest under <run>/samples/
-    metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, fid, kid, is (default list: unavailable ones are skipped)
+    metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
     feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" = torch hub cache or download
     feature_weights_note: str = ""  # label stored with the numbers, e.g. "random weights — numbers meaningless"
     kid_subset_size: int = 0       # KID subset size (0 = min(n_real, n_gen, 1000); capped at that)
@@ -40,6 +40,10 @@ class EvalConfig:
     device: str = "auto"           # auto | cpu | cuda
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
     formats: str = "png"           # figure formats (png, pdf, svg)
+    gain_ks: str = "5,13"          # gain study (embedded dataset only): real images per class k the classifier trains with
+    gain_seeds: int = 5            # gain study: seeds per k (95 % t-interval of the paired gain)
+    gain_steps: int = 300          # gain study: optimizer steps of each small classifier, the same for every condition
+    gain_test_per_class: int = 100  # gain study: procedural test images per class, never trained on
 
 
 @dataclass
@@ -62,6 +66,7 @@ class EvalResult:
     downstream: dict | None = None         # classifier.downstream + "setup" (model, steps, seeds, n_test, seconds)
     masks: dict | None = None              # masks.summarize, for image + mask pairs
     judge: dict | None = None              # offline proxy: share of samples a procedural-image judge assigns their class
+    gain: dict | None = None               # offline proxy: judge.gain_to_json — accuracy vs k, real vs real + generated
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -139,7 +144,8 @@ def _device(name: str) -> str:
 
 
 def _check(cfg: EvalConfig) -> None:
-    for key in ("seeds", "classifier_steps", "classifier_batch", "classifier_size"):
+    for key in ("seeds", "classifier_steps", "classifier_batch", "classifier_size", "gain_seeds", "gain_steps",
+                "gain_test_per_class"):
         if getattr(cfg, key) < 1:
             raise DefectlabError(f"{key} must be ≥ 1 (got {getattr(cfg, key)})")
     if cfg.bootstrap < 0 or cfg.kid_subset_size < 0:
@@ -207,6 +213,11 @@ def run(cfg: EvalConfig) -> EvalResult:
         if result.judge is None:
             result.skipped["judge"] = ("judge: skipped — it is trained on the procedural generator's images, so it "
                                        "judges runs on the embedded synthetic dataset (hazelnut, screw) only")
+    if "gain" in wanted:
+        result.gain = _gain(cfg, dcfg, dd, gen_img, train_img)
+        if result.gain is None:
+            result.skipped["gain"] = ("gain: skipped — its test set is drawn by the procedural generator, so it "
+                                      "measures runs on the embedded synthetic dataset (hazelnut, screw) only")
     if (samples / "mask_config.json").is_file():  # image + mask pairs: how well defects keep to their masks
         result.masks = masks.summarize(samples)
     result.seconds = round(time.time() - t0, 1)
@@ -214,10 +225,39 @@ def run(cfg: EvalConfig) -> EvalResult:
     return result
 
 
+def _procedural(dcfg: data.DataConfig, dd: data.DefectData) -> bool:
+    """The run's data is the embedded procedural dataset, whose generator the judge and the gain
+    study draw from."""
+    return dcfg.data == "synthetic" and dd.product in synth.PRODUCTS and dd.classes == judge.classes_of(dd.product)
+
+
+def _gain(cfg: EvalConfig, dcfg: data.DataConfig, dd: data.DefectData, gen_img: dict, train_img: dict) -> dict | None:
+    """``judge.gain_study`` of the samples: k of the run's own training images per class (the ones
+    the generator was fine-tuned on) with and without the generated images, tested on
+    ``gain_test_per_class`` procedural images per class; None off the procedural dataset."""
+    if not _procedural(dcfg, dd):
+        return None
+    try:
+        ks = tuple(sorted({int(k) for k in cfg.gain_ks.split(",") if k.strip()}))
+    except ValueError:
+        ks = ()
+    if not ks or ks[0] < 1:
+        raise DefectlabError(f"gain_ks must be comma-separated counts ≥ 1 (got {cfg.gain_ks!r})")
+    short = [c for c in dd.classes if len(train_img[c]) < ks[-1]]
+    if short:
+        raise DefectlabError(f"gain_ks: k = {ks[-1]} needs {ks[-1]} training images per class; the run has fewer "
+                             f"for {', '.join(short)}")
+    r = judge.gain_study(dd.product, {c: x for c, x in gen_img.items() if len(x)}, ks, cfg.gain_seeds,
+                         dcfg.image_size, cfg.gain_steps, test_per_class=cfg.gain_test_per_class, real=train_img,
+                         progress=False)
+    return {**judge.gain_to_json(r), "note": "offline proxy: a small CNN per condition and seed, k of the run's own "
+            "training images per class (the generator saw all of them), procedural test images"}
+
+
 def _judge(dcfg: data.DataConfig, dd: data.DefectData, gen_img: dict, real_img: dict) -> dict | None:
     """``judge.judge_score`` of the samples (and, as the judge's own check, of the real held-out
     images) at the run's size; None when the run's data is not the procedural dataset."""
-    if dcfg.data != "synthetic" or dd.product not in synth.PRODUCTS or dd.classes != judge.classes_of(dd.product):
+    if not _procedural(dcfg, dd):
         return None
     j = judge.judge_for(dd.product, dcfg.image_size)
 

@@ -14,6 +14,7 @@ All numbers are proxy numbers on procedural images, not results on real MVTec AD
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import asdict, dataclass
@@ -339,6 +340,26 @@ def gain_study(product: str, generated: dict, ks: tuple[int, ...] = (5, 13), see
                 bar.update()
     return GainResult(product, classes, size, steps, batch_size, test_per_class,
                       "procedural" if real is None else "given", {k: len(gen_sets[k][0]) for k in ks}, results)
+
+
+def gain_to_json(result: GainResult) -> dict:
+    """A ``GainResult`` as plain JSON (metrics.json), with each k's 95 % intervals and the
+    classification accuracy score ratio (generated-only ÷ real-only accuracy) spelled out."""
+    out = asdict(result)
+    out["n_generated"] = {str(k): n for k, n in result.n_generated.items()}
+    nan_free = lambda iv: {k: None if isinstance(v, float) and v != v else v for k, v in asdict(iv).items()}  # noqa: E731
+    out["per_k"] = {str(k): {**{c: nan_free(result.accuracy(k, c)) for c in ("real", "real_gen", "gen")},
+                             "gain": nan_free(result.gain(k)),
+                             "cas_ratio": result.accuracy(k, "gen").mean / max(result.accuracy(k, "real").mean, 1e-9)}
+                    for k in result.ks}
+    return out
+
+
+def gain_from_json(saved: dict) -> GainResult:
+    names = {f.name for f in dataclasses.fields(GainResult)} - {"runs", "n_generated"}
+    fields = {k: v for k, v in saved.items() if k in names}  # per_k and notes are derived / extra
+    return GainResult(**fields, n_generated={int(k): n for k, n in saved["n_generated"].items()},
+                      runs=[GainRun(**r) for r in saved["runs"]])
 
 
 def efficiency_figure(result: GainResult) -> Figure:

@@ -187,21 +187,24 @@ def _realign(module: nn.Module | None) -> None:
             p.data = p.data.clone()
 
 
-def mini_config(image_size: int = 32, patch_size: int = 4, width: int = 192, heads: int = 3, depth: int = 6) -> dict:
+def mini_config(image_size: int = 32, patch_size: int = 4, width: int = 192, heads: int = 3, depth: int = 6,
+                channels: int = 3) -> dict:
     """``DiTTransformer2DModel`` config of the defectlab-mini architecture (the defaults are mini's)
-    over the corpus classes: a pixel-space DiT with learned sigma."""
+    over the corpus classes: a DiT with learned sigma on pixels (``channels`` 3) or, for a latent
+    base, on ``image_size``-sized latent grids of ``channels`` channels."""
     if image_size % patch_size:
         raise DefectlabError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     if width % heads:
         raise DefectlabError(f"width {width} is not a multiple of heads {heads}")
-    return dict(DIT_ARCH, sample_size=image_size, patch_size=patch_size, in_channels=3, out_channels=6,
+    return dict(DIT_ARCH, sample_size=image_size, patch_size=patch_size, in_channels=channels, out_channels=2 * channels,
                 num_layers=depth, num_attention_heads=heads, attention_head_dim=width // heads,
                 num_embeds_ada_norm=len(corpus.CLASSES))
 
 
-def mini_schedule(prediction_type: str = "v_prediction") -> dict:
-    """mini's training schedule (``scheduler/scheduler_config.json``): DiT's, x0 clipped, v-prediction."""
-    return {**dit_schedule(True, clip_sample=True), "prediction_type": prediction_type}
+def mini_schedule(prediction_type: str = "v_prediction", clip_sample: bool = True) -> dict:
+    """mini's training schedule (``scheduler/scheduler_config.json``): DiT's, v-prediction, x0
+    clipped in pixel space (``clip_sample``; latents are unbounded: off for a latent base)."""
+    return {**dit_schedule(True, clip_sample=clip_sample), "prediction_type": prediction_type}
 
 
 def build_mini(config: dict, seed: int = 0) -> DiTTransformer2DModel:
@@ -216,10 +219,13 @@ def build_mini(config: dict, seed: int = 0) -> DiTTransformer2DModel:
 
 
 def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: bool = False,
-                extra_files: dict[str, str] | None = None) -> Path:
+                extra_files: dict[str, str] | None = None, vae: Path | None = None) -> Path:
     """``save_pretrained`` + ``model_index.json`` (corpus class names, anchors, numerics) +
-    ``scheduler/scheduler_config.json`` (+ ``extra_files``), swapped in atomically."""
+    ``scheduler/scheduler_config.json`` (+ ``extra_files``; + ``vae/``, a copy of the autoencoder
+    folder ``vae``, for a latent base), swapped in atomically."""
     with folders.building(out) as tmp:
+        if vae is not None:
+            shutil.copytree(vae, tmp / "vae", ignore=shutil.ignore_patterns("training.json"))
         (net.half() if fp16 else net).save_pretrained(tmp, safe_serialization=True)
         net.float()
         index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from . import corpus, methods, model as model_mod, paths, runs, sampler, viz
+from .codec import VAECodec
 from .diffusion import Objective
 from .errors import DefectlabError
 
@@ -63,20 +64,36 @@ class PretrainConfig:
     progress: bool = True          # print a line every 20 steps
     preview: int = 2               # samples per class drawn into <out>/samples.png after export (0 = none)
     prediction_type: str = "v_prediction"  # what the output predicts: v_prediction | epsilon (DiT's)
+    vae: str = ""                  # autoencoder folder (pretrain-ae's export) for a latent base, shipped as its vae/ ("" = pixels)
 
 
-def model_config(cfg: PretrainConfig) -> dict:
-    return model_mod.mini_config(cfg.image_size, cfg.patch_size, cfg.width, cfg.heads, cfg.depth)
+def codec(cfg: PretrainConfig) -> VAECodec | None:
+    """The latent base's autoencoder (``cfg.vae``), or None for a pixel-space base."""
+    if not cfg.vae:
+        return None
+    folder = Path(cfg.vae).expanduser()
+    if not (folder / "config.json").is_file():
+        raise DefectlabError(f"--vae {cfg.vae}: no autoencoder there (expected a pretrain-ae export with config.json)")
+    return VAECodec(AutoencoderKL.from_pretrained(folder))
+
+
+def model_config(cfg: PretrainConfig, vae: VAECodec | None = None) -> dict:
+    if vae is None and cfg.vae:
+        vae = codec(cfg)
+    if vae is None:
+        return model_mod.mini_config(cfg.image_size, cfg.patch_size, cfg.width, cfg.heads, cfg.depth)
+    channels, size, _ = vae.latent_shape(cfg.image_size)
+    return model_mod.mini_config(size, cfg.patch_size, cfg.width, cfg.heads, cfg.depth, channels=channels)
 
 
 def schedule(cfg: PretrainConfig) -> dict:
     """The training schedule, exported as ``scheduler/scheduler_config.json`` beside the weights
-    (``model.load`` reads its ``prediction_type``)."""
-    return model_mod.mini_schedule(cfg.prediction_type)
+    (``model.load`` reads its ``prediction_type``); x0 clipped in pixel space only."""
+    return model_mod.mini_schedule(cfg.prediction_type, clip_sample=not cfg.vae)
 
 
-def build(cfg: PretrainConfig) -> DiTTransformer2DModel:
-    return model_mod.build_mini(model_config(cfg), cfg.seed)
+def build(cfg: PretrainConfig, vae: VAECodec | None = None) -> DiTTransformer2DModel:
+    return model_mod.build_mini(model_config(cfg, vae), cfg.seed)
 
 
 def _step_generator(cfg: PretrainConfig, step: int) -> torch.Generator:
@@ -110,9 +127,14 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.vae and not cfg.resume:
+        cfg = dataclasses.replace(cfg, vae=str(Path(cfg.vae).expanduser().resolve()))
+    vae = codec(cfg)  # a bad --vae fails before a run folder exists
+    if vae is not None:
+        vae.to(device)
     if not cfg.resume:
         folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=Path(cfg.runs_dir) if cfg.runs_dir else None)
-    net = build(cfg).to(device).train()
+    net = build(cfg, vae).to(device).train()
     params = list(net.parameters())
     ema, opt = _loop_pieces(cfg, params)
     objective = Objective(schedule(cfg), device)
@@ -129,12 +151,13 @@ def run(cfg: PretrainConfig) -> Path:
         if cfg.time_budget and time.time() - t0 > cfg.time_budget * 60:
             break
         x0, labels = corpus.batch(step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size)
+        x0 = x0.to(device) if vae is None else vae.encode(x0.to(device))  # latent base: the posterior mean
         gen = _step_generator(cfg, step)
         t = torch.randint(0, objective.num_timesteps, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(len(x0), generator=gen) < cfg.label_dropout
         labels = torch.where(drop, torch.full_like(labels, k), labels)
-        x0, t, noise, labels = x0.to(device), t.to(device), noise.to(device), labels.to(device)
+        t, noise, labels = t.to(device), noise.to(device), labels.to(device)
         xt = objective.add_noise(x0, noise, t)
         out = net(xt, timestep=t, class_labels=labels).sample
         mse, vb = objective.loss(out, x0, xt, noise, t)
@@ -245,7 +268,8 @@ def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card:
     """``model.save_folder`` (weights, class names, schedule) + ``MODEL_CARD.md``, swapped in atomically."""
     n_params = sum(p.numel() for p in net.parameters())
     extra = {} if card is None else {"MODEL_CARD.md": lambda tmp: model_card(cfg, card, sha256(tmp / WEIGHTS), n_params)}
-    return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra)
+    return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra,
+                                 vae=Path(cfg.vae) if cfg.vae else None)
 
 
 def model_card(cfg: PretrainConfig, info: dict, digest: str, n_params: int) -> str:
@@ -253,9 +277,11 @@ def model_card(cfg: PretrainConfig, info: dict, digest: str, n_params: int) -> s
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()
                      if k not in ("name", "fp16", "time_budget", "max_steps"))
     loss = f"{info['loss']:.4f}" if info.get("loss") is not None else "n/a"
+    space = ("pixel space" if not cfg.vae else "on the latents of the small autoencoder in `vae/` (`defectlab "
+             "pretrain-ae`, loaded through `VAECodec` like DiT-XL's SD VAE)")
     return f"""# defectlab-mini
 
-A small class-conditional DiT (diffusers `DiTTransformer2DModel`, pixel space, {cfg.image_size} px,
+A small class-conditional DiT (diffusers `DiTTransformer2DModel`, {space}, {cfg.image_size} px,
 patch {cfg.patch_size}, width {cfg.width}, {cfg.heads} heads, depth {cfg.depth}, learned sigma,
 `ada_norm_zero`) pre-trained from scratch on defectlab's procedural multi-product corpus
 (`defectlab/corpus.py`), so that the offline default fine-tunes a *pre-trained* base. It plays

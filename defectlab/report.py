@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from . import classifier, evaluate, runs, viz
+from . import classifier, evaluate, judge, runs, viz
 from .errors import DefectlabError
 from .evaluate import EvalConfig, EvalResult
 from .model import SMALL_BASES
@@ -120,6 +120,20 @@ def format_table(m: EvalResult) -> str:
             share = lambda d: "—" if not d["n"] else f"{d['correct']}/{d['n']} ({d['share']:.0%}"  # noqa: E731
             out.append(f"| {name} | {share(g)}{', p=' + format(g['p_value'], '.2g') + ')' if g['n'] else ''} "
                        f"| {share(r)}{')' if r['n'] else ''} |")
+    if m.gain:
+        g = m.gain
+        iv = lambda d: "—" if d["mean"] is None else (f"{d['mean']:.3f}" if d["low"] is None  # noqa: E731
+                                                       else f"{d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}]")
+        givs = lambda d: f"{d['mean']:+.3f}" + ("" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]")  # noqa: E731
+        seeds = len({r["seed"] for r in g["runs"]})
+        out += ["", f"### Gain study (offline proxy: small CNN, {g['steps']} steps × batch {g['batch_size']}, "
+                f"{g['size']} px, {seeds} seeds, mean [95% t-interval]; tested on {len(g['classes'])} × "
+                f"{g['test_per_class']} procedural images)", "",
+                "| k real / class | real only | real + generated | gain | generated only (CAS) | CAS ÷ real |",
+                "|---|---|---|---|---|---|"]
+        for k, r in g["per_k"].items():
+            out.append(f"| {k} (+{g['n_generated'][k]} gen.) | {iv(r['real'])} | {iv(r['real_gen'])} | "
+                       f"{givs(r['gain'])} | {iv(r['gen'])} | {r['cas_ratio']:.2f} |")
     notes = list(m.skipped.values()) + m.warnings
     if m.config.bootstrap and m.distribution:
         notes.append("95% intervals: percentile bootstrap over images; at small n they are wide and may exclude the "
@@ -220,6 +234,8 @@ def figures(m: EvalResult) -> list[tuple[str, Figure]]:
             ax.set_title(f"downstream ResNet-18, {dn['setup']['seeds']} seeds (mean ± std), "
                          f"{dn['setup']['n_test']} real test images")
             figs.append(("eval-downstream", fig))
+    if m.gain:  # accuracy against k, real only vs real + generated (judge.efficiency_figure)
+        figs.append(("eval-efficiency", judge.efficiency_figure(judge.gain_from_json(m.gain))))
     return figs
 
 
@@ -309,6 +325,10 @@ def metrics_summary(m: EvalResult) -> dict:
     for part, name in (("generated", "gen"), ("real_test", "real")):
         if m.judge:  # offline proxy: share of images the procedural judge assigns their own class
             out[f"judge[{name}]"] = m.judge[part]["overall"]["share"]
+    for k, r in (m.gain or {}).get("per_k", {}).items():  # offline proxy: the gain study's paired gain per k
+        out[f"gain[k={k}]"] = r["gain"]["mean"]
+        out[f"gain_low[k={k}]"] = r["gain"]["low"]
+        out[f"cas_ratio[k={k}]"] = r["cas_ratio"]
     pooled = (m.distribution or {}).get("pooled", {})
     for key in ("fid", "kid"):
         if key in pooled:

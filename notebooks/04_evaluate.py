@@ -17,12 +17,15 @@
 #
 # Against the run's held-out real test images (never used for fine-tuning): the downstream
 # defect-type classifier trained on real vs real + generated images, FID / KID / IS when
-# Inception weights are available, diversity, and real next to generated images.
+# Inception weights are available, diversity, and real next to generated images. On the embedded
+# procedural dataset also the offline proxies: the judge (share of samples recognised as their
+# class) and the gain study (accuracy against k real images per class, with and without the
+# samples, 95 % intervals over seeds, on a large procedural test set).
 
 # %% tags=["parameters"]
 run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
 samples: str = ""  # sampler output folder made by 03 ("" means the newest under the run)
-metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, fid, kid, is (unavailable ones are skipped)
+metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (unavailable ones are skipped)
 conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen
 seeds: int = 3  # downstream classifier seeds (mean and std over them)
 classifier_steps: int = 40  # optimizer steps per classifier (300 or more on a GPU)
@@ -30,6 +33,8 @@ classifier_size: int = 64  # classifier input side in px
 classifier_weights: str = ""  # local torchvision resnet18 ImageNet weights ("" means from scratch)
 feature_weights: str = ""  # InceptionV3 weights file for FID/KID/IS ("" means the torch hub cache)
 bootstrap: int = 0  # bootstrap resamples for 95% FID/KID intervals (0 means none)
+gain_ks: str = "5,13"  # gain study: real images per class k the small classifier trains with
+gain_seeds: int = 5  # gain study: seeds per k (95% interval of the paired gain)
 compare_rows: int = 4  # real and generated images per class in the comparison figure
 formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other EvalConfig fields as JSON, e.g. {"kid_subset_size": 50} (batch runs put them here)
@@ -43,7 +48,8 @@ run_folder = report.resolve_run(run)
 config = params.with_settings(evaluate.EvalConfig(
     run=str(run_folder), samples=samples, metrics=metrics, conditions=conditions, seeds=seeds,
     classifier_steps=classifier_steps, classifier_size=classifier_size, classifier_weights=classifier_weights,
-    feature_weights=feature_weights, bootstrap=bootstrap, formats=formats), settings)
+    feature_weights=feature_weights, bootstrap=bootstrap, formats=formats, gain_ks=gain_ks,
+    gain_seeds=gain_seeds), settings)
 
 # %% [markdown]
 # ## Metrics
@@ -55,7 +61,8 @@ display(Markdown(report.format_table(result)))
 
 # %% [markdown]
 # ## Charts
-# Saved in the run folder's `figures/` as `eval-*.png`.
+# Saved in the run folder's `figures/` as `eval-*.png`; `eval-efficiency` is the gain study's
+# test accuracy against k, real only vs real + generated.
 
 # %%
 viz.show(*report.figures(result))

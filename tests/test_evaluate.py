@@ -1,6 +1,7 @@
 """Evaluation: FID/KID/IS plumbing on cases with known answers (random-weight InceptionV3 in
 torch-fidelity's own file format, so the real loading and extraction code runs), diversity,
 the downstream classifier, and run(cfg) end to end on a small run folder built here."""
+import dataclasses
 import json
 import math
 from unittest import mock
@@ -336,3 +337,37 @@ def test_judge_scores_samples_of_a_synthetic_run(tmp_path):
     assert gen["per_class"]["print"]["n"] == 0 and result.judge["real_test"]["overall"]["share"] >= 0.8
     assert "Judge (offline proxy" in report.format_table(result)
     assert report.metrics_summary(result)["judge[gen]"] == gen["overall"]["share"]
+
+
+def test_gain_study_of_a_synthetic_run(tmp_path):
+    """The gain section: k of the run's training images with and without the samples, per seed,
+    the paired gain with its interval, the CAS ratio, the efficiency figure; bad k named."""
+    dcfg = data.DataConfig(data="synthetic", product="hazelnut", image_size=32)
+    folder = tmp_path / "runs" / "000-hazelnut-difffit"
+    folder.mkdir(parents=True)
+    runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "mini", "method": "difffit"}})
+    data.load(dcfg, manifest=folder / "split.json")
+    pics, labels, classes = judge.procedural("hazelnut", "real", 4, 32, progress=False)  # a perfect generator
+    out = folder / "samples" / "s"
+    for i, (img, y) in enumerate(zip(pics, labels.tolist())):
+        images.save_png(img, out / f"hazelnut/test/{classes[y]}/{i:04d}.png")
+    (out / "manifest.jsonl").write_text("{}\n")
+    cfg = evaluate.EvalConfig(run=str(folder), metrics="gain", gain_ks="2,4", gain_seeds=2, gain_steps=15,
+                              gain_test_per_class=5)
+    result = evaluate.run(cfg)
+    g = result.gain
+    assert [(r["k"], r["seed"]) for r in g["runs"]] == [(2, 0), (4, 0), (2, 1), (4, 1)]
+    assert g["real_source"] == "given" and g["n_generated"] == {"2": 16, "4": 16} and g["test_per_class"] == 5
+    r2 = g["per_k"]["2"]
+    paired = [r["real_gen"] - r["real"] for r in g["runs"] if r["k"] == 2]
+    assert r2["gain"]["mean"] == pytest.approx(sum(paired) / 2) and r2["gain"]["low"] <= r2["gain"]["mean"]
+    assert r2["cas_ratio"] == pytest.approx(r2["gen"]["mean"] / r2["real"]["mean"])
+    summary = report.metrics_summary(result)
+    assert summary["gain[k=4]"] == g["per_k"]["4"]["gain"]["mean"]
+    assert "Gain study (offline proxy" in report.format_table(result)
+    assert "eval-efficiency" in dict(report.figures(result))
+    assert evaluate.EvalResult.load(folder).gain["per_k"] == g["per_k"]  # metrics.json round trip
+    with pytest.raises(DefectlabError, match="gain_ks"):
+        evaluate.run(dataclasses.replace(cfg, gain_ks="2,x"))
+    with pytest.raises(DefectlabError, match="gain_ks: k = 99"):
+        evaluate.run(dataclasses.replace(cfg, gain_ks="99"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab import classifier, corpus, data, dataset, methods, model, paths, pretrain, runs, sampler, train
+from defectlab import classifier, corpus, data, dataset, demo, methods, model, paths, pretrain, runs, sampler, train
 
 MINI = paths.ASSETS / "mini"
 needs_mini = pytest.mark.skipif(not (MINI / "config.json").is_file(), reason="defectlab/assets/mini not built")
@@ -170,3 +170,37 @@ def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
     correct = int((classifier.predict(judge, imgs).argmax(1) == np.array(labels)).sum())
     p = _chance_p(correct, len(labels), 1 / k)
     assert p < 0.01, f"{correct}/{len(labels)} right on {k} classes (chance p = {p:.3f})"
+
+
+
+@pytest.fixture(scope="module")
+def demo_finetune(tmp_path_factory):
+    """The demo's fine-tune (``demo.PRESETS["mini"]``: DiffFit, 32 px, lr 3e-3, 100 epochs of batch 8)."""
+    preset = demo.PRESETS["mini"]
+    cfg = train.TrainConfig(model="mini", product="hazelnut", method=preset["method"], lr=preset["lr"],
+                            epochs=preset["epochs"], image_size=preset["image_size"], batch_size=8, grad_accum=1,
+                            val_per_class=1, val_every=1000, val_timesteps=1, report_to="none", log_samples=0,
+                            runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
+    return train.restore(train.run(cfg), "latest")
+
+
+@needs_mini
+@pytest.mark.slow
+def test_demo_finetune_keeps_the_judge_score_above_its_floor(demo_finetune):
+    """Regression floor for issue 18: the shipped 32 px judge (trained on abundant procedural
+    hazelnuts, never on the fine-tune's images) recognises at least 36 of 96 samples of the
+    demo's fine-tune at the demo's guidance (chance 24/96; P(≥ 36 by chance) ≈ 0.004). Measured
+    44/96 with torch 2.14 on the CPU: crack 24, cut 9, hole 0, print 11 (hole is never drawn). A
+    class table that does not train, or labels that do not reach the samples, gives about 24."""
+    from defectlab import judge
+    r = demo_finetune
+    j = judge.judge_for("hazelnut", 32, progress=False)
+    assert j.source == "shipped"
+    per, k = 24, len(j.classes)
+    labels = [c for c in range(k) for _ in range(per)]
+    gens = [g for c in j.classes for g in sampler.generators(0, c, range(per))]  # the sample stage's seeding
+    imgs = sampler.generate(r.model, r.base.codec, labels, gens, steps=25, guidance=demo.PRESETS["mini"]["guidance"],
+                            scheduler="ddim", scheduler_config=r.base.scheduler_config, batch_size=48, progress=False)
+    score = judge.judge_score(j, imgs, torch.tensor(labels), j.classes)
+    assert score.overall.correct >= 36, f"judge {score.overall.correct}/96: " + ", ".join(
+        f"{c.name} {c.correct}" for c in score.per_class)

@@ -278,7 +278,7 @@ def test_demo_and_shipped_configs_use_declared_parameters():
     params.check_names(params.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
     stages = {k: v for k, v in specs.items() if k[:2] in batch.STAGES}
     shipped = (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60), ("sweep-mini.yaml", 7), ("sweep-mini-lr-size.yaml", 6),
-               ("sweep-mini-long.yaml", 3))
+               ("sweep-mini-long.yaml", 3), ("study-18.yaml", 2))
     for name, count in shipped:
         spec = params.load_yaml(paths.PACKAGE / "configs" / name)
         points = batch.expand(spec, name, stages)
