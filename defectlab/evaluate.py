@@ -264,8 +264,7 @@ def _judge(dcfg: data.DataConfig, dd: data.DefectData, gen_img: dict, real_img: 
     def score(images: dict) -> dict:
         labels = torch.cat([torch.full((len(images[c]),), i) for i, c in enumerate(dd.classes)])
         s = judge.judge_score(j, torch.cat([images[c] for c in dd.classes]), labels, dd.classes)
-        plain = lambda c: {k: None if v != v else v for k, v in dataclasses.asdict(c).items()}  # noqa: E731  NaN (n = 0) → null
-        return {"per_class": {c.name: plain(c) for c in s.per_class}, "overall": plain(s.overall)}
+        return {"per_class": {c.name: judge.json_fields(c) for c in s.per_class}, "overall": judge.json_fields(s.overall)}
 
     return {"generated": score(gen_img), "real_test": score(real_img), "chance": 1 / len(dd.classes),
             "judge": {"size": j.size, "seed": j.seed, "source": j.source, "recipe": dataclasses.asdict(j.recipe)},

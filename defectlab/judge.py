@@ -342,14 +342,18 @@ def gain_study(product: str, generated: dict, ks: tuple[int, ...] = (5, 13), see
                       "procedural" if real is None else "given", {k: len(gen_sets[k][0]) for k in ks}, results)
 
 
+def json_fields(obj) -> dict:
+    """A dataclass's fields for metrics.json, NaN (e.g. a share of 0 images) as null."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in asdict(obj).items()}
+
+
 def gain_to_json(result: GainResult) -> dict:
     """A ``GainResult`` as plain JSON (metrics.json), with each k's 95 % intervals and the
     classification accuracy score ratio (generated-only ÷ real-only accuracy) spelled out."""
     out = asdict(result)
     out["n_generated"] = {str(k): n for k, n in result.n_generated.items()}
-    nan_free = lambda iv: {k: None if isinstance(v, float) and v != v else v for k, v in asdict(iv).items()}  # noqa: E731
-    out["per_k"] = {str(k): {**{c: nan_free(result.accuracy(k, c)) for c in ("real", "real_gen", "gen")},
-                             "gain": nan_free(result.gain(k)),
+    out["per_k"] = {str(k): {**{c: json_fields(result.accuracy(k, c)) for c in ("real", "real_gen", "gen")},
+                             "gain": json_fields(result.gain(k)),
                              "cas_ratio": result.accuracy(k, "gen").mean / max(result.accuracy(k, "real").mean, 1e-9)}
                     for k in result.ks}
     return out
