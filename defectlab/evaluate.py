@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import classifier, data, dataset, judge, masks, metrics, runs, synth
+from . import classifier, data, dataset, gain, judge, masks, metrics, runs, synth
 from .errors import DefectlabError
 
 METRICS = ("downstream", "judge", "gain", *metrics.FIDELITY)
@@ -66,7 +66,7 @@ class EvalResult:
     downstream: dict | None = None         # classifier.downstream + "setup" (model, steps, seeds, n_test, seconds)
     masks: dict | None = None              # masks.summarize, for image + mask pairs
     judge: dict | None = None              # offline proxy: share of samples a procedural-image judge assigns their class
-    gain: dict | None = None               # offline proxy: judge.gain_to_json — accuracy vs k, real vs real + generated
+    gain: dict | None = None               # offline proxy: gain.gain_to_json — accuracy vs k, real vs real + generated
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -232,7 +232,7 @@ def _procedural(dcfg: data.DataConfig, dd: data.DefectData) -> bool:
 
 
 def _gain(cfg: EvalConfig, dcfg: data.DataConfig, dd: data.DefectData, gen_img: dict, train_img: dict) -> dict | None:
-    """``judge.gain_study`` of the samples: k of the run's own training images per class (the ones
+    """``gain.gain_study`` of the samples: k of the run's own training images per class (the ones
     the generator was fine-tuned on) with and without the generated images, tested on
     ``gain_test_per_class`` procedural images per class; None off the procedural dataset."""
     if not _procedural(dcfg, dd):
@@ -247,10 +247,10 @@ def _gain(cfg: EvalConfig, dcfg: data.DataConfig, dd: data.DefectData, gen_img: 
     if short:
         raise DefectlabError(f"gain_ks: k = {ks[-1]} needs {ks[-1]} training images per class; the run has fewer "
                              f"for {', '.join(short)}")
-    r = judge.gain_study(dd.product, {c: x for c, x in gen_img.items() if len(x)}, ks, cfg.gain_seeds,
+    r = gain.gain_study(dd.product, {c: x for c, x in gen_img.items() if len(x)}, ks, cfg.gain_seeds,
                          dcfg.image_size, cfg.gain_steps, test_per_class=cfg.gain_test_per_class, real=train_img,
                          progress=False)
-    return {**judge.gain_to_json(r), "note": "offline proxy: a small CNN per condition and seed, k of the run's own "
+    return {**gain.gain_to_json(r), "note": "offline proxy: a small CNN per condition and seed, k of the run's own "
             "training images per class (the generator saw all of them), procedural test images"}
 
 

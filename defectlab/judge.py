@@ -1,20 +1,18 @@
-"""A judge classifier and the gain study: offline proxy measurements of generated defect images.
+"""A judge classifier: an offline proxy measurement of generated defect images.
 
 * ``procedural``: defect images drawn with synth's own code, in splits that never meet each
   other nor the embedded few-shot dataset: ``"judge"`` (judge training), ``"test"`` (held out from
-  every fine-tune and classifier) and ``"real"`` (the study's stand-in few-shot images).
+  every fine-tune and classifier) and ``"real"`` (the gain study's stand-in few-shot images).
 * ``judge_for``: a small CNN trained once per (product, size, seed) on abundant ``"judge"``
-  images, shipped under ``assets/judge`` or cached under ``paths.MODELS``; ``judge_score``
-  reports the share of images recognised as their class, with a binomial test against chance.
-* ``gain_study``: the downstream classifier (one architecture and budget for every condition)
-  trained on k real images per class with and without generated ones, over seeds; the mean
-  gain with a 95 % Student-t interval; ``efficiency_figure`` plots accuracy against k.
+  images with ``degrade`` (blur, colour casts, noise), shipped under ``assets/judge`` or cached
+  under ``paths.MODELS``; ``judge_score`` reports the share of images recognised as their class,
+  with a binomial test against chance; ``robustness`` checks a judge under fixed ``SHIFTS``.
+* ``gain.py`` holds the gain study, which trains the same ``SmallCNN`` with ``fit``.
 
 All numbers are proxy numbers on procedural images, not results on real MVTec AD defects.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 from dataclasses import asdict, dataclass
@@ -24,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
-from matplotlib.figure import Figure
 from PIL import Image
 from scipy import stats  # a dependency of scikit-learn, which the package already requires
 from torch import nn
+from torchvision.transforms.v2 import functional as TF
 
-from . import classifier, paths, runs, synth, viz
+from . import classifier, paths, runs, synth
 from .errors import DefectlabError
 from .images import from_pil  # the one uint8 → [-1, 1] conversion
 from .progress import tqdm
@@ -86,11 +84,48 @@ class SmallCNN(nn.Sequential):
         super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes))
 
 
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of standard deviation ``sigma`` px (torchvision's kernel, ±3σ wide)."""
+    if sigma <= 0:
+        return x
+    k = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(x, [k, k], [sigma, sigma])
+
+
+def recolour(x: torch.Tensor, gain, offset) -> torch.Tensor:
+    """Per-channel gain and offset in [0, 1] units, clamped: a colour cast, brighter or darker."""
+    u = (x + 1) / 2 * torch.as_tensor(gain, dtype=x.dtype).view(-1, 3, 1, 1) + torch.as_tensor(
+        offset, dtype=x.dtype).view(-1, 3, 1, 1)
+    return u.clamp(0, 1) * 2 - 1
+
+
+def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """The shifts a generator's samples show and synth's crisp drawings lack, drawn per image,
+    each with probability ½: blur (σ up to S/40 px), a colour cast (gain 1 ± 0.2, offset ± 0.1 per
+    channel) and pixel noise (σ up to 0.1). ``strength`` scales the ranges; 0 returns ``x``.
+    The judge trains with it (``JudgeRecipe.degrade``) so that it reads the defect, not the
+    rendering: a judge that only knows crisp images calls a slightly blurred crack anything."""
+    if strength <= 0:
+        return x
+    n, s = len(x), x.shape[-1]
+    u = torch.rand(n, 9, generator=gen)
+    on = torch.rand(n, 3, generator=gen) < 0.5
+    sigma = u[:, 0] * strength * s / 40 * on[:, 0]
+    x = torch.stack([blur(xi[None], float(si))[0] for xi, si in zip(x, sigma)])
+    gain = 1 + (u[:, 1:4] * 2 - 1) * 0.2 * strength * on[:, 1:2]
+    offset = (u[:, 4:7] * 2 - 1) * 0.1 * strength * on[:, 1:2]
+    x = recolour(x, gain, offset)
+    noise = u[:, 7] * 0.1 * strength * on[:, 2]
+    return (x + noise.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
 def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int, batch_size: int,
-        lr: float = 3e-3, width: int = 16, seed: int = 0, desc: str = "training", progress: bool = True) -> SmallCNN:
+        lr: float = 3e-3, width: int = 16, seed: int = 0, desc: str = "training", progress: bool = True,
+        degrade_strength: float = 0.0) -> SmallCNN:
     """``steps`` AdamW updates on uniformly drawn batches with the downstream classifier's
-    augmentation (flips, small shifts) and cosine decay; a budget in steps, not epochs, so a
-    larger training set gets no more updates than a smaller one."""
+    augmentation (flips, small shifts; plus ``degrade`` at ``degrade_strength`` > 0, the judge's)
+    and cosine decay; a budget in steps, not epochs, so a larger training set gets no more
+    updates than a smaller one."""
     if len(images) == 0:
         raise DefectlabError(f"{desc}: empty training set")
     with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
@@ -102,7 +137,8 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
     model.train()
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-        loss = F.cross_entropy(model(classifier.augment(images[idx], gen)), labels[idx])
+        x = classifier.augment(images[idx], gen)
+        loss = F.cross_entropy(model(degrade(x, gen, degrade_strength) if degrade_strength else x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -118,6 +154,7 @@ class JudgeRecipe:
     batch_size: int = 32
     lr: float = 3e-3
     width: int = 16            # SmallCNN base width
+    degrade: float = 1.0       # strength of ``degrade`` in training (0: crisp images only, as before 2026-11-30)
 
 
 @dataclass
@@ -166,7 +203,7 @@ def judge_for(product: str, size: int, seed: int = 0, recipe: JudgeRecipe = Judg
         (final / "judge.json").unlink(missing_ok=True)  # stale weights are overwritten next: unmark them first
         images, labels, _ = procedural(product, "judge", recipe.per_class, size, seed, progress)
         model = fit(images, labels, len(classes), recipe.steps, recipe.batch_size, recipe.lr, recipe.width,
-                    seed, f"judge {product} {size}px", progress)
+                    seed, f"judge {product} {size}px", progress, recipe.degrade)
         runs.save_tensors(final / "judge.safetensors", model.state_dict())
         runs.write_json(final / "judge.json", want)  # written last: it marks the weights complete
     return Judge(model, product, classes, size, seed, recipe, "trained")
@@ -218,174 +255,31 @@ def judge_score(judge: Judge | nn.Module, images: torch.Tensor, labels: torch.Te
     return JudgeScore(per, _score("all", len(true), int(np.trace(confusion)), 1 / k), 1 / k, confusion.tolist())
 
 
-# ----------------------------------------------------------------------------- gain study
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float                 # nan with fewer than 2 values
-    high: float
-    n: int
+SHIFTS = ("clean", "blur S/64", "blur S/32", "colour cast", "noise 0.1")
 
 
-def t_interval(values, level: float = 0.95) -> Interval:
-    """Mean and two-sided Student-t interval: mean ± t_{(1+level)/2, n-1} · s / √n."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < 2:
-        return Interval(float(v.mean()) if len(v) else float("nan"), float("nan"), float("nan"), len(v))
-    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return Interval(float(v.mean()), float(v.mean()) - half, float(v.mean()) + half, len(v))
+def shifted(x: torch.Tensor, shift: str) -> torch.Tensor:
+    """``x`` under one fixed named shift of ``SHIFTS`` (S: image size in px)."""
+    s = x.shape[-1]
+    match shift:
+        case "clean":
+            return x
+        case "blur S/64" | "blur S/32":
+            return blur(x, s / int(shift[-2:]))
+        case "colour cast":
+            return recolour(x, (1.15, 0.9, 0.85), (0.05, 0.0, -0.05))
+        case "noise 0.1":
+            return (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    raise DefectlabError(f"shift: must be one of {', '.join(SHIFTS)} (got {shift!r})")
 
 
-@dataclass(frozen=True)
-class GainRun:
-    k: int
-    seed: int
-    real: float                # test accuracy trained on k real per class
-    real_gen: float            # the same k real + the generated images
-    gen: float                 # generated images only (classification accuracy score)
-
-
-@dataclass
-class GainResult:
-    product: str
-    classes: list[str]
-    size: int
-    steps: int
-    batch_size: int
-    test_per_class: int
-    real_source: str           # "procedural" or "given"
-    n_generated: dict[int, int]  # generated images added at each k
-    runs: list[GainRun]
-
-    @property
-    def ks(self) -> list[int]:
-        return sorted({r.k for r in self.runs})
-
-    def accuracy(self, k: int, condition: str) -> Interval:
-        """``condition``: "real", "real_gen" or "gen"; mean over seeds with its 95 % interval."""
-        if condition not in ("real", "real_gen", "gen"):
-            raise DefectlabError(f"condition: must be real, real_gen or gen (got {condition!r})")
-        return t_interval([getattr(r, condition) for r in self.runs if r.k == k])
-
-    def gain(self, k: int) -> Interval:
-        """real+gen − real, paired by seed (same real images, same initial weights)."""
-        return t_interval([r.real_gen - r.real for r in self.runs if r.k == k])
-
-
-def _stack(by_class: dict[str, torch.Tensor], classes: list[str], size: int, name: str):
-    """class → images as (images, labels) in ``classes`` order, checked against ``size``."""
-    if bad := sorted(set(by_class) - set(classes)):
-        raise DefectlabError(f"{name}: unknown classes {', '.join(map(str, bad))}; expected some of {', '.join(classes)}")
-    for c, x in by_class.items():
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            raise DefectlabError(f"{name}[{c}]: need [N,3,{size},{size}] images in [-1, 1] (got {tuple(x.shape)})")
-    given = [(i, by_class[c]) for i, c in enumerate(classes) if c in by_class]
-    return (torch.cat([torch.empty(0, 3, size, size)] + [x.float() for _, x in given]),
-            torch.cat([torch.empty(0, dtype=torch.long)] + [torch.full((len(x),), i) for i, x in given]))
-
-
-def gain_study(product: str, generated: dict, ks: tuple[int, ...] = (5, 13), seeds: int = 5, size: int = 64,
-               steps: int = 300, batch_size: int = 16, test_per_class: int = 100, real_pool: int = 40,
-               real: dict[str, torch.Tensor] | None = None, width: int = 16, progress: bool = True) -> GainResult:
-    """Downstream accuracy on ``procedural(product, "test", test_per_class, size)`` for each k and
-    seed, trained on (a) k real images per class, (b) the same + ``generated``, (c) generated only.
-
-    ``generated``: class → images [n,3,size,size] in [-1, 1], added at every k; or k → such a
-    dict, when each k has its own generator (fine-tuned on k images). Real images: by default
-    each seed draws k per class from ``procedural(product, "real", real_pool, size)``, a split no
-    judge, test set or fine-tune sees — note that a generator fine-tuned on the embedded dataset
-    then saw *other* real images than the downstream classifier, which flatters the gain. Pass
-    ``real`` (class → images, e.g. the fine-tune's own training images) to draw from those.
-    Every condition: the same SmallCNN, ``steps``, ``batch_size``, augmentation, and per seed
-    the same initial weights and the same k real images, so differences are paired by seed."""
-    classes = classes_of(product)
-    ks = tuple(sorted(set(int(k) for k in ks)))
-    if not ks or ks[0] < 1 or seeds < 1 or steps < 1 or batch_size < 1 or test_per_class < 1:
-        raise DefectlabError(f"ks, seeds, steps, batch_size and test_per_class must be ≥ 1 "
-                             f"(got {ks}, {seeds}, {steps}, {batch_size}, {test_per_class})")
-    per_k = generated if all(isinstance(k, int) for k in generated) else {k: generated for k in ks}
-    if missing := [k for k in ks if k not in per_k]:
-        raise DefectlabError(f"generated: no generated images for k = {', '.join(map(str, missing))}")
-    gen_sets = {k: _stack(per_k[k], classes, size, f"generated[{k}]" if per_k is generated else "generated")
-                for k in ks}
-    if empty := [k for k in ks if len(gen_sets[k][0]) == 0]:
-        raise DefectlabError(f"generated: no images for k = {', '.join(map(str, empty))}")
-    if real is None:
-        if real_pool < ks[-1]:
-            raise DefectlabError(f"real_pool: {real_pool} per class is fewer than k = {ks[-1]}")
-        pool_x, pool_y, _ = procedural(product, "real", real_pool, size, progress=progress)
-    else:
-        if short := [c for c in classes if len(real.get(c, ())) < ks[-1]]:
-            raise DefectlabError(f"real: fewer than k = {ks[-1]} images for {', '.join(short)}")
-        pool_x, pool_y = _stack(real, classes, size, "real")
-    test_x, test_y, _ = procedural(product, "test", test_per_class, size, progress=progress)
-
-    def accuracy(x: torch.Tensor, y: torch.Tensor, seed: int, desc: str) -> float:
-        model = fit(x, y, len(classes), steps, batch_size, width=width, seed=seed, desc=desc, progress=progress)
-        return float((classifier.predict(model, test_x).argmax(1) == test_y.numpy()).mean())
-
-    results, gen_only = [], {}  # gen-only accuracy depends on the generated set and seed, not on k
-    with tqdm(total=len(ks) * seeds, desc=f"gain study {product}", unit="run", disable=not progress) as bar:
-        for seed in range(seeds):
-            # per seed one order of each class's pool; a smaller k takes a prefix of a larger one
-            order = torch.randperm(len(pool_x), generator=torch.Generator().manual_seed(seed))
-            for k in ks:
-                pick = torch.cat([order[pool_y[order] == c][:k] for c in range(len(classes))])
-                (gx, gy), key = gen_sets[k], (id(per_k[k]), seed)
-                if key not in gen_only:
-                    gen_only[key] = accuracy(gx, gy, seed, f"gen s{seed}")
-                results.append(GainRun(k, seed, accuracy(pool_x[pick], pool_y[pick], seed, f"real k={k} s{seed}"),
-                                       accuracy(torch.cat([pool_x[pick], gx]), torch.cat([pool_y[pick], gy]), seed,
-                                                f"real+gen k={k} s{seed}"), gen_only[key]))
-                bar.update()
-    return GainResult(product, classes, size, steps, batch_size, test_per_class,
-                      "procedural" if real is None else "given", {k: len(gen_sets[k][0]) for k in ks}, results)
+def robustness(j: Judge, per_class: int = 50, progress: bool = False) -> dict[str, float]:
+    """Share of the procedural ``"test"`` split the judge recognises under each of ``SHIFTS``:
+    how far a judge's score can be trusted on samples that are not crisp drawings."""
+    x, y, classes = procedural(j.product, "test", per_class, j.size, progress=progress)
+    return {shift: judge_score(j, shifted(x, shift), y, classes).overall.share for shift in SHIFTS}
 
 
 def json_fields(obj) -> dict:
     """A dataclass's fields for metrics.json, NaN (e.g. a share of 0 images) as null."""
     return {k: None if isinstance(v, float) and v != v else v for k, v in asdict(obj).items()}
-
-
-def gain_to_json(result: GainResult) -> dict:
-    """A ``GainResult`` as plain JSON (metrics.json), with each k's 95 % intervals and the
-    classification accuracy score ratio (generated-only ÷ real-only accuracy) spelled out."""
-    out = asdict(result)
-    out["n_generated"] = {str(k): n for k, n in result.n_generated.items()}
-    out["per_k"] = {str(k): {**{c: json_fields(result.accuracy(k, c)) for c in ("real", "real_gen", "gen")},
-                             "gain": json_fields(result.gain(k)),
-                             "cas_ratio": result.accuracy(k, "gen").mean / max(result.accuracy(k, "real").mean, 1e-9)}
-                    for k in result.ks}
-    return out
-
-
-def gain_from_json(saved: dict) -> GainResult:
-    names = {f.name for f in dataclasses.fields(GainResult)} - {"runs", "n_generated"}
-    fields = {k: v for k, v in saved.items() if k in names}  # per_k and notes are derived / extra
-    return GainResult(**fields, n_generated={int(k): n for k, n in saved["n_generated"].items()},
-                      runs=[GainRun(**r) for r in saved["runs"]])
-
-
-def efficiency_figure(result: GainResult) -> Figure:
-    """Test accuracy against k: real only vs real + generated (95 % t-intervals over seeds as
-    error bars), generated only dashed, chance dotted; the paired gains in the title."""
-    ks = result.ks
-    with viz.style():
-        fig = Figure(figsize=(4.2, 3.2), layout="constrained")
-        ax = fig.subplots()
-        for cond, label, fmt in (("real", "real only", "o-"), ("real_gen", "real + generated", "s-"),
-                                 ("gen", "generated only", "^--")):
-            iv = [result.accuracy(k, cond) for k in ks]
-            mean = np.array([i.mean for i in iv])
-            err = np.array([[i.mean - i.low, i.high - i.mean] for i in iv]).T
-            ax.errorbar(ks, mean, yerr=None if np.isnan(err).all() else err, fmt=fmt, capsize=3, label=label)
-        ax.axhline(1 / len(result.classes), color="grey", lw=0.8, ls=":", label="chance")
-        ax.set_xticks(ks)
-        ax.set_xlabel("real images per class (k)")
-        ax.set_ylabel(f"test accuracy ({len(result.classes)} × {result.test_per_class} procedural)")
-        ax.set_ylim(0, 1.02)
-        ax.legend(frameon=False, fontsize=7, loc="lower right")
-        gains = ", ".join(f"k={k}: {g.mean:+.3f} [{g.low:+.3f}, {g.high:+.3f}]" for k, g in zip(ks, map(result.gain, ks)))
-        ax.set_title(f"{result.product}, {result.size} px, {result.runs[-1].seed + 1} seeds (proxy)\n"
-                     f"gain {gains}", fontsize=7)
-    return fig

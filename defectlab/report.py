@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from . import classifier, evaluate, judge, runs, viz
+from . import classifier, evaluate, gain, runs, viz
 from .errors import DefectlabError
 from .evaluate import EvalConfig, EvalResult
 from .model import SMALL_BASES
@@ -234,8 +234,8 @@ def figures(m: EvalResult) -> list[tuple[str, Figure]]:
             ax.set_title(f"downstream ResNet-18, {dn['setup']['seeds']} seeds (mean ± std), "
                          f"{dn['setup']['n_test']} real test images")
             figs.append(("eval-downstream", fig))
-    if m.gain:  # accuracy against k, real only vs real + generated (judge.efficiency_figure)
-        figs.append(("eval-efficiency", judge.efficiency_figure(judge.gain_from_json(m.gain))))
+    if m.gain:  # accuracy against k, real only vs real + generated (gain.efficiency_figure)
+        figs.append(("eval-efficiency", gain.efficiency_figure(gain.gain_from_json(m.gain))))
     return figs
 
 
