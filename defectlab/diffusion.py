@@ -74,12 +74,18 @@ class Objective:
         return self._at("sqrt_abar", t, xt.ndim) * pred + self._at("sqrt_1m_abar", t, xt.ndim) * xt
 
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, noise: torch.Tensor,
-             t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample losses ``(mse, vb)``, each of shape [B]."""
+             t: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses ``(mse, vb)``, each of shape [B]. ``weight`` ([B,1,h,w], ≥ 0, not all
+        0 in a sample): the MSE becomes a weighted mean over positions (``masks.loss_weights``)."""
         c = x0.shape[1]
         model_out = model_out.float()
         pred = model_out[:, :c]
-        mse = ((pred - self.target(x0, noise, t)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        err = (pred - self.target(x0, noise, t)) ** 2
+        if weight is None:
+            mse = err.mean(dim=tuple(range(1, x0.ndim)))
+        else:
+            dims = tuple(range(1, x0.ndim))
+            mse = (err * weight).mean(dim=dims) / weight.expand_as(err).mean(dim=dims)
         if model_out.shape[1] != 2 * c:  # no learned variance: the prediction MSE alone
             return mse, torch.zeros_like(mse)
         v = model_out[:, c:]

@@ -61,6 +61,7 @@ class TrainConfig(data_mod.DataConfig):
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
     progress: bool = True          # tqdm progress bar
     mask_condition: bool = False   # defect mask as an extra zero-initialised input channel (masks.py); trains with any method
+    mask_loss: float = 0.0         # loss weight 1 + mask_loss × defect-mask coverage per latent cell (0 = DiT's plain loss): a defect covers a few % of an image
     frozen_dtype: str = "float32"  # float32 | bfloat16: frozen weights' dtype (trained ones stay float32; bf16 runs under autocast)
     tie_embeddings: bool = False   # one timestep/class embedder for all blocks, as the original DiT (needs identical copies: hub DiT-XL)
     grad_checkpointing: int = 0    # blocks recomputed in backward to save memory: 0 none, N the first N, -1 all
@@ -120,7 +121,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise DefectlabError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule!r})")
     for key in ("max_steps", "warmup_steps", "patience", "keep_checkpoints", "checkpoint_minutes", "grad_clip",
-                "weight_decay", "ema"):
+                "weight_decay", "ema", "mask_loss"):
         if not getattr(cfg, key) >= 0:
             raise DefectlabError(f"{key} must be ≥ 0 (got {getattr(cfg, key)})")
 
@@ -269,7 +270,7 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
     net, opt, loader, sched = acc.prepare(net, opt, loader, sched)
     objective = Objective(base.scheduler_config, acc.device)
     validate = validation.Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device,
-                                    mask_condition=cfg.mask_condition)
+                                    mask_condition=cfg.mask_condition, mask_loss=cfg.mask_loss)
     ema = EMAModel(trainable, decay=cfg.ema) if cfg.ema > 0 else None
 
     at = resume.Position()
@@ -303,7 +304,8 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
                 if cfg.mask_condition:
                     inp = torch.cat([xt, masks.latent_mask(batch["mask"], x0.shape[-2:]).to(xt)], 1)
                 out = net(inp, timestep=t, class_labels=labels).sample
-                mse, vb = objective.loss(out, x0, xt, noise, t)
+                weight = masks.loss_weights(batch["mask"], x0.shape[-2:], cfg.mask_loss).to(xt) if cfg.mask_loss else None
+                mse, vb = objective.loss(out, x0, xt, noise, t, weight)
                 loss = (mse + vb).mean()
                 if not torch.isfinite(loss):
                     kept = runs.latest_checkpoint(folder)

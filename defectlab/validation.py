@@ -28,7 +28,7 @@ class Validator:
     """Loss on held-out images at fixed timesteps with fixed noise: comparable across epochs."""
 
     def __init__(self, samples, dcfg, base, objective, timesteps: int, seed: int, device,
-                 mask_condition: bool = False):
+                 mask_condition: bool = False, mask_loss: float = 0.0):
         ds = dataset.DefectDataset(samples, dcfg, augment=False)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))]).to(device)
         self.labels = torch.tensor([ds[i]["label"] for i in range(len(ds))], device=device)
@@ -40,8 +40,10 @@ class Validator:
         self.noise = torch.randn((timesteps, *self.x0.shape), generator=gen).to(device)
         self.objective = objective
         # mask_condition: the held-out masks on the latent grid, fed as the extra input channel
-        self.cond = (masks.latent_mask(torch.stack([ds[i]["mask"] for i in range(len(ds))]), self.x0.shape[-2:])
-                     .to(device) if mask_condition else None)
+        held_masks = torch.stack([ds[i]["mask"] for i in range(len(ds))])
+        self.cond = masks.latent_mask(held_masks, self.x0.shape[-2:]).to(device) if mask_condition else None
+        # mask_loss: the loss the fine-tune minimises, so that "best" means best at what it trains for
+        self.weight = masks.loss_weights(held_masks, self.x0.shape[-2:], mask_loss).to(device) if mask_loss else None
 
     @torch.no_grad()
     def __call__(self, net) -> float:
@@ -53,6 +55,6 @@ class Validator:
             xt = self.objective.add_noise(self.x0, noise, tt)
             inp = xt if self.cond is None else torch.cat([xt, self.cond.to(xt)], 1)  # mask channel
             out = net(inp, timestep=tt, class_labels=self.labels).sample
-            total += self.objective.loss(out, self.x0, xt, noise, tt)[0].mean().item()
+            total += self.objective.loss(out, self.x0, xt, noise, tt, self.weight)[0].mean().item()
         net.train(was_training)
         return total / len(self.timesteps)

@@ -50,3 +50,27 @@ def test_variance_bound_sees_the_same_mean_under_both_prediction_types():
 def test_unsupported_prediction_type_is_one_clear_line():
     with pytest.raises(DefectlabError, match="prediction_type 'sample'"):
         Objective({**model.dit_schedule(True), "prediction_type": "sample"})
+
+
+def test_weighted_loss_is_a_weighted_mean_over_positions():
+    from defectlab import masks
+    obj = Objective({**model.dit_schedule(True), "prediction_type": "v_prediction"})
+    x0, noise, t, var = draw(3)
+    xt = obj.add_noise(x0, noise, t)
+    out = torch.cat([noise, var], 1)  # wrong everywhere: non-zero error at every position
+    plain, vb = obj.loss(out, x0, xt, noise, t)
+    ones, vb1 = obj.loss(out, x0, xt, noise, t, torch.ones(len(x0), 1, 8, 8))
+    assert torch.allclose(plain, ones) and torch.equal(vb, vb1)  # the bound is never weighted
+    mask = torch.zeros(len(x0), 1, 16, 16)
+    mask[:, :, :4, :4] = 1  # the top-left 2×2 cells of the 8×8 grid, fully covered
+    w = masks.loss_weights(mask, (8, 8), 20.0)
+    assert w[0, 0, 0, 0] == 21 and w[0, 0, 2, 2] == 1 and w[0, 0, 0, 2] == 1
+    weighted, _ = obj.loss(out, x0, xt, noise, t, w)
+    err = (noise - obj.target(x0, noise, t)) ** 2
+    corner, rest = err[:, :, :2, :2].mean((1, 2, 3)), err.mean((1, 2, 3))
+    n_corner = 4 / 64
+    expect = (21 * n_corner * corner + (rest - n_corner * corner)) / (21 * n_corner + 1 - n_corner)
+    assert torch.allclose(weighted, expect, rtol=1e-5)
+    from defectlab import train
+    with pytest.raises(DefectlabError, match="mask_loss must be ≥ 0"):
+        train._check(train.TrainConfig(epochs=1, lr=1e-3, mask_loss=-1))

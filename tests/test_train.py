@@ -31,6 +31,16 @@ def test_validation_loss_goes_down_and_run_folder_is_complete(tmp_path):
     assert best["val_loss"] == pytest.approx(min(val))
 
 
+def test_mask_loss_weights_the_defect_and_is_recorded(tmp_path):
+    """Same seed, same batches and noise: only the weighting differs, so the first logged
+    losses differ, and the run records the weight it trained with."""
+    plain = train.run(tiny_cfg(tmp_path, epochs=1, max_steps=2, name="plain", report_to="none"))
+    weighted = train.run(tiny_cfg(tmp_path, epochs=1, max_steps=2, name="weighted", mask_loss=20.0, report_to="none"))
+    first = [next(r["mse"] for r in runs.read_log(f) if "mse" in r) for f in (plain, weighted)]
+    assert first[0] != pytest.approx(first[1], rel=1e-3)
+    assert runs.load_config(weighted)["mask_loss"] == 20.0 and runs.load_config(plain)["mask_loss"] == 0.0
+
+
 def test_restore_gives_the_checkpointed_parameters(tmp_path):
     folder = train.run(tiny_cfg(tmp_path, method="difffit", epochs=2))
     restored = train.restore(folder, "latest")
