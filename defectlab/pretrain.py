@@ -65,6 +65,7 @@ class PretrainConfig:
     preview: int = 2               # samples per class drawn into <out>/samples.png after export (0 = none)
     prediction_type: str = "v_prediction"  # what the output predicts: v_prediction | epsilon (DiT's)
     vae: str = ""                  # autoencoder folder (pretrain-ae's export) for a latent base, shipped as its vae/ ("" = pixels)
+    optimizer_dtype: str = "float32"  # AdamW moments in checkpoints: float32 (exact resume) | bfloat16 (a third smaller, to commit)
 
 
 def codec(cfg: PretrainConfig) -> VAECodec | None:
@@ -122,8 +123,11 @@ def run(cfg: PretrainConfig) -> Path:
         folder = runs.resolve(cfg.resume, Path(cfg.runs_dir) if cfg.runs_dir else None)
         saved = {"prediction_type": "epsilon", **runs.load_config(folder)}  # runs from before the field: eps
         keep = {"resume": str(folder), "time_budget": cfg.time_budget, "threads": cfg.threads,
+                "optimizer_dtype": cfg.optimizer_dtype,  # per call, like the time budget
                 "progress": cfg.progress, "max_steps": cfg.max_steps, "out": cfg.out or saved.get("out", "")}
         cfg = PretrainConfig(**{**saved, **keep})
+    if cfg.optimizer_dtype not in OPTIMIZER_DTYPES:
+        raise DefectlabError(f"optimizer_dtype must be one of {', '.join(OPTIMIZER_DTYPES)} (got {cfg.optimizer_dtype!r})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,11 +189,11 @@ def run(cfg: PretrainConfig) -> Path:
                 print(f"step {step} loss {rec['loss']:.4f} (avg {loss_avg:.4f}) images {seen:,} "
                       f"{rec['time'] / 60:.1f} min", flush=True)
         if step % cfg.checkpoint_every == 0:
-            _save(folder, net, ema, opt, step, seen, wall + time.time() - t0, loss_avg)
+            _save(folder, net, ema, opt, step, seen, wall + time.time() - t0, loss_avg, cfg.optimizer_dtype)
             saved_step = step
     wall += time.time() - t0
     if step > saved_step:
-        _save(folder, net, ema, opt, step, seen, wall, loss_avg)
+        _save(folder, net, ema, opt, step, seen, wall, loss_avg, cfg.optimizer_dtype)
     meta = runs.read_json(runs.latest_checkpoint(folder) / runs.META_FILE)
     out = export(folder, Path(cfg.out) if cfg.out else paths.ASSETS / "mini", cfg, device=str(device),
                  final_loss=meta.get("loss"))
@@ -218,12 +222,21 @@ def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, gu
     return viz.save_figure(fig, folder, "samples", "png")[0]
 
 
-def _save(folder, net, ema, opt, step, seen, wall, loss) -> Path:
+OPTIMIZER_DTYPES = ("float32", "bfloat16")
+
+
+def _save(folder, net, ema, opt, step, seen, wall, loss, optimizer_dtype: str = "float32") -> Path:
+    """Weights, EMA and AdamW state. ``optimizer_dtype`` bfloat16 stores the moments rounded (the
+    step counts stay float32); ``Optimizer.load_state_dict`` casts them back to the parameters'
+    float32 on resume, which then continues from the rounded moments instead of bit-exactly."""
     names = [n for n, _ in net.named_parameters()]
     state = {n: p for n, p in net.state_dict().items()}
     state.update({f"ema.{n}": e for n, e in zip(names, ema.shadow_params)})
     opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
-    meta = {"images": seen, "wall_s": wall, "loss": loss, "optimizer": skeleton}
+    if optimizer_dtype != "float32":
+        opt_tensors = {k: v if k.endswith(".step") else v.to(getattr(torch, optimizer_dtype))
+                       for k, v in opt_tensors.items()}
+    meta = {"images": seen, "wall_s": wall, "loss": loss, "optimizer": skeleton, "optimizer_dtype": optimizer_dtype}
     return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=2)
 
 

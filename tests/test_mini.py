@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from defectlab import classifier, corpus, data, dataset, demo, methods, model, paths, pretrain, runs, sampler, train
+from defectlab.errors import DefectlabError
 
 MINI = paths.ASSETS / "mini"
 needs_mini = pytest.mark.skipif(not (MINI / "config.json").is_file(), reason="defectlab/assets/mini not built")
@@ -100,6 +101,30 @@ def test_pretraining_resumes_exactly(tmp_path):
     assert png == straight / "samples.png" and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
 
 
+def test_bfloat16_optimizer_checkpoints_are_smaller_and_resume_close(tmp_path):
+    """``optimizer_dtype`` bfloat16 (to commit a long run between sessions): the moments are
+    stored rounded, resume casts them back, and two more steps land near the exact resume."""
+    tiny = dict(TINY_PRETRAIN, width=64, checkpoint_every=1)
+    exact = pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=2, runs_dir=str(tmp_path / "a"), out=str(tmp_path / "ma")))
+    pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=1, runs_dir=str(tmp_path / "b"), out=str(tmp_path / "mb"),
+                                         optimizer_dtype="bfloat16"))
+    folder = runs.resolve("000", tmp_path / "b")
+    one = runs.latest_checkpoint(folder)
+    moments = runs.load_tensors(one / runs.OPTIM_FILE)
+    assert {v.dtype for k, v in moments.items() if not k.endswith(".step")} == {torch.bfloat16}
+    assert {v.dtype for k, v in moments.items() if k.endswith(".step")} == {torch.float32}
+    assert runs.read_json(one / runs.META_FILE)["optimizer_dtype"] == "bfloat16"
+    a_one = runs.latest_checkpoint(runs.resolve("000", tmp_path / "a")).parent / one.name
+    assert (one / runs.OPTIM_FILE).stat().st_size < 0.6 * (a_one / runs.OPTIM_FILE).stat().st_size
+    resumed = pretrain.run(pretrain.PretrainConfig(resume=str(folder), max_steps=2, progress=False))  # float32 again
+    a = model.load(str(exact)).transformer.state_dict()
+    b = model.load(str(resumed)).transformer.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # rounded moments: not bit-exact ...
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)  # ... but the same step
+    with pytest.raises(DefectlabError, match="optimizer_dtype"):
+        pretrain.run(pretrain.PretrainConfig(**tiny, optimizer_dtype="float16", runs_dir=str(tmp_path / "c")))
+
+
 def test_runs_from_before_prediction_type_resume_as_epsilon(tmp_path):
     """A run folder written before the field existed trained eps: resuming it must not switch
     the objective to the new default."""
@@ -175,9 +200,11 @@ def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
 
 @pytest.fixture(scope="module")
 def demo_finetune(tmp_path_factory):
-    """The demo's fine-tune (``demo.PRESETS["mini"]``: DiffFit, 32 px, lr 3e-3, 100 epochs of batch 8)."""
+    """The demo's fine-tune (``demo.PRESETS["mini"]``: DiffFit, 32 px, lr 3e-3, 100 epochs of batch 8,
+    mask-weighted loss)."""
     preset = demo.PRESETS["mini"]
     cfg = train.TrainConfig(model="mini", product="hazelnut", method=preset["method"], lr=preset["lr"],
+                            mask_loss=preset["mask_loss"],
                             epochs=preset["epochs"], image_size=preset["image_size"], batch_size=8, grad_accum=1,
                             val_per_class=1, val_every=1000, val_timesteps=1, report_to="none", log_samples=0,
                             runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
@@ -188,10 +215,12 @@ def demo_finetune(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_finetune_keeps_the_judge_score_above_its_floor(demo_finetune):
     """Regression floor for issue 18: the shipped 32 px judge (trained on abundant procedural
-    hazelnuts, never on the fine-tune's images) recognises at least 36 of 96 samples of the
-    demo's fine-tune at the demo's guidance (chance 24/96; P(≥ 36 by chance) ≈ 0.004). Measured
-    44/96 with torch 2.14 on the CPU: crack 24, cut 9, hole 0, print 11 (hole is never drawn). A
-    class table that does not train, or labels that do not reach the samples, gives about 24."""
+    hazelnuts, never on the fine-tune's images, with blur/colour/noise ``degrade``) recognises at
+    least 45 of 96 samples of the demo's fine-tune (mask loss 5) at the demo's guidance. Measured
+    57/96 with torch 2.14 on the CPU: crack 14, cut 23, hole 2, print 18 (34/96 without the mask
+    loss). Chance is 24/96 and P(≥ 45 | chance) ≈ 3e-6; samples that all look alike score about
+    24 (the judge puts an unreadable blob in one class). What it guards is the class signal,
+    not realism: the samples show their class mostly as a colour (README, "Measured")."""
     from defectlab import judge
     r = demo_finetune
     j = judge.judge_for("hazelnut", 32, progress=False)
@@ -202,5 +231,7 @@ def test_demo_finetune_keeps_the_judge_score_above_its_floor(demo_finetune):
     imgs = sampler.generate(r.model, r.base.codec, labels, gens, steps=25, guidance=demo.PRESETS["mini"]["guidance"],
                             scheduler="ddim", scheduler_config=r.base.scheduler_config, batch_size=48, progress=False)
     score = judge.judge_score(j, imgs, torch.tensor(labels), j.classes)
-    assert score.overall.correct >= 36, f"judge {score.overall.correct}/96: " + ", ".join(
+    print(f"judge on the demo fine-tune: {score.overall.correct}/96:",
+          ", ".join(f"{c.name} {c.correct}" for c in score.per_class))  # pytest -s shows it
+    assert score.overall.correct >= 45, f"judge {score.overall.correct}/96: " + ", ".join(
         f"{c.name} {c.correct}" for c in score.per_class)
