@@ -80,12 +80,8 @@ class Objective:
         c = x0.shape[1]
         model_out = model_out.float()
         pred = model_out[:, :c]
-        err = (pred - self.target(x0, noise, t)) ** 2
-        if weight is None:
-            mse = err.mean(dim=tuple(range(1, x0.ndim)))
-        else:
-            dims = tuple(range(1, x0.ndim))
-            mse = (err * weight).mean(dim=dims) / weight.expand_as(err).mean(dim=dims)
+        err, dims = (pred - self.target(x0, noise, t)) ** 2, tuple(range(1, x0.ndim))
+        mse = err.mean(dim=dims) if weight is None else (err * weight).mean(dim=dims) / weight.expand_as(err).mean(dim=dims)
         if model_out.shape[1] != 2 * c:  # no learned variance: the prediction MSE alone
             return mse, torch.zeros_like(mse)
         v = model_out[:, c:]

@@ -137,8 +137,8 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
     model.train()
     for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-        x = classifier.augment(images[idx], gen)
-        loss = F.cross_entropy(model(degrade(x, gen, degrade_strength) if degrade_strength else x), labels[idx])
+        x = degrade(classifier.augment(images[idx], gen), gen, degrade_strength)  # strength 0: x, no draws
+        loss = F.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
