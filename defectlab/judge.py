@@ -38,6 +38,9 @@ DRAW_SIZE = 256                       # synth's drawing size: images are resized
 # for seeds < 2**32; ours have six, the second one no product name hashes to: no image coincides.
 NAMESPACE = zlib.crc32(b"defectlab.judge.procedural")
 SHIPPED = paths.ASSETS / "judge"
+GOOD = "good"                         # the judge's extra output: no defect shown (not recognised)
+                                      # (judge.json format 2: GOOD images include EMPTY ones)
+EMPTY = 0.25                          # share of GOOD images that are the empty background
 
 
 def classes_of(product: str) -> list[str]:
@@ -49,17 +52,24 @@ def classes_of(product: str) -> list[str]:
 
 def draw(product: str, defect: str, rng: np.random.Generator, size: int) -> torch.Tensor:
     """One defect image as ``synth.generate`` draws it, then resized and scaled to [-1, 1] as
-    ``dataset.load_image`` does (PIL bicubic, which widens its kernel when shrinking: antialiased)."""
-    clean, parts = synth.product_image(product, rng, DRAW_SIZE)
-    return from_pil(Image.fromarray(synth.draw_defect(clean, defect, rng, parts)[0]).resize((size, size), Image.BICUBIC))
+    ``dataset.load_image`` does (PIL bicubic, which widens its kernel when shrinking: antialiased).
+    ``defect`` = ``GOOD``: an image that shows no defect, the product without one or, with
+    probability ``EMPTY``, its empty background (a sample without the product shows none either)."""
+    img, parts = synth.product_image(product, rng, DRAW_SIZE)
+    if defect != GOOD:
+        img = synth.draw_defect(img, defect, rng, parts)[0]
+    elif rng.random() < EMPTY:
+        img = np.where(parts[..., None] > 0, np.median(img[parts == 0], axis=0), img).astype(np.uint8)
+    return from_pil(Image.fromarray(img).resize((size, size), Image.BICUBIC))
 
 
 def procedural(product: str, split: str, per_class: int, size: int, seed: int = 0,
-               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+               progress: bool = True, good: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(images [N,3,size,size] in [-1, 1], labels [N], classes)``, ``per_class`` images of each
-    defect class; image i of a class comes from its own generator (seed, split, class, i), so
-    the result is bit-identical for the same arguments and a larger ``per_class`` extends it."""
-    classes = classes_of(product)
+    defect class (and, with ``good``, of defect-free products, labelled ``GOOD`` last); image i of
+    a class comes from its own generator (seed, split, class, i), so the result is bit-identical
+    for the same arguments and a larger ``per_class`` extends it."""
+    classes = classes_of(product) + [GOOD] * good
     if split not in SPLITS:
         raise DefectlabError(f"split: must be one of {', '.join(SPLITS)} (got {split!r})")
     if per_class < 1 or size < 16 or seed < 0:
@@ -150,11 +160,13 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
 @dataclass(frozen=True)
 class JudgeRecipe:
     per_class: int = 400       # procedural "judge" images per class
-    steps: int = 600           # optimizer steps
+    steps: int = 1500          # optimizer steps (600 before the GOOD output, 2026-11-30)
     batch_size: int = 32
     lr: float = 3e-3
     width: int = 16            # SmallCNN base width
     degrade: float = 1.0       # strength of ``degrade`` in training (0: crisp images only, as before 2026-11-30)
+    good: bool = True          # a ``GOOD`` output trained on defect-free products (False: defect classes only,
+                               # as before 2026-11-30, which filed a sample with no mark under some defect)
 
 
 @dataclass
@@ -175,7 +187,7 @@ def judge_dir(product: str, size: int, seed: int = 0, base: Path | None = None) 
 def _load(folder: Path, want: dict) -> SmallCNN | None:
     """The judge in ``folder`` if its recipe json says it was built as ``want``, else None
     (absent, unreadable, or built with another recipe or generator version: rebuild it)."""
-    model = SmallCNN(len(want["classes"]), want["recipe"]["width"])
+    model = SmallCNN(len(want["classes"]) + want["recipe"]["good"], want["recipe"]["width"])
     try:
         if runs.read_json(folder / "judge.json") != want:
             return None
@@ -190,7 +202,7 @@ def judge_for(product: str, size: int, seed: int = 0, recipe: JudgeRecipe = Judg
     """The judge for ``product`` at ``size`` px: shipped weights, else the cache
     (``judge_dir``), else trained from ``procedural(product, "judge", …)`` and saved there."""
     classes = classes_of(product)
-    want = {"format": "defectlab-judge/1", "generator_version": synth.GENERATOR_VERSION, "product": product,
+    want = {"format": "defectlab-judge/2", "generator_version": synth.GENERATOR_VERSION, "product": product,
             "classes": classes, "size": size, "seed": seed, "recipe": asdict(recipe)}
     if (model := _load(judge_dir(product, size, seed, SHIPPED), want)) is not None:
         return Judge(model, product, classes, size, seed, recipe, "shipped")
@@ -201,8 +213,8 @@ def judge_for(product: str, size: int, seed: int = 0, recipe: JudgeRecipe = Judg
         if (model := _load(final, want)) is not None:
             return Judge(model, product, classes, size, seed, recipe, "cache")
         (final / "judge.json").unlink(missing_ok=True)  # stale weights are overwritten next: unmark them first
-        images, labels, _ = procedural(product, "judge", recipe.per_class, size, seed, progress)
-        model = fit(images, labels, len(classes), recipe.steps, recipe.batch_size, recipe.lr, recipe.width,
+        images, labels, _ = procedural(product, "judge", recipe.per_class, size, seed, progress, recipe.good)
+        model = fit(images, labels, len(classes) + recipe.good, recipe.steps, recipe.batch_size, recipe.lr, recipe.width,
                     seed, f"judge {product} {size}px", progress, recipe.degrade)
         runs.save_tensors(final / "judge.safetensors", model.state_dict())
         runs.write_json(final / "judge.json", want)  # written last: it marks the weights complete
@@ -216,29 +228,31 @@ class ClassScore:
     correct: int               # of those, recognised as this class
     share: float               # correct / n (nan when n = 0)
     p_value: float             # one-sided binomial P(X ≥ correct | chance 1/K)
+    good: int = 0              # of those, judged defect-free (``GOOD``): not recognised
 
 
-def _score(name: str, n: int, correct: int, chance: float) -> ClassScore:
+def _score(name: str, n: int, correct: int, chance: float, good: int = 0) -> ClassScore:
     nan = float("nan")
     return ClassScore(name, n, correct, correct / n if n else nan,
-                      float(stats.binom.sf(correct - 1, n, chance)) if n else nan)
+                      float(stats.binom.sf(correct - 1, n, chance)) if n else nan, good)
 
 
 @dataclass(frozen=True)
 class JudgeScore:
     per_class: list[ClassScore]
     overall: ClassScore        # all images together
-    chance: float              # 1/K
-    confusion: list[list[int]]  # [true][predicted] counts
+    chance: float              # 1/K (K defect classes; a ``GOOD`` answer only lowers the score)
+    confusion: list[list[int]]  # [true][predicted] counts; a last column for ``GOOD`` if the judge has one
 
     def __str__(self) -> str:
-        return "\n".join(f"{c.name:>18}  {c.correct:4d}/{c.n:<4d} {c.share:6.1%}  p={c.p_value:.2g}"
+        return "\n".join(f"{c.name:>18}  {c.correct:4d}/{c.n:<4d} {c.share:6.1%}  p={c.p_value:.2g}  good {c.good}"
                          for c in (*self.per_class, self.overall)) + f"  (chance {self.chance:.0%})"
 
 
 def judge_score(judge: Judge | nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> JudgeScore:
     """Share of ``images`` (generated or procedural) the judge recognises as their label, per
-    class and overall; ``labels`` index ``classes``, the judge's own class order."""
+    class and overall; ``labels`` index ``classes``, the judge's own class order. An image the
+    judge calls ``GOOD`` (its last output, when it has K + 1) is not recognised, and counted."""
     k = len(classes)
     if isinstance(judge, Judge) and list(classes) != judge.classes:
         raise DefectlabError(f"classes: {list(classes)} differ from the judge's {judge.classes}")
@@ -247,12 +261,17 @@ def judge_score(judge: Judge | nn.Module, images: torch.Tensor, labels: torch.Te
                              f"(got {tuple(images.shape)}, {len(labels)} labels)")
     if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < k:
         raise DefectlabError(f"labels: must be class indices 0..{k - 1}")
-    pred = classifier.predict(judge.model if isinstance(judge, Judge) else judge, images).argmax(1)
-    true = np.asarray(labels, dtype=np.int64)
-    confusion = np.zeros((k, k), np.int64)
+    probs = classifier.predict(judge.model if isinstance(judge, Judge) else judge, images)
+    if probs.shape[1] not in (k, k + 1):
+        raise DefectlabError(f"judge: {probs.shape[1]} outputs for {k} classes (need {k}, or {k + 1} with {GOOD!r})")
+    true, pred = np.asarray(labels, dtype=np.int64), probs.argmax(1)
+    confusion = np.zeros((k, probs.shape[1]), np.int64)
     np.add.at(confusion, (true, pred), 1)
-    per = [_score(name, int(confusion[c].sum()), int(confusion[c, c]), 1 / k) for c, name in enumerate(classes)]
-    return JudgeScore(per, _score("all", len(true), int(np.trace(confusion)), 1 / k), 1 / k, confusion.tolist())
+    good = confusion[:, k] if probs.shape[1] > k else np.zeros(k, np.int64)
+    per = [_score(name, int(confusion[c].sum()), int(confusion[c, c]), 1 / k, int(good[c]))
+           for c, name in enumerate(classes)]
+    overall = _score("all", len(true), int(np.trace(confusion[:, :k])), 1 / k, int(good.sum()))
+    return JudgeScore(per, overall, 1 / k, confusion.tolist())
 
 
 SHIFTS = ("clean", "blur S/64", "blur S/32", "colour cast", "noise 0.1")
@@ -275,9 +294,14 @@ def shifted(x: torch.Tensor, shift: str) -> torch.Tensor:
 
 def robustness(j: Judge, per_class: int = 50, progress: bool = False) -> dict[str, float]:
     """Share of the procedural ``"test"`` split the judge recognises under each of ``SHIFTS``:
-    how far a judge's score can be trusted on samples that are not crisp drawings."""
-    x, y, classes = procedural(j.product, "test", per_class, j.size, progress=progress)
-    return {shift: judge_score(j, shifted(x, shift), y, classes).overall.share for shift in SHIFTS}
+    how far a judge's score can be trusted on samples that are not crisp drawings; and, under
+    ``GOOD``, the share of as many defect-free test products it calls defect-free (clean)."""
+    x, y, _ = procedural(j.product, "test", per_class, j.size, progress=progress, good=j.recipe.good)
+    k = len(j.classes)
+    out = {shift: judge_score(j, shifted(x[y < k], shift), y[y < k], j.classes).overall.share for shift in SHIFTS}
+    if j.recipe.good:
+        out[GOOD] = float((classifier.predict(j.model, x[y == k]).argmax(1) == k).mean())
+    return out
 
 
 def json_fields(obj) -> dict:

@@ -15,5 +15,6 @@ SYNTHETIC = DATA / "synthetic"          # the embedded default dataset, regenera
 OUTPUTS = ROOT / "outputs"
 RUNS = OUTPUTS / "runs"                 # one folder per fine-tuning run
 MODELS = OUTPUTS / "models"             # locally built base models (the `tiny` preset)
-NOTEBOOKS = PACKAGE.parent / "notebooks"
+CHECKOUT = PACKAGE.parent               # the repository root (committed run folders: pretrain/)
+NOTEBOOKS = CHECKOUT / "notebooks"
 ASSETS = PACKAGE / "assets"             # files shipped inside the package (the `mini` base model)

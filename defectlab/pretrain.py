@@ -68,11 +68,21 @@ class PretrainConfig:
     optimizer_dtype: str = "float32"  # AdamW moments in checkpoints: float32 (exact resume) | bfloat16 (a third smaller, to commit)
 
 
+def vae_path(vae: str) -> str:
+    """``--vae`` as a run's config stores it: relative to the checkout when it lies inside, so a
+    run folder committed there resumes from any clone; absolute otherwise."""
+    folder = Path(vae).expanduser().resolve()
+    return str(folder.relative_to(paths.CHECKOUT)) if folder.is_relative_to(paths.CHECKOUT) else str(folder)
+
+
 def codec(cfg: PretrainConfig) -> VAECodec | None:
-    """The latent base's autoencoder (``cfg.vae``), or None for a pixel-space base."""
+    """The latent base's autoencoder (``cfg.vae``; a relative path is looked up from the current
+    folder, then from the checkout), or None for a pixel-space base."""
     if not cfg.vae:
         return None
     folder = Path(cfg.vae).expanduser()
+    if not folder.is_absolute() and not folder.exists():
+        folder = paths.CHECKOUT / folder
     if not (folder / "config.json").is_file():
         raise DefectlabError(f"--vae {cfg.vae}: no autoencoder there (expected a pretrain-ae export with config.json)")
     return VAECodec(AutoencoderKL.from_pretrained(folder))
@@ -132,7 +142,7 @@ def run(cfg: PretrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.vae and not cfg.resume:
-        cfg = dataclasses.replace(cfg, vae=str(Path(cfg.vae).expanduser().resolve()))
+        cfg = dataclasses.replace(cfg, vae=vae_path(cfg.vae))
     vae = codec(cfg)  # a bad --vae fails before a run folder exists
     if vae is not None:
         vae.to(device)

@@ -113,13 +113,14 @@ def format_table(m: EvalResult) -> str:
         jd, gen, real = m.judge["judge"], m.judge["generated"], m.judge["real_test"]
         out += ["", f"### Judge (offline proxy: a small CNN trained on abundant procedural images at {jd['size']} px, "
                 f"{jd['source']}; chance {m.judge['chance']:.0%})", "",
-                "| class | generated recognised | real held-out recognised |", "|---|---|---|"]
+                "| class | generated recognised | generated judged defect-free | real held-out recognised |",
+                "|---|---|---|---|"]
         for name in [*m.classes, "overall"]:
             g = gen["overall"] if name == "overall" else gen["per_class"][name]
             r = real["overall"] if name == "overall" else real["per_class"][name]
             share = lambda d: "—" if not d["n"] else f"{d['correct']}/{d['n']} ({d['share']:.0%}"  # noqa: E731
             out.append(f"| {name} | {share(g)}{', p=' + format(g['p_value'], '.2g') + ')' if g['n'] else ''} "
-                       f"| {share(r)}{')' if r['n'] else ''} |")
+                       f"| {g.get('good', 0)} | {share(r)}{')' if r['n'] else ''} |")
     if m.gain:
         g = m.gain
         iv = lambda d: "—" if d["mean"] is None else (f"{d['mean']:.3f}" if d["low"] is None  # noqa: E731
@@ -325,6 +326,9 @@ def metrics_summary(m: EvalResult) -> dict:
     for part, name in (("generated", "gen"), ("real_test", "real")):
         if m.judge:  # offline proxy: share of images the procedural judge assigns their own class
             out[f"judge[{name}]"] = m.judge[part]["overall"]["share"]
+    if m.judge and m.judge["generated"]["overall"]["n"]:  # samples the judge calls defect-free (no visible mark)
+        gen = m.judge["generated"]["overall"]
+        out["judge_good[gen]"] = gen.get("good", 0) / gen["n"]
     for k, r in (m.gain or {}).get("per_k", {}).items():  # offline proxy: the gain study's paired gain per k
         out[f"gain[k={k}]"] = r["gain"]["mean"]
         out[f"gain_low[k={k}]"] = r["gain"]["low"]

@@ -314,29 +314,34 @@ def test_cli_flags_come_from_the_config():
 
 
 def test_judge_scores_samples_of_a_synthetic_run(tmp_path):
-    """The judge section: procedural images of the right class are recognised, mislabelled ones not."""
+    """The judge section: procedural images of the right class are recognised, mislabelled ones
+    not, and defect-free products filed under a defect are judged defect-free (``good``)."""
     dcfg = data.DataConfig(data="synthetic", product="hazelnut", image_size=64)
     folder = tmp_path / "runs" / "000-hazelnut-difffit"
     folder.mkdir(parents=True)
     runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "mini", "method": "difffit"}})
     dd = data.load(dcfg, manifest=folder / "split.json")
-    pics, labels, classes = judge.procedural("hazelnut", "test", 6, 64, progress=False)
+    pics, labels, classes = judge.procedural("hazelnut", "test", 6, 64, progress=False, good=True)
     out = folder / "samples" / "s"
     lines = []
     for i, (img, y) in enumerate(zip(pics, labels.tolist())):
-        name = classes[y] if classes[y] != "print" else "crack"  # print's images filed as crack: mislabelled
+        name = {"print": "crack", judge.GOOD: "hole"}.get(classes[y], classes[y])  # mislabelled: prints, clean nuts
         rel = f"hazelnut/test/{name}/{i:04d}.png"
         images.save_png(img, out / rel)
         lines.append(json.dumps({"file": rel, "class": name, "index": i}))
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     result = evaluate.run(evaluate.EvalConfig(run=str(folder), metrics="judge"))
     gen = result.judge["generated"]
-    assert dd.classes == classes and result.judge["chance"] == 0.25
-    assert gen["per_class"]["cut"]["share"] >= 0.8 and gen["per_class"]["hole"]["share"] >= 0.8
+    assert dd.classes == classes[:-1] and result.judge["chance"] == 0.25
+    assert gen["per_class"]["cut"]["share"] >= 0.8 and gen["per_class"]["cut"]["good"] == 0
     assert gen["per_class"]["crack"]["n"] == 12 and gen["per_class"]["crack"]["share"] <= 0.6  # half are prints
+    hole = gen["per_class"]["hole"]                                  # half are defect-free nuts
+    assert hole["n"] == 12 and 5 <= hole["correct"] <= 7 and hole["good"] >= 5
     assert gen["per_class"]["print"]["n"] == 0 and result.judge["real_test"]["overall"]["share"] >= 0.8
     assert "Judge (offline proxy" in report.format_table(result)
     assert report.metrics_summary(result)["judge[gen]"] == gen["overall"]["share"]
+    assert report.metrics_summary(result)["judge_good[gen]"] == gen["overall"]["good"] / 30 > 0
+    assert "judged defect-free" in report.format_table(result)
 
 
 def test_gain_study_of_a_synthetic_run(tmp_path):

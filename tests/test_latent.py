@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from defectlab import autoencoder, model, pretrain, runs, sampler, train
+from defectlab import autoencoder, model, paths, pretrain, runs, sampler, train
 from defectlab.codec import VAECodec
 from defectlab.errors import DefectlabError
 
@@ -75,3 +75,15 @@ def test_finetune_on_a_latent_base(latent_base):
                                          report_to="none", log_samples=0, runs_dir=str(tmp / "ft")))
     restored = train.restore(folder)
     assert isinstance(restored.base.codec, VAECodec) and restored.base.transformer.config.in_channels == 4
+
+
+def test_vae_path_is_stored_relative_to_the_checkout_and_found_from_anywhere(tmp_path, monkeypatch):
+    """A run folder committed under pretrain/ must resume from any clone and any working folder:
+    an autoencoder inside the checkout is stored relative to it; one outside stays absolute."""
+    inside = paths.CHECKOUT / "pretrain" / "ae64"
+    assert pretrain.vae_path(str(inside)) == "pretrain/ae64"
+    assert pretrain.vae_path(str(tmp_path / "ae")) == str((tmp_path / "ae").resolve())
+    monkeypatch.chdir(tmp_path)                                    # not the checkout: found through it
+    assert pretrain.codec(pretrain.PretrainConfig(vae="pretrain/ae64")).scaling_factor > 0
+    with pytest.raises(DefectlabError, match="--vae pretrain/none"):
+        pretrain.codec(pretrain.PretrainConfig(vae="pretrain/none"))
