@@ -348,26 +348,31 @@ ANCHORS = {"hazelnut": CLASSES.index("nut"), "screw": CLASSES.index("screw")}
 
 
 # ----------------------------------------------------------------------------- items
-def item(index: int, seed: int = 0, size: int = 64) -> tuple[Array, int, str]:
-    """Corpus item ``index``: ``(uint8 [size, size, 3], class id, defect name or "good")``."""
+def _draw(index: int, seed: int, size: int) -> tuple[Array, int, str, Array]:
+    """Item ``index`` and its defect's coverage per pixel (float32 [size, size] in [0, 1]; 0 for good)."""
     k = int(index) % len(CLASSES)
     product, defect = PAIRS[k]
     rng = _rng(seed, index)
     s = 2 * int(size)                     # drawn at 2x, box-downsampled: anti-aliased edges
     img, obj = PRODUCTS[product](rng, s)
+    shape = np.zeros((s, s), bool)
     if defect != "good":
         shape, paint = DEFECTS[defect](rng, img, obj if obj.any() else np.ones_like(obj), s)
         img = np.where(shape[..., None], paint, img)
     img = np.clip(img, 0, 255).reshape(size, 2, size, 2, 3).mean((1, 3))
-    return np.rint(img).astype(np.uint8), k, defect
+    return np.rint(img).astype(np.uint8), k, defect, shape.reshape(size, 2, size, 2).mean((1, 3), dtype=np.float32)
 
 
-def batch(start: int, count: int, seed: int = 0, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items ``start .. start+count-1`` as ``(float32 [count, 3, size, size] in [-1, 1], labels)``."""
-    imgs, labels = [], []
-    for i in range(start, start + count):
-        img, k, _ = item(i, seed, size)
-        imgs.append(img)
-        labels.append(k)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, torch.tensor(labels)
+def item(index: int, seed: int = 0, size: int = 64) -> tuple[Array, int, str]:
+    """Corpus item ``index``: ``(uint8 [size, size, 3], class id, defect name or "good")``."""
+    return _draw(index, seed, size)[:3]
+
+
+def batch(start: int, count: int, seed: int = 0, size: int = 64, masks: bool = False):
+    """Items ``start .. start+count-1`` as ``(float32 [count, 3, size, size] in [-1, 1], labels)``;
+    with ``masks``, also each defect's coverage ``[count, 1, size, size]`` (pre-training's
+    ``--mask-loss``, as the fine-tune weights its defect masks)."""
+    drawn = [_draw(i, seed, size) for i in range(start, start + count)]
+    x = torch.from_numpy(np.stack([d[0] for d in drawn])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = torch.tensor([d[1] for d in drawn])
+    return (x, labels, torch.from_numpy(np.stack([d[3] for d in drawn]))[:, None]) if masks else (x, labels)

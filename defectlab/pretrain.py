@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from . import corpus, methods, model as model_mod, paths, runs, sampler, viz
+from . import corpus, masks, methods, model as model_mod, paths, runs, sampler, viz
 from .codec import VAECodec
 from .diffusion import Objective
 from .errors import DefectlabError
@@ -66,6 +66,7 @@ class PretrainConfig:
     prediction_type: str = "v_prediction"  # what the output predicts: v_prediction | epsilon (DiT's)
     vae: str = ""                  # autoencoder folder (pretrain-ae's export) for a latent base, shipped as its vae/ ("" = pixels)
     optimizer_dtype: str = "float32"  # AdamW moments in checkpoints: float32 (exact resume) | bfloat16 (a third smaller, to commit)
+    mask_loss: float = 0.0         # loss weight 1 + mask_loss × the corpus defect's coverage per cell (0 = plain), as finetune's --mask-loss
 
 
 def vae_path(vae: str) -> str:
@@ -133,9 +134,11 @@ def run(cfg: PretrainConfig) -> Path:
         folder = runs.resolve(cfg.resume, Path(cfg.runs_dir) if cfg.runs_dir else None)
         saved = {"prediction_type": "epsilon", **runs.load_config(folder)}  # runs from before the field: eps
         keep = {"resume": str(folder), "time_budget": cfg.time_budget, "threads": cfg.threads,
-                "optimizer_dtype": cfg.optimizer_dtype,  # per call, like the time budget
+                "optimizer_dtype": cfg.optimizer_dtype, "mask_loss": cfg.mask_loss,  # per call, logged each record
                 "progress": cfg.progress, "max_steps": cfg.max_steps, "out": cfg.out or saved.get("out", "")}
         cfg = PretrainConfig(**{**saved, **keep})
+    if cfg.mask_loss < 0:
+        raise DefectlabError(f"mask_loss must be ≥ 0 (got {cfg.mask_loss})")
     if cfg.optimizer_dtype not in OPTIMIZER_DTYPES:
         raise DefectlabError(f"optimizer_dtype must be one of {', '.join(OPTIMIZER_DTYPES)} (got {cfg.optimizer_dtype!r})")
     if cfg.threads:
@@ -160,12 +163,14 @@ def run(cfg: PretrainConfig) -> Path:
         print(f"resumed {folder.name} at step {step} ({seen:,} images, {wall / 60:.1f} min)")
     sched = _schedule(cfg, opt, step)
     saved_step = step if last is not None else -1
+    runs.log(folder, {"step": step, "event": "start", "mask_loss": cfg.mask_loss})  # per-call settings, for the card
     t0, loss_avg, losses = time.time(), None, []
     while step < cfg.max_steps:
         if cfg.time_budget and time.time() - t0 > cfg.time_budget * 60:
             break
-        x0, labels = corpus.batch(step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size)
+        x0, labels, cover = corpus.batch(step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size, masks=True)
         x0 = x0.to(device) if vae is None else vae.encode(x0.to(device))  # latent base: the posterior mean
+        weight = masks.loss_weights(cover, x0.shape[-2:], cfg.mask_loss).to(x0) if cfg.mask_loss else None
         gen = _step_generator(cfg, step)
         t = torch.randint(0, objective.num_timesteps, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
@@ -174,7 +179,7 @@ def run(cfg: PretrainConfig) -> Path:
         t, noise, labels = t.to(device), noise.to(device), labels.to(device)
         xt = objective.add_noise(x0, noise, t)
         out = net(xt, timestep=t, class_labels=labels).sample
-        mse, vb = objective.loss(out, x0, xt, noise, t)
+        mse, vb = objective.loss(out, x0, xt, noise, t, weight)
         loss = (mse + vb).mean()
         if not torch.isfinite(loss):
             raise DefectlabError(f"loss became {loss.item()} at step {step}; lower --lr")
@@ -192,7 +197,7 @@ def run(cfg: PretrainConfig) -> Path:
         losses.append(loss.item())
         if step % 20 == 0:
             rec = {"step": step, "loss": sum(losses) / len(losses), "mse": mse.mean().item(),
-                   "images": seen, "time": round(wall + time.time() - t0, 1), "lr": lr}
+                   "images": seen, "time": round(wall + time.time() - t0, 1), "lr": lr, "mask_loss": cfg.mask_loss}
             runs.log(folder, rec)
             losses = []
             if cfg.progress:
@@ -284,7 +289,20 @@ def export(folder: Path, out: Path, cfg: PretrainConfig | None = None, device: s
     names = [n for n, _ in net.named_parameters()]
     net.load_state_dict({n: state[f"ema.{n}"] for n in names}, strict=False)  # pos_embed buffer is recomputed
     return save_model(net, out, cfg, card={"step": meta["step"], "images": meta["images"], "wall_s": meta["wall_s"],
-                                           "device": device, "loss": final_loss, "run": folder.name})
+                                           "device": device, "loss": final_loss, "run": folder.name,
+                                           "mask_loss": mask_history(folder, meta["step"])})
+
+
+def mask_history(folder: Path, upto: int) -> list[tuple[int, float]]:
+    """``[(first step, --mask-loss)]`` over the run's log up to step ``upto``: a per-call setting,
+    so a run continued with another weight says where it changed (records before it: 0)."""
+    out: list[tuple[int, float]] = []
+    for rec in runs.read_log(folder):
+        if isinstance(rec.get("step"), int) and rec["step"] <= upto and ("loss" in rec or "event" in rec):
+            w = float(rec.get("mask_loss", 0.0))
+            if not out or out[-1][1] != w:  # a start record has its exact step; logs before them, one per 20
+                out.append((0 if not out else rec["step"] if "event" in rec else max(rec["step"] - 20, 0), w))
+    return out or [(0, 0.0)]
 
 
 def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card: dict | None = None) -> Path:
@@ -322,6 +340,7 @@ DiT-XL/2's role at toy scale; it is not an ImageNet model and makes no claim bey
 | images seen | {info['images']:,} |
 | wall time | {info['wall_s'] / 60:.1f} min on {info['device']}, {cfg.threads or 'default'} torch thread(s), {info['images'] / max(info['wall_s'], 1e-9):.0f} images/s |
 | final training loss | {loss} (mse + vb, running mean) |
+| defect-weighted loss (`--mask-loss`) | {'; '.join(f'{w:g} from step {a:,}' for a, w in info.get('mask_loss', [(0, cfg.mask_loss)]))} |
 | run folder | `{info.get('run', '')}` |
 
 ## Recipe

@@ -125,6 +125,34 @@ def test_bfloat16_optimizer_checkpoints_are_smaller_and_resume_close(tmp_path):
         pretrain.run(pretrain.PretrainConfig(**tiny, optimizer_dtype="float16", runs_dir=str(tmp_path / "c")))
 
 
+def test_corpus_masks_cover_the_drawn_defect_and_weight_pretraining(tmp_path):
+    """``corpus.batch(masks=True)``: the same images, and each defect's coverage (0 for good
+    classes, where the picture changed for defect classes); ``--mask-loss`` weights pre-training
+    with it, logged per record, per call on resume, and refuses a negative weight."""
+    n = len(corpus.CLASSES)
+    x, y, m = corpus.batch(0, n, seed=0, size=16, masks=True)
+    assert torch.equal(x, corpus.batch(0, n, seed=0, size=16)[0]) and m.shape == (n, 1, 16, 16)
+    assert 0 <= m.min() and m.max() <= 1
+    good = torch.tensor([corpus.PAIRS[k][1] == "good" for k in y.tolist()])
+    assert (m[good] == 0).all() and (m[~good].flatten(1).sum(1) > 0).all()
+    assert all(0 < c < 0.25 for c in m[~good].mean((1, 2, 3)).tolist())   # a mark, not the whole picture
+    # plain and weighted runs from the same seed part ways; the weight is in the log
+    plain = pretrain.run(pretrain.PretrainConfig(**TINY_PRETRAIN, max_steps=2, runs_dir=str(tmp_path / "a"),
+                                                 out=str(tmp_path / "p"), checkpoint_every=1))
+    weighted = pretrain.run(pretrain.PretrainConfig(**TINY_PRETRAIN, max_steps=2, runs_dir=str(tmp_path / "b"),
+                                                    out=str(tmp_path / "w"), mask_loss=20.0))
+    a, b = (model.load(str(f)).transformer.state_dict() for f in (plain, weighted))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    folder = runs.resolve("000", tmp_path / "a")
+    pretrain.run(pretrain.PretrainConfig(resume=str(folder), max_steps=20, mask_loss=5.0, progress=False))
+    assert [(r["step"], r["mask_loss"]) for r in runs.read_log(folder) if "mask_loss" in r] == [
+        (0, 0.0), (2, 5.0), (20, 5.0)]                                   # two start records, one every 20 steps
+    assert pretrain.mask_history(folder, 20) == [(0, 0.0), (2, 5.0)] and pretrain.mask_history(folder, 1) == [(0, 0.0)]
+    assert "0 from step 0; 5 from step 2 |" in (tmp_path / "p" / "MODEL_CARD.md").read_text()
+    with pytest.raises(DefectlabError, match="mask_loss"):
+        pretrain.run(pretrain.PretrainConfig(**TINY_PRETRAIN, mask_loss=-1, runs_dir=str(tmp_path / "c")))
+
+
 def test_runs_from_before_prediction_type_resume_as_epsilon(tmp_path):
     """A run folder written before the field existed trained eps: resuming it must not switch
     the objective to the new default."""
