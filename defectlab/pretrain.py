@@ -76,14 +76,17 @@ def vae_path(vae: str) -> str:
     return str(folder.relative_to(paths.CHECKOUT)) if folder.is_relative_to(paths.CHECKOUT) else str(folder)
 
 
+def vae_folder(vae: str) -> Path:
+    """Where ``--vae`` is: a relative path is looked up from the current folder, then the checkout."""
+    folder = Path(vae).expanduser()
+    return paths.CHECKOUT / folder if not folder.is_absolute() and not folder.exists() else folder
+
+
 def codec(cfg: PretrainConfig) -> VAECodec | None:
-    """The latent base's autoencoder (``cfg.vae``; a relative path is looked up from the current
-    folder, then from the checkout), or None for a pixel-space base."""
+    """The latent base's autoencoder (``cfg.vae``, found by ``vae_folder``), or None for a pixel-space base."""
     if not cfg.vae:
         return None
-    folder = Path(cfg.vae).expanduser()
-    if not folder.is_absolute() and not folder.exists():
-        folder = paths.CHECKOUT / folder
+    folder = vae_folder(cfg.vae)
     if not (folder / "config.json").is_file():
         raise DefectlabError(f"--vae {cfg.vae}: no autoencoder there (expected a pretrain-ae export with config.json)")
     return VAECodec(AutoencoderKL.from_pretrained(folder))
@@ -310,7 +313,7 @@ def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card:
     n_params = sum(p.numel() for p in net.parameters())
     extra = {} if card is None else {"MODEL_CARD.md": lambda tmp: model_card(cfg, card, sha256(tmp / WEIGHTS), n_params)}
     return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra,
-                                 vae=Path(cfg.vae) if cfg.vae else None)
+                                 vae=vae_folder(cfg.vae) if cfg.vae else None)
 
 
 def model_card(cfg: PretrainConfig, info: dict, digest: str, n_params: int) -> str:

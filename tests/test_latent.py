@@ -85,5 +85,10 @@ def test_vae_path_is_stored_relative_to_the_checkout_and_found_from_anywhere(tmp
     assert pretrain.vae_path(str(tmp_path / "ae")) == str((tmp_path / "ae").resolve())
     monkeypatch.chdir(tmp_path)                                    # not the checkout: found through it
     assert pretrain.codec(pretrain.PretrainConfig(vae="pretrain/ae64")).scaling_factor > 0
+    assert pretrain.vae_folder("pretrain/ae64") == inside
+    # export copies the autoencoder from there too (a base is shipped with its vae/)
+    cfg = pretrain.PretrainConfig(image_size=64, patch_size=4, width=16, heads=1, depth=1, fp16=False, vae="pretrain/ae64")
+    out = pretrain.save_model(pretrain.build(cfg), tmp_path / "base", cfg)
+    assert (out / "vae" / "config.json").is_file() and model.load(str(out)).codec.scaling_factor > 0
     with pytest.raises(DefectlabError, match="--vae pretrain/none"):
         pretrain.codec(pretrain.PretrainConfig(vae="pretrain/none"))
