@@ -171,9 +171,10 @@ def run(cfg: PretrainConfig) -> Path:
     while step < cfg.max_steps:
         if cfg.time_budget and time.time() - t0 > cfg.time_budget * 60:
             break
-        x0, labels, cover = corpus.batch(step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size, masks=True)
+        x0, labels, *cover = corpus.batch(step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size,
+                                          masks=cfg.mask_loss > 0)  # coverage only when it weighs something
         x0 = x0.to(device) if vae is None else vae.encode(x0.to(device))  # latent base: the posterior mean
-        weight = masks.loss_weights(cover, x0.shape[-2:], cfg.mask_loss).to(x0) if cfg.mask_loss else None
+        weight = masks.loss_weights(cover[0], x0.shape[-2:], cfg.mask_loss).to(x0) if cover else None
         gen = _step_generator(cfg, step)
         t = torch.randint(0, objective.num_timesteps, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
