@@ -60,6 +60,7 @@ class DataConfig:
     hflip: bool = True             # random horizontal flip
     vflip: bool = True             # random vertical flip
     rotations: tuple[int, ...] = (45, 65, 120)  # random rotation angles (degrees); empty = none
+    zoom: int = 1                  # > 1: read images at image_size × zoom and train on the image_size window around each defect (a small defect spans zoom × more latent cells per side; synthesize pastes the windows back)
 
 
 def from_settings(settings: dict | object, **changes) -> DataConfig:
@@ -229,6 +230,8 @@ def check_config(cfg: DataConfig) -> None:
         raise DefectlabError(f"image_size must be at least 8 (got {cfg.image_size})")
     if cfg.crop < 0:
         raise DefectlabError(f"crop must be 0 (none) or a positive size in pixels (got {cfg.crop})")
+    if not 1 <= cfg.zoom <= 8:
+        raise DefectlabError(f"zoom must be between 1 (whole images) and 8 (got {cfg.zoom})")
     if not 0 < cfg.test_fraction < 1:
         raise DefectlabError(f"test_fraction must be between 0 and 1 (got {cfg.test_fraction})")
 

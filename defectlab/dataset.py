@@ -143,11 +143,28 @@ class DefectDataset(_Epochs, torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s, cfg = self.samples[i], self.cfg
         im = _open(s.image)
-        mask = load_mask(s.mask, cfg.image_size, cfg.crop, im.size)
-        image = _to_tensor(im, cfg.image_size, cfg.crop, s.image)
+        size = cfg.image_size * cfg.zoom
+        mask = load_mask(s.mask, size, cfg.crop, im.size)
+        image = _to_tensor(im, size, cfg.crop, s.image)
+        gen = self._generator(i)
         if self.augment:
-            image, mask = augment_pair(image, mask, cfg, self._generator(i))
+            image, mask = augment_pair(image, mask, cfg, gen)
+        if cfg.zoom > 1:  # the window around the defect, jittered while training
+            y, x = window(mask, cfg.image_size, gen if self.augment else None, 0.25 if self.augment else 0.0)
+            image, mask = image[:, y:y + cfg.image_size, x:x + cfg.image_size], mask[:, y:y + cfg.image_size, x:x + cfg.image_size]
         return {"image": image, "mask": mask, "label": s.label}
+
+
+def window(mask: torch.Tensor, size: int, gen: torch.Generator | None = None, jitter: float = 0.0) -> tuple[int, int]:
+    """Top-left ``(y, x)`` of the ``size`` window centred on ``mask``'s bounding box (the image
+    centre for an empty mask), shifted by up to ± ``jitter`` × ``size`` (drawn from ``gen``),
+    kept inside the image (``DataConfig.zoom``)."""
+    h, w = mask.shape[-2:]
+    ys, xs = torch.nonzero(mask.reshape(h, w) > 0.5, as_tuple=True)
+    cy, cx = ((float(ys.min() + ys.max() + 1) / 2, float(xs.min() + xs.max() + 1) / 2) if len(ys) else (h / 2, w / 2))
+    if jitter > 0:
+        cy, cx = (c + float(torch.rand((), generator=gen) * 2 - 1) * jitter * size for c in (cy, cx))
+    return (min(max(int(round(cy - size / 2)), 0), h - size), min(max(int(round(cx - size / 2)), 0), w - size))
 
 
 # ----------------------------------------------------------------------------- augmentation views and the latent cache
@@ -206,6 +223,8 @@ class LatentCache:
         if getattr(codec, "sample", False):
             raise DefectlabError("latent cache: the codec samples its latents (VAECodec(sample=True)); "
                                  "only the deterministic posterior mean can be cached")
+        if cfg.zoom > 1:
+            raise DefectlabError("latent cache: --zoom draws a new window every epoch; train without --latent-cache")
         self.samples, self.cfg, self.codec = list(samples), cfg, codec
         self.device, self.batch_size = device, batch_size
         self._plain = DefectDataset(self.samples, cfg, augment=False)

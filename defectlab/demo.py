@@ -1,11 +1,13 @@
 """The main job on the embedded default: dataset → fine-tune → sample → evaluate.
 
 ``make demo`` (``defectlab demo``) executes notebooks 01-04 through papermill on the offline
-embedded default (procedural hazelnut images; the shipped pre-trained ``mini`` pixel-space DiT
-when it is installed, else the random-weight ``tiny`` one) and leaves the executed notebooks,
-the run folder and every figure in ``outputs/demo/``. It is sized for about 5-8 minutes on 2
-CPU cores. ``--no-notebooks`` calls the same stage functions
-directly, without Jupyter.
+embedded default (procedural hazelnut images; the shipped pre-trained ``mini-latent`` 64 px
+latent DiT when it is installed, else the 32 px ``mini``, else the random-weight ``tiny``) and
+leaves the executed notebooks, the run folder and every figure in ``outputs/demo/``. On
+mini-latent it fine-tunes on windows around the defects (``--zoom``), draws image + mask pairs
+(the training masks carried onto defect-free hazelnuts) and evaluates those. It is sized for
+at most 10 minutes on 2 CPU cores. ``--no-notebooks`` calls the same stage functions directly,
+without Jupyter.
 
 Every number it prints is an offline proxy: the judge (share of samples a CNN trained on
 abundant procedural images recognises as their class), the gain study (k real images per class
@@ -21,23 +23,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batch, evaluate, paths, report, runs, sample, train
+from . import batch, evaluate, paths, report, runs, sample, synthesize, train
 
 
 @dataclass
 class DemoConfig:
-    model: str = "auto"            # base model: auto (mini when shipped, else tiny), tiny, mini
+    model: str = "auto"            # base model: auto (mini-latent when shipped, else mini, else tiny), tiny, mini, mini-latent
     method: str = ""               # fine-tuning method ("" = difffit on a pre-trained base, full on random tiny)
     product: str = "hazelnut"      # product of the embedded dataset (hazelnut | screw)
-    image_size: int = 0            # training and sampling size in px (0 = 32 for mini and tiny)
-    epochs: int = 0                # fine-tuning epochs (0 = 100 for mini, 30 for tiny; batch 8)
+    image_size: int = 0            # training and sampling size in px (0 = the preset: 64 for mini-latent, 32 for mini and tiny)
+    epochs: int = 0                # fine-tuning epochs (0 = the preset: 100 for mini-latent and mini, 30 for tiny; batch 8)
     per_class: int = 12            # generated images per class (the downstream classifier trains on them)
     steps: int = 20                # DDIM sampling steps
     guidance: float = 0.0          # classifier-free guidance (0 = 4 for mini, 1.5 for tiny)
     classifier_steps: int = 30     # optimizer steps of each downstream classifier (32 px)
     seeds: int = 2                 # downstream classifier seeds (mean ± std)
     gain_ks: str = "5,13"          # gain study: real images per class k (offline proxy, procedural test set)
-    gain_seeds: int = 5            # gain study: seeds per k (95 % interval of the paired gain)
+    gain_seeds: int = 3            # gain study: seeds per k (95 % interval of the paired gain; the full study has 10)
     notebooks: bool = True         # run notebooks 01-04 through papermill (else call the stages directly)
     out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/demo)
 
@@ -46,14 +48,19 @@ class DemoConfig:
 # more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 32 px).
 # mask_loss: the defect region weighs 1 + 5 × its coverage in the loss (issue 18: without it the
 # fine-tune learns the product and all but ignores a mark on 2 % of the image).
+# mini-latent (the 64 px latent base): DiffFit on --zoom windows around each defect, so a
+# 7 px hole covers 4 × 4 latent cells instead of 2 × 2; the demo then draws image + mask pairs
+# (synthesize: the training masks carried onto defect-free products) and evaluates those.
 PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3, "guidance": 1.5, "mask_loss": 0.0},
-           "mini": {"method": "difffit", "image_size": 32, "epochs": 100, "lr": 3e-3, "guidance": 4.0, "mask_loss": 5.0}}
+           "mini": {"method": "difffit", "image_size": 32, "epochs": 100, "lr": 3e-3, "guidance": 4.0, "mask_loss": 5.0},
+           "mini-latent": {"method": "difffit", "image_size": 64, "epochs": 100, "lr": 3e-3, "guidance": 7.0,
+                           "mask_loss": 20.0, "zoom": 4, "pairs": True}}
 
 
 def base_model(cfg: DemoConfig) -> str:
     if cfg.model != "auto":
         return cfg.model
-    return "mini" if (paths.ASSETS / "mini").is_dir() else "tiny"
+    return next((m for m in ("mini-latent", "mini") if (paths.ASSETS / m).is_dir()), "tiny")
 
 
 def params(cfg: DemoConfig) -> dict:
@@ -68,9 +75,11 @@ def params(cfg: DemoConfig) -> dict:
         "model": model, "method": cfg.method or preset["method"], "image_size": cfg.image_size or preset["image_size"],
         "epochs": epochs, "lr": preset["lr"], "batch_size": 8, "grad_accum": 1, "val_per_class": 1,
         "val_timesteps": 4, "val_every": max(1, epochs // 5), "progress": False, "mask_loss": preset["mask_loss"],
-        # 03 sample
+        "zoom": preset.get("zoom", 1),
+        # 03 sample (and, on mini-latent, image + mask pairs: what 04 evaluates)
         "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": cfg.guidance or preset["guidance"],
-        "explorer_images": 6,
+        "explorer_images": 6, "pairs_per_class": cfg.per_class if preset.get("pairs") else 0,
+        "samples": "synthesized" if preset.get("pairs") else "",
         # 04 evaluate: downstream classifier + the procedural judge (offline: no Inception weights,
         # and random ones make FID meaningless)
         "metrics": "downstream,judge,gain", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
@@ -97,11 +106,14 @@ def _stages(cfg: DemoConfig, out: Path) -> Path:
     """The same steps as the notebooks, without Jupyter."""
     p = params(cfg)
     keys = ("model", "method", "product", "image_size", "epochs", "lr", "batch_size", "grad_accum",
-            "val_per_class", "val_timesteps", "val_every", "progress", "mask_loss")
+            "val_per_class", "val_timesteps", "val_every", "progress", "mask_loss", "zoom")
     folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
     sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
                                    guidance=p["guidance"]))
-    report.evaluate_run(evaluate.EvalConfig(run=str(folder), metrics=p["metrics"], seeds=p["seeds"],
+    if p["pairs_per_class"]:
+        synthesize.run(synthesize.MaskSampleConfig(run=str(folder), per_class=p["pairs_per_class"], scheduler="ddim",
+                                                   steps=p["steps"], guidance=p["guidance"]))
+    report.evaluate_run(evaluate.EvalConfig(run=str(folder), samples=p["samples"], metrics=p["metrics"], seeds=p["seeds"],
                                             classifier_steps=p["classifier_steps"],
                                             classifier_size=p["classifier_size"], gain_ks=p["gain_ks"],
                                             gain_seeds=p["gain_seeds"]))

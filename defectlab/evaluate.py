@@ -25,7 +25,7 @@ METRICS = ("downstream", "judge", "gain", *metrics.FIDELITY)
 @dataclass
 class EvalConfig:
     run: str = "latest"            # run folder, name or number; latest = the newest run
-    samples: str = ""              # sampler output (<samples>/<product>/test/<class>/*.png); "" = newest under <run>/samples/
+    samples: str = ""              # generated images (<samples>/<product>/test/<class>/*.png); "" = newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized = newest synthesize output
     metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
     feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" = torch hub cache or download
     feature_weights_note: str = ""  # label stored with the numbers, e.g. "random weights — numbers meaningless"
@@ -104,15 +104,23 @@ def run_split(folder: Path) -> tuple[data.DataConfig, data.DefectData]:
 
 
 def samples_folder(folder: Path, samples: str = "") -> Path:
-    """``samples`` if given, else the newest sampler output under ``<run>/samples/``."""
-    if samples:
+    """``samples`` if it is a folder; ``"synthesized"``: the newest ``synthesize`` output under
+    ``<run>/synthesized/``; ``""``: the newest sampler output under ``<run>/samples/``. A run
+    trained on ``--zoom`` windows is evaluated on its synthesized full images only (its free
+    samples are close-ups of defects, not pictures of products)."""
+    zoom = int(runs.load_config(folder).get("zoom", 1))
+    if samples and samples != "synthesized":
         path = Path(samples).expanduser()
         if not path.is_dir():
             raise DefectlabError(f"samples folder not found: {path} (--samples)")
+        if zoom > 1 and not (path / "mask_config.json").is_file():
+            raise DefectlabError(f"{path} is not synthesize output, and run {folder.name} was trained on --zoom {zoom} "
+                                 "windows: evaluate its `defectlab synthesize` output (--samples synthesized)")
         return path
-    found = [p.parent for p in (folder / "samples").glob("*/manifest.jsonl")]
+    sub, stage = ("synthesized", "synthesize") if samples or zoom > 1 else ("samples", "sample")
+    found = [p.parent for p in (folder / sub).glob("*/manifest.jsonl")]
     if not found:
-        raise DefectlabError(f"no samples in {folder / 'samples'}: run `defectlab sample --run {folder}` first, "
+        raise DefectlabError(f"no {sub} images in {folder / sub}: run `defectlab {stage} --run {folder}` first, "
                              "or pass --samples FOLDER")
     return max(found, key=lambda p: (p / "manifest.jsonl").stat().st_mtime)  # the newest export
 

@@ -28,6 +28,7 @@ from .errors import DefectlabError
 KINDS = ("ellipse", "stroke", "blob")
 MODES = ("condition", "inpaint")
 MAX_COVER = 0.95      # a mask over more of the image leaves no product context and nothing to keep
+CARRY_SIDE = 64       # masks.carry searches poses on foregrounds at most this many px wide
 DETECT_SIZE = 32      # defect detector's working side: downsampling averages out per-pixel grain
 NEEDS = ("file", "mask")   # a synthesized pair is finished when both its files exist
 
@@ -108,6 +109,51 @@ def transform_mask(mask: torch.Tensor, cx: float | None = None, cy: float | None
     # torchvision's affine angle is clockwise; ours is counter-clockwise like F.rotate
     return TF.affine(mask.float(), angle=-angle, translate=move, scale=scale, shear=[0.0, 0.0],
                      interpolation=InterpolationMode.NEAREST, center=[bx, by])
+
+
+def foreground(image: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """Bool [S,S]: pixels of ``image`` ([3,S,S] in [-1, 1]) whose mean absolute difference from
+    the border's median colour exceeds ``threshold`` — the product on a plain background (MVTec)."""
+    img = image.float().reshape(-1, *image.shape[-2:])
+    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+    return (img - border.median(dim=1).values[:, None, None]).abs().mean(0) > threshold
+
+
+def _warp(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch.Tensor, mode: str) -> torch.Tensor:
+    """[1,1,S,S] → [A,1,S,S]: pixel p of output a shows x at src_c + F_a R_a^-1 (p - dst_c)."""
+    s = x.shape[-1]
+    c = (torch.arange(s, dtype=torch.float32) + 0.5)
+    py, px = torch.meshgrid(c - dst_c[0], c - dst_c[1], indexing="ij")
+    cos, sin = torch.cos(angles)[:, None, None], torch.sin(angles)[:, None, None]
+    u = (cos * px + sin * py) * flips[:, None, None]          # rotate by -angle, then mirror x
+    v = -sin * px + cos * py
+    grid = torch.stack([(u + src_c[1]) / s * 2 - 1, (v + src_c[0]) / s * 2 - 1], -1)
+    return F.grid_sample(x.float().expand(len(angles), -1, -1, -1), grid, mode=mode, align_corners=False)
+
+
+def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: float = 3.0) -> torch.Tensor:
+    """Move a defect ``mask`` [1,S,S] drawn on image ``source`` onto the same place of the product
+    in ``target`` (both [3,S,S]): the rotation (every ``step`` degrees, mirrored or not) and shift
+    that best overlay ``source``'s product on ``target``'s (``foreground``, IoU) move the mask too.
+    A scratch on a screw head lands on the other screw's head, whatever the two poses."""
+    fs, ft = foreground(source), foreground(target)
+    if not fs.any() or not ft.any():
+        return mask.float()  # no product found on a plain background: leave the mask where it is
+    def centre(f):
+        ys, xs = torch.nonzero(f, as_tuple=True)
+        return float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
+    cs, ct = centre(fs), centre(ft)
+    n = int(round(360 / step))
+    angles = torch.deg2rad(torch.arange(n, dtype=torch.float32) * step).repeat(2)
+    flips = torch.tensor([1.0, -1.0]).repeat_interleave(n)
+    f = max(1, fs.shape[-1] // CARRY_SIDE)  # the pose search at ≤ CARRY_SIDE px: poses do not need more
+    small = lambda m: F.avg_pool2d(m.float()[None, None], f)[0, 0] if f > 1 else m.float()  # noqa: E731
+    moved = _warp(small(fs)[None, None], [c / f for c in cs], [c / f for c in ct], angles, flips, "bilinear")[:, 0] > 0.5
+    ft = small(ft) > 0.5
+    iou = (moved & ft).sum((-2, -1)) / (moved | ft).sum((-2, -1)).clamp(min=1)
+    best = int((iou - 0.02 * (flips < 0)).argmax())  # mirrored only where it fits clearly better (symmetric products)
+    out = _warp(mask.reshape(1, 1, *mask.shape[-2:]), cs, ct, angles[best:best + 1], flips[best:best + 1], "nearest")
+    return out[0].float()
 
 
 def fit_mask(mask: torch.Tensor, size: int, what: str = "mask") -> torch.Tensor:
@@ -209,7 +255,7 @@ def summarize(out: Path) -> dict:
     recs = sorted(manifest.read_records(out, NEEDS).values(), key=lambda r: (r["class"], r["index"]))
     if not recs:
         raise DefectlabError(f"no finished image + mask pairs in {out}")
-    size, crop = cfg["image_size"], cfg.get("crop", 0)
+    size, crop = cfg["image_size"] * cfg.get("zoom", 1), cfg.get("crop", 0)  # the full images a zoom run pastes into
     images = torch.stack([load_png(out / r["file"]) for r in recs])
     mask = torch.stack([load_mask_png(out / r["mask"], size) for r in recs])
     good = (torch.stack([quantised(dataset.load_image(Path(r["good"]), size, crop)) for r in recs])

@@ -52,13 +52,14 @@ PRESETS = {
     "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
     "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},   # tiny
     "mini": {"lr": 1e-3, "image_size": 32, "epochs": 60},    # mini, mini-scratch: their native 32 px
+    "mini-latent": {"lr": 3e-3, "image_size": 64, "epochs": 200},  # latent, 64 px; DiffFit (issue 18)
 }
-SMALL_BASES = ("tiny", "mini", "mini-scratch")
+SHIPPED, SMALL_BASES = ("mini", "mini-latent"), ("tiny", "mini", "mini-scratch", "mini-latent")  # shipped: paths.ASSETS / name
 
 
 def preset(model: str) -> dict:
     """Defaults for lr / image_size / epochs that depend on the base model."""
-    return PRESETS["mini" if model in ("mini", "mini-scratch") else "small" if model in SMALL_BASES else "real"]
+    return PRESETS["mini" if model == "mini-scratch" else model if model in SHIPPED else "small" if model in SMALL_BASES else "real"]
 
 
 def dit_schedule(learned_sigma: bool = True, clip_sample: bool = False) -> dict:
@@ -94,10 +95,10 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None, n
     vae = vae or os.environ.get(VAE_ENV) or DEFAULT_VAE
     if spec == "tiny":
         base = _load_folder(_ensure_tiny(), spec, vae)
-    elif spec == "mini":
-        folder = paths.ASSETS / "mini"
+    elif spec in SHIPPED:
+        folder = paths.ASSETS / spec
         if not folder.is_dir():
-            raise DefectlabError(f"the 'mini' base model is not in this install (looked in {folder}); "
+            raise DefectlabError(f"the {spec!r} base model is not in this install (looked in {folder}); "
                                  "use --model tiny, a hub id, a diffusers folder or a DiT .pt")
         base = _load_folder(folder, spec, vae)
     elif spec == "mini-scratch":
@@ -110,7 +111,7 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None, n
           and not spec.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         base = _load_hub(spec, vae)
     else:
-        raise DefectlabError(f"model not found: {spec} is not a file or folder (expected tiny, mini, mini-scratch, "
+        raise DefectlabError(f"model not found: {spec} is not a file or folder (expected tiny, mini, mini-latent, mini-scratch, "
                              f"a hub id like {HUB_DIT}, a diffusers folder or a DiT .pt file)")
     base.transformer.to(device).eval()
     if base.transformer.dtype != dtype:  # a dtype-less .to() when none is needed: diffusers warns on every cast
@@ -369,7 +370,7 @@ def _hub_errors(repo: str, what: str = "model"):
         raise DefectlabError(
             f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
             f"Hugging Face cache {constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
-            "a local folder or .pt file (presets: tiny, mini, mini-scratch)") from err
+            "a local folder or .pt file (presets: tiny, mini, mini-latent, mini-scratch)") from err
 
 
 

@@ -20,7 +20,7 @@ from . import data as data_mod, dataset, manifest, runs, sampler, train
 from .codec import check_image_size
 from .errors import DefectlabError
 from .images import quantised, save_mask_png, save_png
-from .masks import (KINDS, MODES, NEEDS, check_mask, inpaint, load_mask_png, procedural_mask,
+from .masks import (KINDS, MODES, NEEDS, carry, check_mask, inpaint, load_mask_png, procedural_mask,
                     transform_mask)
 from .progress import tqdm
 
@@ -39,6 +39,7 @@ class MaskSampleConfig:
     scale: float = 0.0             # drawn: longest side, fraction of the image side (0 = 0.25); dataset/PNG: resize factor (0 = 1)
     angle: float = 0.0             # rotation, degrees counter-clockwise (drawn masks placed at random also get a random angle)
     good: str = ""                 # inpaint: a defect-free image or folder of them ("" = the dataset's good images)
+    place: str = "carry"           # inpaint, dataset masks: carry (moved with the product onto the good image: masks.carry) | keep (same pixels)
     steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
     scheduler: str = "ddpm"        # ddpm | ddim | dpmsolver
     guidance: float = 1.5          # classifier-free guidance scale (on the class; both halves see the mask)
@@ -50,13 +51,16 @@ class MaskSampleConfig:
     out: str = ""                  # output folder ("" = <run>/synthesized/<mode>-<mask>-<scheduler><steps>-s<seed>-<size>px)
 
 
-PIXEL_FIELDS = ("run", "checkpoint", "mode", "mask", "cx", "cy", "scale", "angle", "good", "steps", "scheduler",
+PLACES = ("carry", "keep")
+PIXEL_FIELDS = ("run", "checkpoint", "mode", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
                 "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
 
 
 def _check(cfg: MaskSampleConfig) -> None:
     if cfg.mode not in MODES:
         raise DefectlabError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.place not in PLACES:
+        raise DefectlabError(f"unknown place {cfg.place!r}; choose one of {', '.join(PLACES)}")
     if cfg.mask not in ("dataset", *KINDS) and not Path(cfg.mask).expanduser().is_file():
         raise DefectlabError(f"mask {cfg.mask!r} is not dataset, {', '.join(KINDS)} or an existing PNG file")
     if cfg.per_class < 1 or cfg.batch_size < 1 or cfg.steps < 0 or cfg.resample < 1 or cfg.scale < 0:
@@ -67,28 +71,43 @@ def _check(cfg: MaskSampleConfig) -> None:
         raise DefectlabError(f"cx and cy are fractions of the side in [0, 1], or -1 (got {cfg.cx}, {cfg.cy})")
 
 
-def _mask_for(cfg: MaskSampleConfig, size: int, pool: list, i: int, seed: int) -> tuple[torch.Tensor, str]:
+def _mask_for(cfg: MaskSampleConfig, size: int, pool: list, i: int, seed: int,
+              good: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """Pair ``i``'s mask; a dataset mask is carried onto ``good``'s product (``place`` carry)."""
     if cfg.mask in KINDS:
         rng = np.random.default_rng(seed)  # place and shape follow the pair's own seed
         cx, cy = (v if v >= 0 else float(rng.uniform(0.35, 0.65)) for v in (cfg.cx, cfg.cy))
         angle = cfg.angle + (0.0 if cfg.cx >= 0 and cfg.cy >= 0 else float(rng.uniform(0, 360)))
         return procedural_mask(cfg.mask, size, cx, cy, cfg.scale or 0.25, angle, seed), cfg.mask
-    mask, source = pool[i % len(pool)]
+    mask, source, image = pool[i % len(pool)]
+    if image is not None and good is not None and cfg.place == "carry":
+        mask = carry(mask, image, good)
+        if not mask.any():  # carried off the image: the pose match failed; keep the mask where it was drawn
+            mask = pool[i % len(pool)][0]
     return transform_mask(mask, cfg.cx if cfg.cx >= 0 else None, cfg.cy if cfg.cy >= 0 else None,
                           cfg.angle, cfg.scale or 1.0), source
 
 
+def _inside(mask: torch.Tensor, y: int, x: int, size: int) -> torch.Tensor:
+    out = torch.zeros_like(mask)
+    out[..., y:y + size, x:x + size] = mask[..., y:y + size, x:x + size]
+    return out
+
+
 def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, run_name: str) -> tuple[dict, list]:
-    """``({class: [(mask, source)]}, good image paths)``: masks of the run's *training* split only
-    (test-split shapes never leak into synthetic training data), or the one PNG for every class."""
-    png = [(load_mask_png(Path(cfg.mask).expanduser(), size), cfg.mask)] if cfg.mask not in ("dataset", *KINDS) else []
-    pools = {n: png or [(dataset.load_mask(s.mask, size, crop), s.mask.relative_to(dd.root).as_posix())
+    """``({class: [(mask, source, its image or None)]}, good image paths)``: masks of the run's
+    *training* split only (test-split shapes never leak into synthetic training data), with the
+    defect image they were drawn on (``place`` carry), or the one PNG for every class."""
+    png = [(load_mask_png(Path(cfg.mask).expanduser(), size), cfg.mask, None)] if cfg.mask not in ("dataset", *KINDS) else []
+    image = (lambda s: dataset.load_image(s.image, size, crop)) if cfg.mode == "inpaint" and cfg.place == "carry" \
+        else (lambda s: None)
+    pools = {n: png or [(dataset.load_mask(s.mask, size, crop), s.mask.relative_to(dd.root).as_posix(), image(s))
                         for s in (dd.train if cfg.mask == "dataset" else []) if s.defect == n and s.mask is not None]
              for n in names}
     if cfg.mask == "dataset" and (empty := [n for n, pool in pools.items() if not pool]):
         raise DefectlabError(f"class {empty[0]!r} has no masks in the training split of run {run_name}; "
                              "use --mask ellipse, stroke, blob or a PNG")
-    if blank := [src for pool in pools.values() for mask, src in pool if not mask.any()]:
+    if blank := [src for pool in pools.values() for mask, src, _ in pool if not mask.any()]:
         where = dd.root / blank[0] if cfg.mask == "dataset" else blank[0]
         raise DefectlabError(f"mask {where} holds no defect pixel at {size} px (all black, or outside the crop): "
                              "fix or delete it, or use --mask ellipse, stroke or blob")
@@ -108,6 +127,8 @@ def run(cfg: MaskSampleConfig) -> Path:
     steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
     sampler.check(steps, cfg.guidance, cfg.scheduler, "all")
     folder = runs.resolve(cfg.run)
+    if (zoom := int(runs.load_config(folder).get("zoom", 1))) > 1 and cfg.mode != "inpaint":
+        raise DefectlabError(f"run {folder.name} was trained on --zoom {zoom} windows: synthesize it with --mode inpaint")
     if cfg.mode == "condition" and not runs.load_config(folder).get("mask_condition"):
         raise DefectlabError(f"run {folder.name} was trained without mask conditioning: --mode condition needs a run "
                              "fine-tuned with --mask-condition (defectlab finetune --mask-condition …); "
@@ -117,23 +138,29 @@ def run(cfg: MaskSampleConfig) -> Path:
                             r.base.spec)
     grey = bool(r.config.get("greyscale"))  # a greyscale dataset: grey pairs, as the images it trained on
     dcfg = data_mod.from_settings(r.config, image_size=size)
+    full = size * dcfg.zoom  # a --zoom run generates size windows of full-size images
     names = [c.strip() for c in cfg.classes.split(",") if c.strip()] or list(r.classes)
     if unknown := [c for c in names if c not in r.classes]:
         raise DefectlabError(f"unknown class {', '.join(unknown)} (known: {', '.join(r.classes)})")
     need_data = cfg.mask == "dataset" or (cfg.mode == "inpaint" and not cfg.good)
     dd = data_mod.load(dcfg, manifest=folder / "split.json") if need_data else None
-    pools, goods = _sources(cfg, dd, names, size, dcfg.crop, folder.name)
+    pools, goods = _sources(cfg, dd, names, full, dcfg.crop, folder.name)
 
     slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
-    out = Path(cfg.out) if cfg.out else folder / "synthesized" / f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}-s{cfg.seed}-{size}px"
+    tag = f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
+    out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
     resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
-                "image_size": size, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
+                "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
     manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
     done = set(manifest.read_records(out, NEEDS))
     work = []  # (class, index, seed, mask, mask source): every mask is checked before anything is written
+    good_of = (lambda i: quantised(dataset.load_image(goods[i % len(goods)], full, dcfg.crop))) if goods else (lambda i: None)
     for n, i in ((n, i) for n in names for i in range(cfg.per_class) if (n, i) not in done):
         seed = sampler.sample_seed(cfg.seed, n, i)
-        mask, src = _mask_for(cfg, size, pools[n], i, seed)
+        mask, src = _mask_for(cfg, full, pools[n], i, seed, good_of(i) if cfg.mask == "dataset" else None)
+        if dcfg.zoom > 1:  # the model sees one window: the defect is what falls inside it
+            y, x = dataset.window(mask, size)
+            mask = _inside(mask, y, x, size)
         work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src))
     runs.ensure_dir(out, "--out")
     runs.write_json(out / "mask_config.json", resolved)
@@ -145,9 +172,14 @@ def run(cfg: MaskSampleConfig) -> Path:
         labels = [r.classes.index(n) for n, *_ in chunk]
         gens = [sampler.generators(cfg.seed, n, [i])[0] for n, i, *_ in chunk]
         if cfg.mode == "inpaint":  # the good image as its PNG reads back: the kept region matches exactly
-            good = torch.stack([quantised(dataset.load_image(goods[w[1] % len(goods)], size, dcfg.crop)) for w in chunk])
-            images = inpaint(r.model, r.base.codec, good, batch_masks, labels, gens, steps, cfg.guidance, cfg.scheduler,
-                             cfg.resample, **kw)
+            good = torch.stack([good_of(w[1]) for w in chunk])
+            corners = [dataset.window(m, size) for m in batch_masks]
+            cut = lambda t: torch.stack([v[:, y:y + size, x:x + size] for v, (y, x) in zip(t, corners)])  # noqa: E731
+            drawn = inpaint(r.model, r.base.codec, cut(good), cut(batch_masks), labels, gens, steps, cfg.guidance,
+                            cfg.scheduler, cfg.resample, **kw)
+            images = good.float().clone()
+            for img, d, (y, x) in zip(images, drawn, corners):  # the window back into the full image (zoom 1: all of it)
+                img[:, y:y + size, x:x + size] = d
         else:
             images = sampler.generate(r.model, r.base.codec, labels, gens,
                                       sampler.Sampling(steps, cfg.guidance, cfg.scheduler), image_size=size,

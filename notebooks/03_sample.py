@@ -30,11 +30,12 @@ steps: int = 0  # sampling steps (0 means the scheduler's default: ddpm 250, ddi
 guidance: float = 1.5  # classifier-free guidance scale (1 means off)
 sample_seed: int = 0  # image i of class c is seeded from (sample_seed, c, i)
 explorer_images: int = 4  # images per Run in the explorer
+pairs_per_class: int = 0  # image + mask pairs per class drawn inside training masks on defect-free images (0 means none; 04 evaluates them)
 formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other SampleConfig fields as JSON, e.g. {"timestep_spacing": "leading"} (batch runs put them here)
 
 # %%
-from defectlab import params, report, sample, train, viz
+from defectlab import params, report, sample, synthesize, train, viz
 from defectlab.explorer import Explorer
 
 run_folder = report.resolve_run(run)
@@ -56,6 +57,22 @@ restored = train.restore(run_folder, config.checkpoint, numerics=config.numerics
 samples = sample.run(config, restored=restored)
 viz.show(report.sample_figure(samples))
 samples
+
+# %% [markdown]
+# ## Image + mask pairs
+# With `pairs_per_class`, the model also draws each class inside the masks of its training
+# images, carried onto the product of defect-free images (`defectlab synthesize`: the mask moves
+# with the product's pose, the rest of the image stays as it is). A run trained on `--zoom`
+# windows draws the window around the mask. Real training images on top, pairs below.
+
+# %%
+if pairs_per_class:
+    pairs = synthesize.run(synthesize.MaskSampleConfig(
+        run=str(run_folder), checkpoint=checkpoint, classes=classes, per_class=pairs_per_class, scheduler=scheduler,
+        steps=steps, guidance=guidance, seed=sample_seed))
+    pairs_figure = report.real_vs_generated_for_run(run_folder, pairs)
+    viz.save_figure(pairs_figure, report.figures_folder(run_folder), f"pairs-{pairs.name}", formats)
+    viz.show(pairs_figure)
 
 # %% [markdown]
 # ## Explorer

@@ -24,7 +24,7 @@
 
 # %% tags=["parameters"]
 run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
-samples: str = ""  # sampler output folder made by 03 ("" means the newest under the run)
+samples: str = ""  # generated images: a folder, "synthesized" (the newest image + mask pairs of 03) or "" (the newest samples; a --zoom run's pairs)
 metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (unavailable ones are skipped)
 conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen
 seeds: int = 3  # downstream classifier seeds (mean and std over them)

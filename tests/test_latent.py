@@ -80,14 +80,14 @@ def test_finetune_on_a_latent_base(latent_base):
 def test_vae_path_is_stored_relative_to_the_checkout_and_found_from_anywhere(tmp_path, monkeypatch):
     """A run folder committed under pretrain/ must resume from any clone and any working folder:
     an autoencoder inside the checkout is stored relative to it; one outside stays absolute."""
-    inside = paths.CHECKOUT / "pretrain" / "ae64"
-    assert pretrain.vae_path(str(inside)) == "pretrain/ae64"
+    inside = paths.CHECKOUT / "pretrain" / "ae64-s9000"
+    assert pretrain.vae_path(str(inside)) == "pretrain/ae64-s9000"
     assert pretrain.vae_path(str(tmp_path / "ae")) == str((tmp_path / "ae").resolve())
     monkeypatch.chdir(tmp_path)                                    # not the checkout: found through it
-    assert pretrain.codec(pretrain.PretrainConfig(vae="pretrain/ae64")).scaling_factor > 0
-    assert pretrain.vae_folder("pretrain/ae64") == inside
+    assert pretrain.codec(pretrain.PretrainConfig(vae="pretrain/ae64-s9000")).scaling_factor > 0
+    assert pretrain.vae_folder("pretrain/ae64-s9000") == inside
     # export copies the autoencoder from there too (a base is shipped with its vae/)
-    cfg = pretrain.PretrainConfig(image_size=64, patch_size=4, width=16, heads=1, depth=1, fp16=False, vae="pretrain/ae64")
+    cfg = pretrain.PretrainConfig(image_size=64, patch_size=4, width=16, heads=1, depth=1, fp16=False, vae="pretrain/ae64-s9000")
     out = pretrain.save_model(pretrain.build(cfg), tmp_path / "base", cfg)
     assert (out / "vae" / "config.json").is_file() and model.load(str(out)).codec.scaling_factor > 0
     with pytest.raises(DefectlabError, match="--vae pretrain/none"):

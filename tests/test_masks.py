@@ -2,6 +2,7 @@
 method, exact inpainting, procedural / transformed masks, MVTec pairs read back, bad input."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,45 @@ def test_dataset_mask_transforms_move_rotate_and_scale():
     assert (x1 - x0, y1 - y0) == (4.0, 20.0) and abs((x0 + x1) / 2 - 42) <= 1 and abs((y0 + y1) / 2 - 32) <= 1
     big = masks.transform_mask(bar, scale=1.5)
     assert abs(big.sum() / bar.sum() - 2.25) < 0.25 and set(big.unique().tolist()) == {0.0, 1.0}
+
+
+def _procedural(product, defect, seed, size=64):
+    from defectlab import synth
+    img, parts = synth.product_image(product, np.random.default_rng(seed), size)
+    if defect:
+        img, mask = synth.draw_defect(img, defect, np.random.default_rng(seed + 1), parts)
+    else:
+        mask = np.zeros(parts.shape, bool)
+    return (torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1,
+            torch.from_numpy(mask.astype(np.float32))[None], parts)
+
+
+@pytest.mark.parametrize("defect,part", [("scratch_head", 2), ("thread_top", 3)])
+def test_carried_masks_land_on_the_same_part_of_another_product(defect, part):
+    """A mask drawn on one screw's head lands on another screw's head, whatever the two poses; at
+    its own pixels it mostly lands on the background (screws lie at any angle)."""
+    from defectlab import synth
+    part = {2: synth.HEAD, 3: synth.NECK}[part]
+    on_part, kept_on_part = [], []
+    for i in range(6):
+        source, mask, _ = _procedural("screw", defect, 10 * i)
+        target, _, parts = _procedural("screw", None, 10 * i + 5)
+        near = torch.nn.functional.max_pool2d(torch.from_numpy(parts == part).float()[None, None], 5, 1, 2)[0] > 0
+        moved = masks.carry(mask, source, target)
+        assert set(moved.unique().tolist()) <= {0.0, 1.0} and moved.shape == mask.shape
+        on_part.append(float(moved[near].sum() / moved.sum()))
+        kept_on_part.append(float(mask[near].sum() / mask.sum()))
+    assert min(on_part) >= 0.8 and np.mean(kept_on_part) < 0.5
+
+
+def test_carry_recovers_a_known_rotation_and_shift():
+    source, mask, _ = _procedural("screw", "thread_top", 3)
+    for turns, shift in ((0, (3, -5)), (1, (0, 4)), (3, (-4, 2))):  # quarter turns + a wrapped shift: exact moves
+        move = lambda t: torch.roll(torch.rot90(t, turns, dims=(-2, -1)), shift, dims=(-2, -1))
+        got, want = masks.carry(mask, source, move(source)), move(mask)
+        assert float((got * want).sum() / ((got + want) > 0).sum()) >= 0.6
+    blank = torch.full_like(source, float(source[0, 0, 0]))
+    assert torch.equal(masks.carry(mask, source, blank), mask)  # no product on the target: the mask stays
 
 
 def test_bad_masks_are_one_clear_line():
@@ -217,3 +257,65 @@ def test_cli_entry(monkeypatch, capsys):
     assert "unknown mode 'paint'" in capsys.readouterr().err
     args = cli.build_parser("finetune").parse_args(["finetune", "--mask-condition"])
     assert cli.config_from_args(train.TrainConfig, args).mask_condition is True
+
+
+# ----------------------------------------------------------------------------- zoom: windows around small defects
+def test_window_is_centred_on_the_defect_and_stays_inside():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:14, 50:54] = 1
+    assert dataset.window(mask, 32) == (0, 32)          # centre (12, 52) → clipped to the image
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 30:34, 20:24] = 1
+    assert dataset.window(mask, 16) == (24, 14)          # centred: 32 - 8, 22 - 8
+    assert dataset.window(torch.zeros(1, 64, 64), 16) == (24, 24)  # no defect: the image centre
+    gen = torch.Generator().manual_seed(0)
+    y, x = dataset.window(mask, 16, gen, jitter=0.25)
+    assert (y, x) != (24, 14) and abs(y - 24) <= 4 and abs(x - 14) <= 4
+
+
+def test_zoom_dataset_items_are_windows_that_hold_the_defect():
+    cfg = data.DataConfig(product="hazelnut", image_size=16, zoom=2)
+    dd = data.load(cfg)
+    items = [s for s in dd.train if s.mask is not None][:4]
+    plain = dataset.DefectDataset(items, cfg, augment=False)
+    full = [dataset.load_mask(s.mask, 32) for s in items]
+    for i, whole in enumerate(full):
+        item = plain[i]
+        assert item["image"].shape == (3, 16, 16) and item["mask"].shape == (1, 16, 16)
+        y, x = dataset.window(whole, 16)
+        assert torch.equal(item["mask"], whole[:, y:y + 16, x:x + 16]) and item["mask"].sum() > 0
+        assert torch.equal(item["image"], dataset.load_image(items[i].image, 32)[:, y:y + 16, x:x + 16])
+    jittered = dataset.DefectDataset(items, cfg, augment=True, seed=0)
+    a, b = jittered[0], jittered[0]
+    assert torch.equal(a["image"], b["image"])  # seeded per item and epoch: the same window twice
+    with pytest.raises(DefectlabError, match="zoom must be between 1"):
+        dataset.DefectDataset(items, data.DataConfig(product="hazelnut", zoom=0))
+
+
+def test_zoom_run_synthesizes_full_size_images_changed_only_in_the_window(tmp_path):
+    folder = train.run(train.TrainConfig(
+        model="tiny", method="full", product="hazelnut", image_size=16, zoom=2, epochs=1, max_steps=1,
+        batch_size=2, grad_accum=1, val_every=1, val_per_class=1, val_timesteps=1, log_samples=0,
+        runs_dir=str(tmp_path / "runs"), progress=False))
+    out = synthesize.run(synthesize.MaskSampleConfig(run=str(folder), classes="hole", per_class=2, steps=2,
+                                                     scheduler="ddim"))
+    assert out == folder / "synthesized" / "inpaint-dataset-ddim2-s0-16px-zoom2"
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert json.loads((out / "mask_config.json").read_text())["zoom"] == 2
+    for r in records:
+        img, mask = images.load_png(out / r["file"]), dataset.load_mask(out / r["mask"], 32)
+        good = dataset.load_image(Path(r["good"]), 32)
+        assert img.shape[-1] == 32 and mask.shape[-1] == 32 and mask.sum() > 0
+        y, x = dataset.window(mask, 16)
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[y:y + 16, x:x + 16] = False
+        assert (img - images.quantised(good)).abs()[:, outside].max() <= 1 / 127.5 + 1e-6  # untouched outside the window
+    from defectlab import evaluate  # a zoom run is evaluated on its synthesized full images, found by default
+    assert evaluate.samples_folder(folder) == out == evaluate.samples_folder(folder, "synthesized")
+    (tmp_path / "free" / "hazelnut").mkdir(parents=True)
+    with pytest.raises(DefectlabError, match="not synthesize output.*--zoom 2"):
+        evaluate.samples_folder(folder, str(tmp_path / "free"))
+    summary = masks.summarize(out)["overall"]  # read at the full size the windows were pasted into
+    assert summary["n"] == 2 and summary["change_in_mask_share"] == 1.0
+    with pytest.raises(DefectlabError, match="trained on --zoom 2 windows"):
+        synthesize.run(synthesize.MaskSampleConfig(run=str(folder), mode="condition", per_class=1, out=str(tmp_path / "c")))
