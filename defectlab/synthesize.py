@@ -10,6 +10,7 @@ The masks, inpainting and the defect detector are ``masks.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +128,10 @@ def run(cfg: MaskSampleConfig) -> Path:
     steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
     sampler.check(steps, cfg.guidance, cfg.scheduler, "all")
     folder = runs.resolve(cfg.run)
-    if (zoom := int(runs.load_config(folder).get("zoom", 1))) > 1 and cfg.mode != "inpaint":
+    saved = runs.load_config(folder)
+    if (zoom := int(saved.get("zoom", 1))) > 1 and cfg.mode != "inpaint":
         raise DefectlabError(f"run {folder.name} was trained on --zoom {zoom} windows: synthesize it with --mode inpaint")
-    if cfg.mode == "condition" and not runs.load_config(folder).get("mask_condition"):
+    if cfg.mode == "condition" and not saved.get("mask_condition"):
         raise DefectlabError(f"run {folder.name} was trained without mask conditioning: --mode condition needs a run "
                              "fine-tuned with --mask-condition (defectlab finetune --mask-condition …); "
                              "--mode inpaint works with any run")
@@ -153,15 +155,19 @@ def run(cfg: MaskSampleConfig) -> Path:
                 "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
     manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
     done = set(manifest.read_records(out, NEEDS))
-    work = []  # (class, index, seed, mask, mask source): every mask is checked before anything is written
-    good_of = (lambda i: quantised(dataset.load_image(goods[i % len(goods)], full, dcfg.crop))) if goods else (lambda i: None)
+    work = []  # (class, index, seed, mask, mask source, window corner): every mask is checked before anything is written
+
+    @functools.cache
+    def good_of(i: int) -> torch.Tensor | None:  # each good image read once (it serves the mask's pose and the inpainting)
+        return quantised(dataset.load_image(goods[i % len(goods)], full, dcfg.crop)) if goods else None
+
     for n, i in ((n, i) for n in names for i in range(cfg.per_class) if (n, i) not in done):
         seed = sampler.sample_seed(cfg.seed, n, i)
         mask, src = _mask_for(cfg, full, pools[n], i, seed, good_of(i) if cfg.mask == "dataset" else None)
         if dcfg.zoom > 1:  # the model sees one window: the defect is what falls inside it
-            y, x = dataset.window(mask, size)
-            mask = _inside(mask, y, x, size)
-        work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src))
+            mask = _inside(mask, *dataset.window(mask, size), size)
+        corner = dataset.window(mask, size)  # where the model draws ((0, 0) at zoom 1: all of it)
+        work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src, corner))
     runs.ensure_dir(out, "--out")
     runs.write_json(out / "mask_config.json", resolved)
     common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
@@ -173,7 +179,7 @@ def run(cfg: MaskSampleConfig) -> Path:
         gens = [sampler.generators(cfg.seed, n, [i])[0] for n, i, *_ in chunk]
         if cfg.mode == "inpaint":  # the good image as its PNG reads back: the kept region matches exactly
             good = torch.stack([good_of(w[1]) for w in chunk])
-            corners = [dataset.window(m, size) for m in batch_masks]
+            corners = [w[5] for w in chunk]
             cut = lambda t: torch.stack([v[:, y:y + size, x:x + size] for v, (y, x) in zip(t, corners)])  # noqa: E731
             drawn = inpaint(r.model, r.base.codec, cut(good), cut(batch_masks), labels, gens, steps, cfg.guidance,
                             cfg.scheduler, cfg.resample, **kw)
@@ -185,7 +191,7 @@ def run(cfg: MaskSampleConfig) -> Path:
                                       sampler.Sampling(steps, cfg.guidance, cfg.scheduler), image_size=size,
                                       cond=batch_masks, **kw)
         lines = []
-        for (n, i, seed, mask, src), img in zip(chunk, images):
+        for (n, i, seed, mask, src, _), img in zip(chunk, images):
             rel, mrel = f"{dcfg.product}/test/{n}/{i:04d}.png", f"{dcfg.product}/ground_truth/{n}/{i:04d}_mask.png"
             save_mask_png(mask, runs.safe_join(out, mrel))
             save_png(img, runs.safe_join(out, rel), grey=grey)  # the image last: it marks the pair finished
