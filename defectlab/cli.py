@@ -24,6 +24,8 @@ STAGES = {
     "sample": ("sample", "SampleConfig", "generate images from a run (grids, bulk export, manifest)"),
     "synthesize": ("synthesize", "MaskSampleConfig", "image + mask pairs: defects inside given masks (mask-conditioned "
                    "run) or inpainted onto good images"),
+    "benchmark": ("benchmark", "BenchmarkConfig", "generated pairs against copy-paste and real-only on a folder of real "
+                  "test images: downstream accuracy with intervals, two-sample realism"),
     # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
     "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
@@ -57,9 +59,28 @@ def _field_help(cls) -> dict[str, str]:
     return helps
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (``DefectlabError``, exit 2), not a usage block."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("defectlab").strip()
+        raise DefectlabError(f"{where + ': ' if where else ''}{message.removeprefix('argument ')} "
+                             f"(see `{self.prog} --help`)")
+
+
+def _typed(kind):
+    """``kind(text)``, or the one-line reason: ``'abc' is not a float``."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an' if kind is int else 'a'} {kind.__name__}") from None
+    return convert
+
+
 def _parse_list(kind):
     def parse(text: str):
-        return tuple(kind(x) for x in text.split(",") if x.strip() != "")
+        return tuple(_typed(kind)(x) for x in text.split(",") if x.strip() != "")
     return parse
 
 
@@ -83,8 +104,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
         if origin in (tuple, list):
             inner = typing.get_args(hint)[0]
             kw["type"], kw["metavar"] = _parse_list(inner), "A,B,…"
-        elif hint in (int, float, str):
-            kw["type"] = hint
+        elif hint in (int, float):
+            kw["type"] = _typed(hint)
         parser.add_argument(name, **kw)
 
 
@@ -96,7 +117,7 @@ def config_from_args(cls, args: argparse.Namespace):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="defectlab", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="defectlab", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -104,9 +125,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = data.add_parser("synth", help="generate the embedded procedural defect dataset (MVTec AD layout)")
     p.add_argument("--out", type=Path, default=None,
                    help="destination (default: data/synthetic for the default settings, else data/synthetic-<settings>)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
-    p.add_argument("--per-class", type=int, default=20, help="images per defect class (default: 20)")
+    p.add_argument("--seed", type=_typed(int), default=0, help="generator seed (default: 0)")
+    p.add_argument("--size", type=_typed(int), default=256, help="image side in pixels (default: 256)")
+    p.add_argument("--per-class", type=_typed(int), default=20, help="images per defect class (default: 20)")
+    p.add_argument("--version", type=_typed(int), default=synth.GENERATOR_VERSION, choices=synth.VERSIONS,
+                   help="drawing version: 1 = flat colour-coded defects, 2 = varied albedo, texture, light and pose, "
+                        f"defects drawn through them (default: {synth.GENERATOR_VERSION})")
     p = data.add_parser("info", help="layout, products, classes, counts and image sizes of a dataset root")
     p.add_argument("root", help="dataset root folder, or 'synthetic'")
     p = data.add_parser("fetch", help="download DefectSpectrum (hub) or unpack an MVTec AD archive")
@@ -130,10 +154,11 @@ def _run_data(args) -> int:
     if args.action == "synth":
         settings = {"seed": args.seed, "size": args.size, "per_class": args.per_class}
         if args.out is None and all(data.SYNTHETIC[k] == v for k, v in settings.items()):
-            out = data.resolve_root("synthetic")  # the embedded default, stamped, reused by every stage
+            out = data.resolve_root("synthetic", args.version)  # stamped, reused by every stage
         else:
-            out = synth.generate(args.out or paths.DATA / "synthetic-s{seed}-{size}px-{per_class}".format(**settings),
-                                 **settings)
+            tag = "synthetic-s{seed}-{size}px-{per_class}".format(**settings) + (
+                f"-v{args.version}" if args.version != synth.GENERATOR_VERSION else "")
+            out = synth.generate(args.out or paths.DATA / tag, **settings, version=args.version)
         print(data.format_info(data.info(out)))
     elif args.action == "info":
         print(data.format_info(data.info(data.resolve_root(args.root))))

@@ -25,7 +25,8 @@ import zlib
 import numpy as np
 import torch
 
-from .synth import _capsule, _disk, _edge, _grid, _pick, _smooth_noise
+from .shapes import capsule as _capsule, disk as _disk, edge as _edge, grid as _grid, pick as _pick
+from .shapes import smooth_noise as _smooth_noise
 
 CORPUS_VERSION = 2   # bump whenever a picture changes: the model card records it
 

@@ -95,21 +95,23 @@ class DefectData:
 
 
 # ----------------------------------------------------------------------------- roots and layouts
-def resolve_root(data: str) -> Path:
-    """``"synthetic"`` → ``paths.SYNTHETIC`` (generated on first use), else an existing folder."""
+def resolve_root(data: str, version: int | None = None) -> Path:
+    """``"synthetic"`` → ``paths.SYNTHETIC`` (generated on first use), else an existing folder;
+    ``version``: synth's drawing version (``None``: the default; another lives in ``synthetic-v<N>``)."""
     if str(data) == "synthetic":
-        return _ensure_synthetic()
+        return _ensure_synthetic(version)
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DefectlabError(f"dataset folder not found: {root}")
     return root.resolve()
 
 
-def _ensure_synthetic() -> Path:
+def _ensure_synthetic(version: int | None = None) -> Path:
     """Generate in a temp sibling, then rename into place: a killed run never leaves half a
     dataset, and the stamp (generator version + settings) makes an outdated copy regenerate."""
-    target = paths.SYNTHETIC
-    stamp = {"generator_version": synth.GENERATOR_VERSION, **SYNTHETIC}
+    version = synth.version_of(version)  # a non-default version lives beside the default: no back-and-forth regeneration
+    target = paths.SYNTHETIC if version == synth.GENERATOR_VERSION else paths.SYNTHETIC.with_name(f"synthetic-v{version}")
+    stamp = {"generator_version": version, **SYNTHETIC}
     if _read_stamp(target) == stamp:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,7 @@ def _ensure_synthetic() -> Path:
 def _generate_synthetic(target: Path, stamp: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-new-", dir=target.parent))
     try:
-        synth.generate(tmp, **SYNTHETIC)
+        synth.generate(tmp, **SYNTHETIC, version=stamp["generator_version"])
         (tmp / STAMP).write_text(json.dumps(stamp))
         tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
         if target.exists():

@@ -149,10 +149,33 @@ class DefectDataset(_Epochs, torch.utils.data.Dataset):
         gen = self._generator(i)
         if self.augment:
             image, mask = augment_pair(image, mask, cfg, gen)
-        if cfg.zoom > 1:  # the window around the defect, jittered while training
-            y, x = window(mask, cfg.image_size, gen if self.augment else None, 0.25 if self.augment else 0.0)
+        if cfg.zoom > 1:  # the window around the defect, jittered while training; a defect-free
+            # image (product adaptation) shows the product's look anywhere on the product
+            y, x = (product_window(image, cfg.image_size, gen, draw=self.augment) if s.mask is None else
+                    window(mask, cfg.image_size, gen if self.augment else None, 0.25 if self.augment else 0.0))
             image, mask = image[:, y:y + cfg.image_size, x:x + cfg.image_size], mask[:, y:y + cfg.image_size, x:x + cfg.image_size]
         return {"image": image, "mask": mask, "label": s.label}
+
+
+def foreground(image: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """Bool [S,S]: pixels of ``image`` ([3,S,S] in [-1, 1]) whose mean absolute difference from
+    the border's median colour exceeds ``threshold`` — the product on a plain background (MVTec)."""
+    img = image.float().reshape(-1, *image.shape[-2:])
+    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+    return (img - border.median(dim=1).values[:, None, None]).abs().mean(0) > threshold
+
+
+def product_window(image: torch.Tensor, size: int, gen: torch.Generator | None = None,
+                   draw: bool = True) -> tuple[int, int]:
+    """Top-left ``(y, x)`` of a ``size`` window centred on a product pixel (``foreground``) drawn
+    from ``gen`` (torch's global RNG if None); the image centre when not ``draw`` or without a
+    product: where a defect-free image shows the product's look at a zoom run's scale."""
+    ys, xs = torch.nonzero(foreground(image), as_tuple=True)
+    pick = torch.zeros((1, *image.shape[-2:]))
+    if draw and len(ys):
+        j = int(torch.randint(len(ys), (), generator=gen))
+        pick[0, ys[j], xs[j]] = 1
+    return window(pick, size)
 
 
 def window(mask: torch.Tensor, size: int, gen: torch.Generator | None = None, jitter: float = 0.0) -> tuple[int, int]:

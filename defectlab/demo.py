@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batch, evaluate, paths, report, runs, sample, synthesize, train
+from . import batch, benchmark, evaluate, paths, report, runs, sample, synth, synthesize, train
 
 
 @dataclass
@@ -40,13 +40,16 @@ class DemoConfig:
     seeds: int = 2                 # downstream classifier seeds (mean ± std)
     gain_ks: str = "5,13"          # gain study: real images per class k (offline proxy, procedural test set)
     gain_seeds: int = 3            # gain study: seeds per k (95 % interval of the paired gain; the full study has 10)
+    benchmark: bool = True         # then the copy baseline: generated vs cut-paste vs real-only on new procedural test images
+    bench_seeds: str = "3,3"       # benchmark: generation seeds, classifier seeds
+    bench_real: int = 2            # benchmark: real images per class each classifier gets (where real only is not yet at 1.0)
     notebooks: bool = True         # run notebooks 01-04 through papermill (else call the stages directly)
     out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/demo)
 
 
 # Per base: a random-weight tiny DiT has to learn everything (train all of it, small images,
 # more epochs); the pre-trained mini only needs the new classes (DiffFit at its native 32 px).
-# mask_loss: the defect region weighs 1 + 5 × its coverage in the loss (issue 18: without it the
+# mask_loss: the defect region weighs 1 + 5 × its coverage in the loss (without it the
 # fine-tune learns the product and all but ignores a mark on 2 % of the image).
 # mini-latent (the 64 px latent base): DiffFit on --zoom windows around each defect, so a
 # 7 px hole covers 4 × 4 latent cells instead of 2 × 2; the demo then draws image + mask pairs
@@ -97,6 +100,11 @@ def run(cfg: DemoConfig) -> Path:
     else:
         result = run_folder = _stages(cfg, out)
     _report(run_folder)
+    if cfg.benchmark and runs.load_config(run_folder).get("zoom", 1) > 1:  # pairs: what the copy baseline compares
+        _benchmark(cfg, run_folder, out)
+    p = params(cfg)
+    print(f"\nnext: defectlab sample --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}"
+          f"\n      defectlab synthesize --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}")
     print(f"demo finished in {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores "
           f"(load average {load} at start, {_load()} at the end) → {result}")
     return result
@@ -129,6 +137,19 @@ def _report(run_folder: Path) -> None:
         if value is not None and not key.startswith("acc_gain_std"):
             print(f"  {key:<28} {value:+.3f}" if "gain" in key else f"  {key:<28} {value:.3f}")
     print(report.caption(result))
+
+
+def _benchmark(cfg: DemoConfig, run_folder: Path, out: Path) -> Path:
+    """``benchmark.run`` on procedural images of another seed (never trained on): real-only,
+    + generated pairs, + cut-paste pairs, and generated − cut-paste with its interval."""
+    gen_seeds, clf_seeds = (int(v) for v in cfg.bench_seeds.split(","))
+    test = synth.generate(out / "test-data", seed=1, per_class=10, good=2, products=(cfg.product,))
+    folder = benchmark.run(benchmark.BenchmarkConfig(
+        run=str(run_folder), test_data=str(test), gen_seeds=gen_seeds, clf_seeds=clf_seeds, per_class=cfg.per_class,
+        steps=cfg.steps, guidance=cfg.guidance or PRESETS["mini-latent"]["guidance"], view_size=64,
+        classifier_steps=150, realism_folds=3, real_per_class=cfg.bench_real))  # into <run>/benchmark/: notebook 04 shows it when run again
+    print("\ncopy baseline (offline proxy: procedural images):\n" + (folder / "benchmark.md").read_text())
+    return folder
 
 
 def _load() -> str:

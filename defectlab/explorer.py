@@ -1,6 +1,6 @@
 """Sample a fine-tuned model interactively: class, scheduler, steps, seed, guidance and a Run button.
 
-The model is loaded once by the caller (``train.restore``) and handed in; ``render`` only
+The model is loaded once by the caller (``restore.restore``) and handed in; ``render`` only
 samples, with per-image generators (``sampler.generators(seed, class, range(n))``), so a seed
 gives exactly the images ``sample.run`` exports for the same settings. Images are cached per
 (checkpoint, sampler settings, seed, size, class): a setting seen before shows at once, and

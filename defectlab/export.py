@@ -2,9 +2,12 @@
 
 The folder has DiTPipeline's layout: ``transformer/`` (a plain ``DiTTransformer2DModel``: LoRA
 merged, DiffFit's γ folded into the layers it scales, the trained class table), ``scheduler/``
-(DDIM on the run's training schedule), ``vae/`` (latent bases), ``model_index.json`` (``id2label`` =
-the run's class names, ``defectlab_numerics``, ``defectlab_image_size``) and ``README.md``, a model
-card with the run's settings and metrics. ``--push-to-hub REPO`` uploads it.
+(DDIM on the run's training schedule), ``vae/`` (latent bases), ``model_index.json`` (diffusers' own
+keys only, so DiTPipeline loads it without a warning), ``defectlab.json`` (``model.SIDECAR``:
+``id2label`` = the run's class names, ``defectlab_numerics``, ``defectlab_image_size``; it also marks the
+folder as an export, which a later export may replace) and ``README.md``, a model card with the run's
+settings and metrics. ``--push-to-hub REPO`` uploads it. An ``--out`` folder that holds other files
+is refused unless ``--force``, which writes the export into it and keeps the files of other names.
 
 What DiTPipeline fixes, and what the export does about it:
 
@@ -23,6 +26,10 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +39,20 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from . import engine, evaluate, folders, methods, report, runs, sampler, train
+from . import engine, evaluate, fetch, folders, methods, report, restore, runs, sampler
 from .errors import DefectlabError, first_line
+from .model import SIDECAR
 
 NULL = 1000  # DiTPipeline's unconditional class id (hard-coded there)
+EXPORT_NAMES = ("transformer", "scheduler", "vae", "model_index.json", SIDECAR, "README.md")  # all an export writes
 
 
 @dataclass
 class ExportConfig:
     run: str = "latest"            # run folder/name/number, or latest
     checkpoint: str = "best"       # best | latest | step number
-    out: str = ""                  # destination folder ("" = <run>/export); replaced whole when it exists
+    out: str = ""                  # destination folder ("" = <run>/export); an earlier export there is replaced whole
+    force: bool = False            # write into an --out folder holding other files (the export's names replaced, the rest kept)
     push_to_hub: str = ""          # hub repo id (user/name) to upload the folder to: needs internet and `hf auth login`
     private: bool = True           # a repo that --push-to-hub creates is private
 
@@ -51,32 +61,64 @@ def run(cfg: ExportConfig) -> Path:
     """Write the export folder (see module doc) and return it; upload it when ``push_to_hub``."""
     repo = _hub_repo(cfg.push_to_hub)  # before any work: a bad id or no internet is one line
     folder = runs.resolve(cfg.run)
+    out = Path(cfg.out) if cfg.out else folder / "export"
+    foreign = _foreign(out, cfg.force)
     if runs.load_config(folder).get("mask_condition"):
         raise DefectlabError(f"run {folder.name} is mask-conditioned: DiTPipeline has no mask input, so it cannot "
                              "be exported (sample it with defectlab synthesize)")
-    restored = train.restore(folder, cfg.checkpoint, device="cpu")
+    restored = restore.restore(folder, cfg.checkpoint, device="cpu")
     net = plain_transformer(restored.model)
     numerics, latent = restored.config["numerics"], hasattr(restored.base.codec, "vae")
     size = restored.config.get("image_size") or restored.base.default_image_size
     scheduler = sampler.make_scheduler("ddim", restored.base.scheduler_config,
                                        spacing=sampler.spacing_for("ddim", numerics))
-    out = Path(cfg.out) if cfg.out else folder / "export"
-    with folders.building(out) as tmp:
-        if latent:
+    with _staging(out) if foreign else folders.building(out) as tmp:
+        if latent:  # model_index.json as DiTPipeline writes it: any key of ours there, it warns about
             DiTPipeline(transformer=net, vae=restored.base.codec.vae, scheduler=scheduler).save_pretrained(tmp)
-            index = runs.read_json(tmp / "model_index.json")
         else:  # DiTPipeline cannot decode pixels: the layout model.load reads, without the pipeline's name
             net.save_pretrained(tmp / "transformer")
             scheduler.save_pretrained(tmp / "scheduler")
-            index = {"_class_name": "DiTTransformer2DModel"}
-        index.update(id2label={str(i): c for i, c in enumerate(restored.classes)}, defectlab_numerics=numerics,
-                     defectlab_image_size=size, defectlab_run=folder.name)
-        runs.write_json(tmp / "model_index.json", index)
+            runs.write_json(tmp / "model_index.json", {"_class_name": "DiTTransformer2DModel"})
+        runs.write_json(tmp / SIDECAR, {"id2label": {str(i): c for i, c in enumerate(restored.classes)},
+                                        "defectlab_numerics": numerics, "defectlab_image_size": size,
+                                        "defectlab_run": folder.name})
         runs.write_text(tmp / "README.md", model_card(restored, latent, size, net.config.sample_size,
                                                       Path(restored.checkpoint).name))
     if repo:
         push(out, repo, cfg.private, folder.name)
     return out
+
+
+def _foreign(out: Path, force: bool) -> bool:
+    """Whether ``out`` holds files that no export wrote: anything but ``EXPORT_NAMES``, or those
+    without an export's mark (``SIDECAR``; older exports: ``defectlab_run`` in model_index.json).
+    Refused in one line unless ``force``; an earlier export alone is replaced whole."""
+    if out.exists() and not out.is_dir():
+        raise DefectlabError(f"--out {out} is a file: choose a folder (new, empty, or an earlier export)")
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".export-")} if out.is_dir() else set()
+    try:
+        ours = (out / SIDECAR).is_file() or "defectlab_run" in json.loads((out / "model_index.json").read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False  # no readable model_index.json of an older export
+    if not names or (ours and names <= set(EXPORT_NAMES)):
+        return False
+    if not force:
+        raise DefectlabError(f"--out {out} holds files that no defectlab export wrote: choose a new or empty "
+                             "folder, or pass --force to write the export into it (files of other names are kept)")
+    print(f"defectlab: --force: writing the export into {out}, which holds other files: those named "
+          f"{', '.join(EXPORT_NAMES)} are replaced, the rest kept", file=sys.stderr)
+    return True
+
+
+@contextmanager
+def _staging(out: Path):
+    """Build the export in a temporary folder inside ``out``, then move its files into ``out``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        yield tmp
+        fetch.merge(tmp, out, "the export's", "export again")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def plain_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
@@ -107,7 +149,7 @@ def plain_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
 
 
 # ----------------------------------------------------------------------------- the model card
-def model_card(restored: train.Restored, latent: bool, size: int, native: int, checkpoint: str) -> str:
+def model_card(restored: restore.Restored, latent: bool, size: int, native: int, checkpoint: str) -> str:
     """README.md: what was trained, how to sample it (and where DiTPipeline differs), metrics."""
     cfg, folder = restored.config, Path(restored.folder)
     summary = report.run_summary(folder)
@@ -123,7 +165,7 @@ def model_card(restored: train.Restored, latent: bool, size: int, native: int, c
              f"class DiTPipeline guides with. Licence: that of the base model.", "", "## Sampling", ""]
     if latent:
         lines += ["```python", "from diffusers import DiTPipeline", "",
-                  'pipe = DiTPipeline.from_pretrained("THIS_FOLDER_OR_REPO")',
+                  f'pipe = DiTPipeline.from_pretrained("THIS_FOLDER_OR_REPO", id2label={dict(enumerate(restored.classes))!r})',
                   f'images = pipe(class_labels=pipe.get_label_ids(["{restored.classes[0]}"]), '
                   "num_inference_steps=50, guidance_scale=1.5).images", "```", "",
                   "This is `defectlab sample --scheduler ddim --cfg-channels all`: with the same per-image generators "
@@ -138,7 +180,7 @@ def model_card(restored: train.Restored, latent: bool, size: int, native: int, c
         lines += ["**Numerics.** This model was trained with the original DiT's timestep frequencies "
                   "(divided by half); DiTPipeline's DiT always divides by half − 1, so its samples of this model "
                   "are not what it learned. `defectlab sample --run base --model THIS_FOLDER` computes as it "
-                  "was trained (it reads `defectlab_numerics` in model_index.json).", ""]
+                  f"was trained (it reads `defectlab_numerics` in {SIDECAR}).", ""]
     if latent and size != native * restored.base.codec.downsample:
         lines += [f"**Size.** Trained at {size} px; the transformer's native size is "
                   f"{native * restored.base.codec.downsample} px, which is what DiTPipeline samples at (its position "

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
 from huggingface_hub import errors as hf_errors
 
 from . import paths, runs
@@ -25,6 +25,7 @@ from .errors import DefectlabError
 
 DS_REPO = "DefectSpectrum/Defect_Spectrum"
 DS_FOLDER = "DS-MVTec"
+HUB_TIMEOUT = 5.0  # seconds: the one request that asks the hub whether a model repo exists
 MVTEC_PRODUCTS = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
                   "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 ARCHIVE_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar.bz2", ".tar", ".zip")
@@ -78,6 +79,28 @@ def fetch_defectspectrum(product: str, dest: Path | None = None, revision: str |
         raise DefectlabError(f"download finished but {root / product / 'image'} has no images "
                              f"(has the layout of {DS_REPO} changed?)")
     return root
+
+
+def hub_problem(repo: str, filename: str) -> str | None:
+    """Why model ``repo`` cannot come from the hub now, found fast: None when its ``filename`` is in
+    the Hugging Face cache or the hub has the repo; otherwise one phrase (offline, no such repo, the
+    hub unreachable) from one request with a short timeout and no retries, so a mistyped name fails
+    at once instead of after the download's retries."""
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "not a folder, not cached, and the hub is offline (HF_HUB_OFFLINE is set)"
+    try:
+        HfApi().model_info(repo, timeout=HUB_TIMEOUT)
+    except hf_errors.GatedRepoError:
+        return None  # it exists: the download says how to get access
+    except hf_errors.RepositoryNotFoundError:
+        return "not a folder, not cached, and no such repository on the hub"
+    except hf_errors.HFValidationError:
+        return "not a valid hub id"
+    except Exception as err:  # noqa: BLE001 - any transport error of the hub client's HTTP library
+        return f"not a folder, not cached, and the hub is unreachable ({_first_line(err)})"
+    return None
 
 
 def _first_line(err: Exception) -> str:
@@ -157,13 +180,13 @@ def fetch_mvtec(archive: Path, dest: Path | None = None, product: str | None = N
             except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as err:
                 raise (runs.write_error(err, dest, "fetch again") or  # a full disk is not a damaged archive
                        DefectlabError(f"archive {archive} is damaged or truncated: {_first_line(err)}")) from err
-            _merge(tmp / wrapper if wrapper else tmp, dest)
+            merge(tmp / wrapper if wrapper else tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def _merge(src: Path, dst: Path) -> None:
+def merge(src: Path, dst: Path, what: str = "the archive's", then: str = "fetch again") -> None:
     """Move what ``src`` holds into ``dst``: a folder ``dst`` lacks moves whole (one rename), a file
     replaces the file of that name; anything else in ``dst`` stays."""
     for entry in sorted(src.iterdir()):
@@ -171,9 +194,9 @@ def _merge(src: Path, dst: Path) -> None:
         if not target.exists():
             os.replace(entry, target)
         elif entry.is_dir() and target.is_dir():
-            _merge(entry, target)
+            merge(entry, target, what, then)
         elif entry.is_file() and target.is_file():
             os.replace(entry, target)
         else:
-            raise DefectlabError(f"{target} is in the way of the archive's {'folder' if entry.is_dir() else 'file'} "
-                                 "of that name: move it away and fetch again")
+            raise DefectlabError(f"{target} is in the way of {what} {'folder' if entry.is_dir() else 'file'} "
+                                 f"of that name: move it away and {then}")

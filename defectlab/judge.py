@@ -50,33 +50,38 @@ def classes_of(product: str) -> list[str]:
     return sorted(synth.PRODUCTS[product].defects)
 
 
-def draw(product: str, defect: str, rng: np.random.Generator, size: int) -> torch.Tensor:
+def draw(product: str, defect: str, rng: np.random.Generator, size: int, version: int | None = None) -> torch.Tensor:
     """One defect image as ``synth.generate`` draws it, then resized and scaled to [-1, 1] as
     ``dataset.load_image`` does (PIL bicubic, which widens its kernel when shrinking: antialiased).
     ``defect`` = ``GOOD``: an image that shows no defect, the product without one or, with
-    probability ``EMPTY``, its empty background (a sample without the product shows none either)."""
-    img, parts = synth.product_image(product, rng, DRAW_SIZE)
+    probability ``EMPTY``, its empty background (a sample without the product shows none either).
+    ``version``: synth's drawing version (``None``: ``synth.GENERATOR_VERSION``)."""
+    img, parts = synth.product_image(product, rng, DRAW_SIZE, version)
     if defect != GOOD:
-        img = synth.draw_defect(img, defect, rng, parts)[0]
+        img = synth.draw_defect(img, defect, rng, parts, version)[0]
     elif rng.random() < EMPTY:
         img = np.where(parts[..., None] > 0, np.median(img[parts == 0], axis=0), img).astype(np.uint8)
     return from_pil(Image.fromarray(img).resize((size, size), Image.BICUBIC))
 
 
 def procedural(product: str, split: str, per_class: int, size: int, seed: int = 0,
-               progress: bool = True, good: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+               progress: bool = True, good: bool = False,
+               version: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """``(images [N,3,size,size] in [-1, 1], labels [N], classes)``, ``per_class`` images of each
     defect class (and, with ``good``, of defect-free products, labelled ``GOOD`` last); image i of
     a class comes from its own generator (seed, split, class, i), so the result is bit-identical
-    for the same arguments and a larger ``per_class`` extends it."""
+    for the same arguments and a larger ``per_class`` extends it. ``version``: synth's drawing
+    version (``None``: ``synth.GENERATOR_VERSION``, the one ``judge_for`` records); the seeds are
+    the same in every version."""
     classes = classes_of(product) + [GOOD] * good
+    version = synth.version_of(version)
     if split not in SPLITS:
         raise DefectlabError(f"split: must be one of {', '.join(SPLITS)} (got {split!r})")
     if per_class < 1 or size < 16 or seed < 0:
         raise DefectlabError(f"per_class ≥ 1, size ≥ 16 and seed ≥ 0 required (got {per_class}, {size}, {seed})")
     keys = [(c, i) for c in range(len(classes)) for i in range(per_class)]
     images = [draw(product, classes[c], np.random.default_rng(
-        [seed, NAMESPACE, *(zlib.crc32(s.encode()) for s in (product, split, classes[c])), i]), size)
+        [seed, NAMESPACE, *(zlib.crc32(s.encode()) for s in (product, split, classes[c])), i]), size, version)
         for c, i in tqdm(keys, desc=f"drawing {product}/{split}", unit="img", disable=not progress)]
     return torch.stack(images), torch.tensor([c for c, _ in keys]), classes
 
@@ -84,10 +89,14 @@ def procedural(product: str, split: str, per_class: int, size: int, seed: int = 
 # ----------------------------------------------------------------------------- classifier
 class SmallCNN(nn.Sequential):
     """4 × (3×3 conv, batch norm, ReLU, 2×2 max-pool), widths w-2w-4w-4w, global average pool,
-    linear. ≈ 60k parameters at w = 16: a step of batch 32 at 64 px costs ≈ 0.1 CPU-s."""
+    linear. ≈ 60k parameters at w = 16: a step of batch 32 at 64 px costs ≈ 0.1 CPU-s. ``stem`` > 1
+    first reads non-overlapping stem × stem patches (a strided conv, then batch norm and ReLU): a
+    256 px image costs about what a 64 px one does at stem 4, and no pixel is averaged away unseen."""
 
-    def __init__(self, num_classes: int, width: int = 16):
-        widths, layers = (3, width, 2 * width, 4 * width, 4 * width), []
+    def __init__(self, num_classes: int, width: int = 16, stem: int = 1):
+        widths, layers = (3 if stem == 1 else width, width, 2 * width, 4 * width, 4 * width), []
+        if stem > 1:
+            layers += [nn.Conv2d(3, width, stem, stride=stem, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         for cin, cout in zip(widths, widths[1:]):
             layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
@@ -131,7 +140,7 @@ def degrade(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tor
 
 def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int, batch_size: int,
         lr: float = 3e-3, width: int = 16, seed: int = 0, desc: str = "training", progress: bool = True,
-        degrade_strength: float = 0.0) -> SmallCNN:
+        degrade_strength: float = 0.0, stem: int = 1) -> SmallCNN:
     """``steps`` AdamW updates on uniformly drawn batches with the downstream classifier's
     augmentation (flips, small shifts; plus ``degrade`` at ``degrade_strength`` > 0, the judge's)
     and cosine decay; a budget in steps, not epochs, so a larger training set gets no more
@@ -140,7 +149,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
         raise DefectlabError(f"{desc}: empty training set")
     with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
         torch.manual_seed(seed)  # same seed → same initial weights in every condition (paired)
-        model = SmallCNN(num_classes, width)
+        model = SmallCNN(num_classes, width, stem)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))

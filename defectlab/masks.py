@@ -111,14 +111,6 @@ def transform_mask(mask: torch.Tensor, cx: float | None = None, cy: float | None
                      interpolation=InterpolationMode.NEAREST, center=[bx, by])
 
 
-def foreground(image: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """Bool [S,S]: pixels of ``image`` ([3,S,S] in [-1, 1]) whose mean absolute difference from
-    the border's median colour exceeds ``threshold`` — the product on a plain background (MVTec)."""
-    img = image.float().reshape(-1, *image.shape[-2:])
-    border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
-    return (img - border.median(dim=1).values[:, None, None]).abs().mean(0) > threshold
-
-
 def _warp(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch.Tensor, mode: str) -> torch.Tensor:
     """[1,1,S,S] → [A,1,S,S]: pixel p of output a shows x at src_c + F_a R_a^-1 (p - dst_c)."""
     s = x.shape[-1]
@@ -131,14 +123,17 @@ def _warp(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch.Tens
     return F.grid_sample(x.float().expand(len(angles), -1, -1, -1), grid, mode=mode, align_corners=False)
 
 
-def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: float = 3.0) -> torch.Tensor:
+def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: float = 3.0,
+          pixels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Move a defect ``mask`` [1,S,S] drawn on image ``source`` onto the same place of the product
     in ``target`` (both [3,S,S]): the rotation (every ``step`` degrees, mirrored or not) and shift
-    that best overlay ``source``'s product on ``target``'s (``foreground``, IoU) move the mask too.
-    A scratch on a screw head lands on the other screw's head, whatever the two poses."""
-    fs, ft = foreground(source), foreground(target)
-    if not fs.any() or not ft.any():
-        return mask.float()  # no product found on a plain background: leave the mask where it is
+    that best overlay ``source``'s product on ``target``'s (``dataset.foreground``, IoU) move the mask too.
+    A scratch on a screw head lands on the other screw's head, whatever the two poses.
+    ``pixels``: also return ``source`` moved by the same pose ([3,S,S]): the defect's own pixels
+    where the mask lands (the copy-paste baseline, ``paste``)."""
+    fs, ft = dataset.foreground(source), dataset.foreground(target)
+    if not fs.any() or not ft.any():  # no product found on a plain background: leave the mask where it is
+        return (mask.float(), source.float()) if pixels else mask.float()
     def centre(f):
         ys, xs = torch.nonzero(f, as_tuple=True)
         return float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
@@ -152,8 +147,39 @@ def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: 
     ft = small(ft) > 0.5
     iou = (moved & ft).sum((-2, -1)) / (moved | ft).sum((-2, -1)).clamp(min=1)
     best = int((iou - 0.02 * (flips < 0)).argmax())  # mirrored only where it fits clearly better (symmetric products)
-    out = _warp(mask.reshape(1, 1, *mask.shape[-2:]), cs, ct, angles[best:best + 1], flips[best:best + 1], "nearest")
-    return out[0].float()
+    pose = (cs, ct, angles[best:best + 1], flips[best:best + 1])
+    out = _warp(mask.reshape(1, 1, *mask.shape[-2:]), *pose, "nearest")[0].float()
+    if not pixels:
+        return out
+    moved = torch.cat([_warp(c[None, None], *pose, "bilinear")[0] for c in source.float()])
+    return out, moved
+
+
+def paste(good: torch.Tensor, defect: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The copy-paste baseline: ``defect``'s pixels under ``mask`` on ``good`` (both [3,S,S]),
+    nothing else changed — what a generated defect must beat."""
+    m = (mask > 0.5).to(good.dtype)
+    return good * (1 - m) + defect.to(good.dtype) * m
+
+
+def deform(mask: torch.Tensor, rng: np.random.Generator, elastic: float = 0.08) -> torch.Tensor:
+    """A new defect shape from a training mask [1,S,S]: scaled 0.7-1.4x and turned ±40° about its
+    own centre (``transform_mask``), then bent by a smooth random displacement of up to ``elastic``
+    × the defect's size (elastic deformation, Simard et al. 2003). It stays where the defect type
+    occurs; a shape that would vanish keeps the scaled and turned one."""
+    moved = transform_mask(mask, None, None, float(rng.uniform(-40, 40)), float(rng.uniform(0.7, 1.4)))
+    if not moved.any():
+        return mask.float()
+    x0, y0, x1, y1 = bbox(moved)
+    s = moved.shape[-1]
+    amp = elastic * max(x1 - x0, y1 - y0) * 2 / s  # in grid units ([-1, 1] spans the side)
+    coarse = torch.from_numpy(rng.normal(size=(1, 2, 4, 4)).astype(np.float32)) * amp
+    flow = F.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    c = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+    gy, gx = torch.meshgrid(c, c, indexing="ij")
+    grid = torch.stack([gx, gy], -1)[None] + flow
+    out = F.grid_sample(moved.float().reshape(1, 1, s, s), grid, mode="nearest", align_corners=False)[0]
+    return out if out.any() else moved.float()
 
 
 def fit_mask(mask: torch.Tensor, size: int, what: str = "mask") -> torch.Tensor:

@@ -217,7 +217,7 @@ class MaskPatchEmbed(nn.Module):
     """``conv(x[:, :C]) + mask_conv(x[:, C:])`` with mask_conv zero at init and bias-free (the base
     bias already shifts every patch). Holds the base conv's own parameters, so their keys stay
     ``pos_embed.proj.weight/bias``. ``config.in_channels`` stays C on purpose: sample/model read it
-    as the latent channels; ``train.restore`` re-adds the channel through ``train.build``."""
+    as the latent channels; ``restore.restore`` re-adds the channel through ``restore.build``."""
 
     def __init__(self, conv: nn.Conv2d, extra: int = 1):
         super().__init__()

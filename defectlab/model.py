@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from filelock import FileLock
+from huggingface_hub import constants as hub_constants, errors as hub, hf_hub_download
 from torch import nn
 
-from . import corpus, data, folders, methods, paths
+from . import corpus, data, fetch, folders, methods, paths
 from .codec import PixelCodec, VAECodec
 from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
 from .errors import DefectlabError, first_line
@@ -30,6 +30,8 @@ from .runs import read_json  # one-line errors for malformed JSON, naming the fi
 HUB_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"   # what DiT trained with; `-mse` also works
 VAE_ENV = "DEFECTLAB_VAE"                   # hub id or folder of the VAE for .pt / bare transformers
+SIDECAR = "defectlab.json"  # an export's own settings (numerics, image size, classes): DiTPipeline never reads it
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # those DDPM, DDIM and DPM-Solver all build
 TINY_SEED = 0
 TINY_CONFIG = dict(  # pixel-space DiT, 1.9M parameters (0.5M in the class tables): fast on a CPU
     DIT_ARCH, sample_size=64, patch_size=4, in_channels=3, out_channels=6,  # 6 = eps + learned sigma, as DiT
@@ -52,7 +54,7 @@ PRESETS = {
     "real": {"lr": 1e-5, "image_size": 128, "epochs": 100},
     "small": {"lr": 1e-3, "image_size": 64, "epochs": 60},   # tiny
     "mini": {"lr": 1e-3, "image_size": 32, "epochs": 60},    # mini, mini-scratch: their native 32 px
-    "mini-latent": {"lr": 3e-3, "image_size": 64, "epochs": 200},  # latent, 64 px; DiffFit (issue 18)
+    "mini-latent": {"lr": 3e-3, "image_size": 64, "epochs": 200},  # latent, 64 px; DiffFit (README, "Measured")
 }
 SHIPPED, SMALL_BASES = ("mini", "mini-latent"), ("tiny", "mini", "mini-scratch", "mini-latent")  # shipped: paths.ASSETS / name
 
@@ -146,12 +148,9 @@ def numerics_of(transformer) -> str:
     """The numerics a transformer computes with now (``set_numerics``); a model without DiT
     blocks (a test oracle) has no timestep projection and counts as diffusers'."""
     shifts = {block.norm1.emb.time_proj.downscale_freq_shift for block in _blocks(transformer)}
-    if not shifts:
-        return "diffusers"
-    found = [name for name, shift in NUMERICS.items() if {shift} == shifts]
-    if not found:
+    if len(shifts) > 1 or shifts - set(NUMERICS.values()):
         raise DefectlabError(f"blocks disagree on their timestep frequencies (shifts {sorted(shifts)})")
-    return found[0]
+    return next((name for name, shift in NUMERICS.items() if {shift} == shifts), "diffusers")
 
 
 def unwrap(transformer) -> nn.Module:
@@ -166,17 +165,14 @@ def _blocks(transformer) -> list[nn.Module]:
 def default_numerics(index: dict | None, original_pt: bool = False) -> str:
     """What ``auto`` means for a model: ``original`` for an original ``.pt`` and for DiTPipeline
     folders / hub repos (every published one is converted from the original weights); a folder
-    that says which it was trained with (``model_index.json`` ``defectlab_numerics``, written by
-    defectlab) keeps that; bare transformer folders (``save_pretrained``: tiny) are diffusers'."""
-    if original_pt:
-        return "original"
+    that says which it was trained with (``defectlab_numerics`` in ``SIDECAR`` or ``model_index.json``,
+    written by defectlab) keeps that; bare transformer folders (``save_pretrained``: tiny) are diffusers'."""
     index = index or {}
     said = index.get("defectlab_numerics")
-    if said is not None:
-        if said not in NUMERICS:
-            raise DefectlabError(f"model_index.json: defectlab_numerics must be original or diffusers (got {said!r})")
-        return said
-    return "original" if index.get("_class_name") == "DiTPipeline" else "diffusers"
+    if said is not None and said not in NUMERICS:
+        raise DefectlabError(f"{SIDECAR} / model_index.json: defectlab_numerics must be original or diffusers "
+                             f"(got {said!r})")
+    return "original" if original_pt else said or ("original" if index.get("_class_name") == "DiTPipeline" else "diffusers")
 
 
 def _realign(module: nn.Module | None) -> None:
@@ -240,53 +236,39 @@ def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: boo
     return Path(out)
 
 
+def _ensure_built(name: str, want: dict[str, dict], build) -> Path:
+    """``paths.MODELS/name``, made by ``build(folder)`` once, under a lock, and again when a JSON file
+    in ``want`` lacks one of its values (absent, unreadable, an older architecture)."""
+    final = paths.MODELS / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{name}.lock")):
+        saved = {}
+        for file in want:
+            try:
+                saved[file] = json.loads((final / file).read_text())
+            except (OSError, json.JSONDecodeError):
+                saved[file] = {}  # absent or unreadable: build it
+        if any(saved[file].get(k) != v for file, keys in want.items() for k, v in keys.items() if not k.startswith("_")):
+            build(final)
+    return final
+
+
 def _ensure_mini_scratch() -> Path:
     """mini's architecture and classes with seeded random weights, built once: the from-scratch
     baseline that shows what pre-training buys (``--model mini-scratch``)."""
-    final = paths.MODELS / "mini-scratch"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    want = {"config.json": mini_config(), "scheduler/scheduler_config.json": mini_schedule()}
-    with FileLock(str(final.parent / ".mini-scratch.lock")):
-        saved = {}
-        for name in want:
-            try:
-                saved[name] = json.loads((final / name).read_text())
-            except (OSError, json.JSONDecodeError):
-                saved[name] = {}  # absent or unreadable: build it
-        if any(saved[name].get(k) != v for name, keys in want.items() for k, v in keys.items()
-               if not k.startswith("_")):
-            save_folder(build_mini(mini_config()), final, mini_schedule())  # absent, or an older architecture
-    return final
+    return _ensure_built("mini-scratch", {"config.json": mini_config(), "scheduler/scheduler_config.json": mini_schedule()},
+                         lambda out: save_folder(build_mini(mini_config()), out, mini_schedule()))
 
 
 def _ensure_tiny() -> Path:
-    """Build the tiny model once (fixed seed) and save it atomically: temp folder + rename."""
-    final = paths.MODELS / "tiny"
-    try:
-        saved = json.loads((final / "config.json").read_text())
-        if all(saved.get(k) == v for k, v in TINY_CONFIG.items()):
-            return final
-    except (OSError, json.JSONDecodeError):
-        pass  # absent or stale: (re)build below
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
-    try:
+    """The tiny model, built once (fixed seed) and saved atomically (``folders.building``)."""
+    def build(out: Path) -> None:
         with torch.random.fork_rng(devices=[]):  # don't disturb the caller's RNG stream
             torch.manual_seed(TINY_SEED)
-            DiTTransformer2DModel(**TINY_CONFIG).save_pretrained(tmp)
-        umask = os.umask(0o22)
-        os.umask(umask)  # mkdtemp made the folder private (0700): give it the usual permissions
-        for f in (tmp, *tmp.iterdir()):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            net = DiTTransformer2DModel(**TINY_CONFIG)
+        with folders.building(out) as tmp:
+            net.save_pretrained(tmp)
+    return _ensure_built("tiny", {"config.json": TINY_CONFIG}, build)
 
 
 def _load_folder(folder: Path, spec: str, vae: str) -> Base:
@@ -299,16 +281,12 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
                  else _codec_for(transformer, vae))
     except (OSError, ValueError, RuntimeError) as err:
         raise DefectlabError(f"cannot load the model in {folder}: {first_line(err)}") from err
-    sched = folder / "scheduler" / "scheduler_config.json"
-    index = folder / "model_index.json"
-    return _base(transformer, codec, spec, read_json(sched) if sched.is_file() else None,
-                 read_json(index) if index.is_file() else None)
+    sched, index, extra = (folder / name for name in ("scheduler/scheduler_config.json", "model_index.json", SIDECAR))
+    return _base(transformer, codec, spec, *(read_json(f) if f.is_file() else None for f in (sched, index, extra)))
 
 
 def _load_hub(repo: str, vae: str) -> Base:
-    from huggingface_hub import hf_hub_download
-
-    with _hub_errors(repo):  # small files first: a missing/gated/offline repo fails before any weights
+    with _hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
         sched = read_json(hf_hub_download(repo, "scheduler/scheduler_config.json"))
         index = read_json(hf_hub_download(repo, "model_index.json"))  # id2label
         transformer = DiTTransformer2DModel.from_pretrained(repo, subfolder="transformer")
@@ -323,26 +301,47 @@ def _codec_for(transformer, vae: str) -> PixelCodec | VAECodec:
     folder = Path(vae).expanduser()
     if folder.is_dir():
         return VAECodec(AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae").is_dir() else folder))
-    with _hub_errors(vae, what="VAE"):
+    with _hub_errors(vae, "config.json", what="VAE"):
         return VAECodec(AutoencoderKL.from_pretrained(vae))
 
 
-def _base(transformer, codec, spec, sched: dict | None, index: dict | None, original_pt: bool = False) -> Base:
-    if bad := [n for n, o in (("scheduler_config.json", sched), ("model_index.json", index)) if o is not None
-               and not isinstance(o, dict)]:
+def _base(transformer, codec, spec, sched: dict | None, index: dict | None, extra: dict | None = None,
+          original_pt: bool = False) -> Base:
+    if bad := [n for n, o in (("scheduler_config.json", sched), ("model_index.json", index), (SIDECAR, extra))
+               if o is not None and not isinstance(o, dict)]:
         raise DefectlabError(f"{bad[0]} of model {spec} is not a JSON object: fix or remove it")
+    index = {**(index or {}), **(extra or {})}  # an export keeps its settings beside model_index.json
     cfg = transformer.config
     # Keep DiT's DDPM training schedule; take the numbers a shipped scheduler config pins down
     # (the hub's is a DDIM config: same betas, but no variance_type).
     schedule = dit_schedule(cfg.out_channels == 2 * cfg.in_channels, clip_sample=codec.clip_sample)
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
     schedule.update({k: v for k, v in (sched or {}).items() if k in keys})
-    labels = (index or {}).get("id2label")
-    names = ([labels.get(str(i), str(i)) for i in range(methods.num_classes(transformer))]
-             if isinstance(labels, dict) and len(labels) == methods.num_classes(transformer) else None)
-    size = (index or {}).get("defectlab_image_size") or cfg.sample_size * codec.downsample  # export: the run's
-    return Base(transformer, codec, schedule, spec, size, names,
-                (index or {}).get("defectlab_anchors"), default_numerics(index, original_pt))
+    if problem := schedule_problem(schedule):
+        raise DefectlabError(f"scheduler/scheduler_config.json of model {spec}: {problem}: fix or remove it")
+    labels = index.get("id2label")
+    k = methods.num_classes(transformer)  # an export names its run's classes, the first of its 1000 rows
+    names = ([str(labels.get(str(i), i)) for i in range(k)] if isinstance(labels, dict) and 0 < len(labels) <= k
+             else None)
+    size = index.get("defectlab_image_size") or cfg.sample_size * codec.downsample  # export: the run's
+    return Base(transformer, codec, schedule, spec, size, names, index.get("defectlab_anchors"),
+                default_numerics(index, original_pt))
+
+
+def schedule_problem(s: dict) -> str | None:
+    """What keeps diffusers' schedulers from building the training schedule ``s`` (None: nothing)."""
+    def unit(*values) -> bool:  # numbers strictly between 0 and 1
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)
+    n, betas, kind, pred = (s.get(k) for k in ("num_train_timesteps", "trained_betas", "beta_schedule", "prediction_type"))
+    return next((says for bad, says in (
+        (type(n) is not int or n < 1, f"num_train_timesteps {n!r} is not a positive integer"),
+        (betas is not None and not (isinstance(betas, list) and len(betas) == n and unit(*betas)),
+         f"trained_betas must be {n} numbers in (0, 1)"),
+        (betas is None and kind not in BETA_SCHEDULES, f"beta_schedule {kind!r} is not one of {', '.join(BETA_SCHEDULES)}"),
+        (betas is None and not unit(s["beta_start"], s["beta_end"]),
+         f"beta_start {s['beta_start']!r} and beta_end {s['beta_end']!r} must be numbers in (0, 1)"),
+        (pred not in ("epsilon", "v_prediction", "sample"), f"prediction_type {pred!r} is not epsilon, v_prediction or sample"),
+    ) if bad), None)
 
 
 def anchor_class(base: Base, product: str) -> int | None:
@@ -354,25 +353,26 @@ def anchor_class(base: Base, product: str) -> int | None:
 
 
 @contextmanager
-def _hub_errors(repo: str, what: str = "model"):
-    """Turn huggingface_hub / diffusers download errors into one line that says how to get the model."""
-    try:
-        yield
-    except (OSError, ValueError) as err:
-        from huggingface_hub import constants, errors as hub
-
-        why = ("gated: accept its licence on huggingface.co, then `hf auth login`"
-               if isinstance(err, hub.GatedRepoError) else
-               "no such repository on the hub" if isinstance(err, hub.RepositoryNotFoundError) else
-               "not a valid hub id" if isinstance(err, hub.HFValidationError) else
-               "not in the local cache and offline" if constants.HF_HUB_OFFLINE or isinstance(
-                   err, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) else first_line(err))
-        raise DefectlabError(
-            f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
-            f"Hugging Face cache {constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
-            "a local folder or .pt file (presets: tiny, mini, mini-latent, mini-scratch)") from err
-
-
+def _hub_errors(repo: str, probe: str, what: str = "model"):
+    """Fail fast when the hub cannot give ``repo`` (``fetch.hub_problem``: not cached, offline or
+    unreachable, asked once) and turn huggingface_hub / diffusers download errors into one line
+    that says how to get the model."""
+    why, cause = fetch.hub_problem(repo, probe), None
+    if why is None:
+        try:
+            yield
+            return
+        except (OSError, ValueError) as err:
+            why, cause = ("gated: accept its licence on huggingface.co, then `hf auth login`"
+                          if isinstance(err, hub.GatedRepoError) else
+                          "no such repository on the hub" if isinstance(err, hub.RepositoryNotFoundError) else
+                          "not a valid hub id" if isinstance(err, hub.HFValidationError) else
+                          "not in the local cache and offline" if hub_constants.HF_HUB_OFFLINE or isinstance(
+                              err, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) else first_line(err)), err
+    raise DefectlabError(
+        f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
+        f"Hugging Face cache {hub_constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
+        "a local folder or .pt file (presets: tiny, mini, mini-latent, mini-scratch)") from cause
 
 
 # ----------------------------------------------------------------------------- original .pt

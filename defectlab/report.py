@@ -280,6 +280,12 @@ def figures_folder(run: str | Path) -> Path:
     return Path(run) / "figures"
 
 
+def benchmarks(run: str | Path) -> list[Path]:
+    """The copy-baseline reports of a run (``<run>/benchmark/<tag>/benchmark.md``, ``defectlab
+    benchmark``), oldest first; empty when none was made."""
+    return sorted(Path(run).glob("benchmark/*/benchmark.md"), key=lambda p: p.stat().st_mtime)
+
+
 def sample_figure(samples: str | Path) -> Path:
     """The grid figure ``sample.run`` saved for a sampler output folder ``<run>/samples/<tag>``."""
     samples = Path(samples)

@@ -287,7 +287,10 @@ def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor],
     except BaseException as err:
         if root.is_dir():
             _prune(root, keep=0, protect=())  # only the temp folder goes: earlier checkpoints stay
-        raise write_error(err, final, f"continue with --resume {Path(folder)}") or err
+        # suggest --resume only where a checkpoint is left to resume from (a new run without one is removed)
+        then = (f"continue with --resume {Path(folder)}" if latest_checkpoint(folder) is not None
+                else "start the run again (it has no checkpoint to resume from)")
+        raise write_error(err, final, then) or err
     _prune(root, keep, protect)
     return final
 

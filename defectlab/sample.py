@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from . import manifest, methods, model as model_mod, paths, runs, sampler, train, viz
+from . import manifest, methods, model as model_mod, paths, product, restore, runs, sampler, viz
 from .codec import check_image_size
 from .errors import DefectlabError
 from .images import load_png, save_png
@@ -95,17 +95,21 @@ def _load_source(cfg: SampleConfig, device) -> _Source:
                        cfg.image_size or base.default_image_size)
     folder = runs.resolve(cfg.run)
     runs.find_checkpoint(folder, cfg.checkpoint)  # DefectlabError before the model loads
-    return _from_restored(cfg, train.restore(folder, checkpoint=cfg.checkpoint, device=device, numerics=cfg.numerics))
+    return _from_restored(cfg, restore.restore(folder, checkpoint=cfg.checkpoint, device=device, numerics=cfg.numerics))
 
 
-def _from_restored(cfg: SampleConfig, r: train.Restored) -> _Source:
+def _from_restored(cfg: SampleConfig, r: restore.Restored) -> _Source:
     """A run already loaded (notebooks load once for sampling and the explorer)."""
     if cfg.numerics not in ("auto", model_mod.numerics_of(r.model)):
         raise DefectlabError(f"numerics {cfg.numerics!r} differs from the loaded run's "
                              f"({model_mod.numerics_of(r.model)}): restore it with numerics={cfg.numerics!r}")
     size = cfg.image_size or r.config.get("image_size") or r.base.default_image_size
-    return _Source(r.model, r.base.codec, r.base.scheduler_config, list(r.classes), list(range(len(r.classes))),
-                   list(r.classes), r.config.get("product", "product"), r.folder, r.folder.name,
+    names, labels = list(r.classes), list(range(len(r.classes)))
+    if r.folder is not None and (r.folder / product.RECORD).is_file() and \
+            runs.read_json(r.folder / product.RECORD).get("used"):  # the null class learned the defect-free product
+        names, labels = names + [product.GOOD], labels + [len(names)]
+    return _Source(r.model, r.base.codec, r.base.scheduler_config, names, labels,
+                   names, r.config.get("product", "product"), r.folder, r.folder.name,
                    Path(r.checkpoint).name, r.base.spec, size, bool(r.config.get("greyscale")))
 
 
@@ -121,9 +125,9 @@ def _pick(cfg: SampleConfig, src: _Source) -> list[int]:
     return [src.names.index(c) for c in dict.fromkeys(wanted)]
 
 
-def run(cfg: SampleConfig, restored: train.Restored | None = None) -> Path:
+def run(cfg: SampleConfig, restored: restore.Restored | None = None) -> Path:
     """Sample ``per_class`` images per class into the out folder (see module doc); returns it.
-    ``restored``: the run already loaded (``train.restore``: notebooks load it once)."""
+    ``restored``: the run already loaded (``restore.restore``: notebooks load it once)."""
     steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
     if cfg.steps < 0:
         raise DefectlabError(f"steps must be ≥ 1, or 0 for the scheduler default (got {cfg.steps})")

@@ -161,9 +161,10 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
         transformer = engine.sampler(transformer, **(fast if isinstance(fast, dict) else {}))
     conf = _dit_config(transformer)
     null = conf.num_embeds_ada_norm  # the null ("unconditional") class row, K after class surgery
-    bad = [y for y in labels if not 0 <= int(y) < null]
+    bad = [y for y in labels if not 0 <= int(y) <= null]  # null itself: the unconditional sample (a run's "good")
     if bad:
-        raise DefectlabError(f"class labels {bad} out of range: the model has {null} classes (0..{null - 1})")
+        raise DefectlabError(f"class labels {bad} out of range: the model has {null} classes (0..{null - 1}, "
+                             f"{null} = unconditional)")
     shape = tuple(codec.latent_shape(image_size)) if image_size else (conf.in_channels, conf.sample_size, conf.sample_size)
     if cond is not None and tuple(cond.shape[-2:]) != shape[1:]:  # masks: pixel grid → latent grid
         cond = torch.nn.functional.interpolate(cond.float(), size=shape[1:], mode="area")

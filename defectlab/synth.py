@@ -12,81 +12,39 @@ gives byte-identical PNGs, whatever order the images are generated in.
 The drawers are tables (``PRODUCTS``, ``DEFECTS``) so a new product or defect is one function
 plus one row; ``product_image`` and ``draw_defect`` are reused by mask conditioning and by larger
 procedural corpora.
+
+Two drawing versions, chosen with ``version=`` on ``product_image``, ``draw_defect`` and
+``generate`` (``None`` = ``GENERATOR_VERSION``, the package default): 1 is the original set
+above, kept bit for bit; 2 (``synth_v2.py``) varies each product's albedo, texture, lighting
+and pose and renders the defects through that appearance, so classes differ by shape rather
+than by one colour each. Both use the same classes, parts, layout and per-image seeds.
 """
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from . import synth_v2
+from .shapes import capsule as _capsule, disk as _disk, edge as _edge, grid as _grid, pick as _pick
+from .shapes import smooth_noise as _smooth_noise
 from .errors import DefectlabError
 from .runs import atomic_write, ensure_dir
 
 MIN_SIZE = 32           # px: below this the defects no longer fit (or show) on the products
-GENERATOR_VERSION = 1   # bump whenever the pictures change: data.py regenerates stale copies
+VERSIONS = (1, 2)       # drawing versions: 1 = flat colour-coded defects, 2 = synth_v2 (varied appearance)
+GENERATOR_VERSION = 1   # the default drawing version; the embedded dataset's stamp and a judge's record carry
+                        # the version drawn, so changing it regenerates stale copies (data.py, judge.py)
 
 # Part labels in the object map returned by ``product_image`` (0 = background). Defects say
 # which part they belong on; a product without that part gets them anywhere on the object.
 BACKGROUND, BODY, HEAD, NECK, TIP = 0, 1, 2, 3, 4
 
 Array = np.ndarray
-
-
-# ----------------------------------------------------------------------------- primitives
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[Array, Array]:
-    """Pixel-centre coordinates (y, x); cached and read-only, never modified in place."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    y.flags.writeable = False
-    x.flags.writeable = False
-    return y, x
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> Array:
-    """Low-frequency noise (zero mean, unit-ish std): a coarse random grid upsampled bicubically."""
-    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
-
-
-def _capsule(y: Array, x: Array, p0, p1, radius: float) -> Array:
-    """Pixels within ``radius`` of the segment p0-p1 (points are (y, x))."""
-    (y0, x0), (y1, x1) = p0, p1
-    dy, dx = y1 - y0, x1 - x0
-    t = np.clip(((y - y0) * dy + (x - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0.0, 1.0)
-    return (y - y0 - t * dy) ** 2 + (x - x0 - t * dx) ** 2 <= radius * radius
-
-
-def _disk(y: Array, x: Array, centre, radius: float) -> Array:
-    return (y - centre[0]) ** 2 + (x - centre[1]) ** 2 <= radius * radius
-
-
-def _edge(region: Array) -> Array:
-    """Boundary pixels of a boolean region (region minus its 1-px erosion)."""
-    inner = region.copy()
-    inner[1:] &= region[:-1]
-    inner[:-1] &= region[1:]
-    inner[:, 1:] &= region[:, :-1]
-    inner[:, :-1] &= region[:, 1:]
-    return region & ~inner
-
-
-def _erode(region: Array, k: int) -> Array:
-    for _ in range(k):
-        region = region & ~_edge(region)
-    return region
-
-
-def _pick(region: Array, rng: np.random.Generator, margin: int = 0) -> tuple[float, float]:
-    """A random pixel of ``region``, at least ``margin`` px inside it when there is room."""
-    inner = _erode(region, margin) if margin else region
-    ys, xs = np.nonzero(inner if inner.any() else region)
-    i = rng.integers(len(ys))
-    return float(ys[i]) + 0.5, float(xs[i]) + 0.5
 
 
 # ----------------------------------------------------------------------------- products
@@ -169,14 +127,24 @@ PRODUCTS: dict[str, Product] = {
 }
 
 
-def product_image(product: str, rng: np.random.Generator, size: int = 256) -> tuple[Array, Array]:
+def version_of(version: int | None) -> int:
+    """``version``, or the package default for ``None``; an unknown one is a user error."""
+    v = GENERATOR_VERSION if version is None else version
+    if v not in VERSIONS:
+        raise DefectlabError(f"version: synthetic generator version must be one of {', '.join(map(str, VERSIONS))} (got {v!r})")
+    return int(v)
+
+
+def product_image(product: str, rng: np.random.Generator, size: int = 256,
+                  version: int | None = None) -> tuple[Array, Array]:
     """A clean product picture: ``(uint8 [H, W, 3], part map uint8 [H, W])``.
 
     The part map is the object mask (``> 0`` = object) with part labels (``BODY``, ``HEAD``,
     ``NECK``, ``TIP``) that ``draw_defect`` uses to put each defect where it belongs."""
     if product not in PRODUCTS:
         raise DefectlabError(f"unknown synthetic product {product!r}; available: {', '.join(PRODUCTS)}")
-    img, parts = PRODUCTS[product].draw(rng, int(size))
+    draw = PRODUCTS[product].draw if version_of(version) == 1 else synth_v2.PRODUCTS[product]
+    img, parts = draw(rng, int(size))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), parts
 
 
@@ -288,15 +256,17 @@ DEFECTS: dict[str, Defect] = {
 
 
 def draw_defect(img: Array, defect: str, rng: np.random.Generator,
-                mask_region: Array | None = None) -> tuple[Array, Array]:
+                mask_region: Array | None = None, version: int | None = None) -> tuple[Array, Array]:
     """Paint ``defect`` onto a copy of ``img`` (uint8 [H, W, 3]): ``(new image, mask bool [H, W])``.
 
     ``mask_region`` says where the defect may go: a boolean mask, or a part map from
     ``product_image`` (the defect then lands on its own part). ``None`` = the central half.
-    Only pixels inside the returned mask change."""
+    Only pixels inside the returned mask change. Version 2 reads the light and the local colour
+    off ``img`` (the object: the part map's non-zero pixels, else the region) and paints through them."""
     if defect not in DEFECTS:
         raise DefectlabError(f"unknown synthetic defect {defect!r}; available: {', '.join(DEFECTS)}")
-    spec = DEFECTS[defect]
+    v1 = version_of(version) == 1
+    spec = DEFECTS[defect] if v1 else synth_v2.DEFECTS[defect]
     h, w = img.shape[:2]
     if mask_region is None:
         region = np.zeros((h, w), bool)
@@ -309,13 +279,16 @@ def draw_defect(img: Array, defect: str, rng: np.random.Generator,
     if not region.any():
         raise DefectlabError(f"no room for defect {defect!r}: the region mask is empty")
     y, x = _grid(h) if h == w else np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    extra = () if v1 else (synth_v2.look(img, region if mask_region is None or mask_region.dtype == bool
+                                         else mask_region > 0),)
     for _ in range(8):  # retry placements that would mostly fall off the region
-        shape, paint = spec.draw(rng, y, x, region, float(min(h, w)))
+        shape, paint = spec.draw(rng, y, x, region, float(min(h, w)), *extra)
         kept = shape & region if spec.clip else shape
         if kept.sum() >= 0.6 * shape.sum() and kept.any():
             break
     out = img.copy()
-    blend = img[kept].astype(np.float32) * (1 - spec.alpha) + paint[kept] * spec.alpha
+    alpha = spec.alpha if v1 else 1.0
+    blend = img[kept].astype(np.float32) * (1 - alpha) + paint[kept] * alpha
     out[kept] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)  # only masked pixels change
     return out, kept
 
@@ -333,12 +306,14 @@ def _save(array: Array, path: Path) -> None:
 
 
 def generate(out: Path, seed: int = 0, size: int = 256, per_class: int = 20, good: int = 20,
-             products: tuple[str, ...] = ("hazelnut", "screw")) -> Path:
+             products: tuple[str, ...] = ("hazelnut", "screw"), version: int | None = None) -> Path:
     """Write a dataset in MVTec AD layout under ``out`` and return ``out``:
     ``<product>/train/good/NNN.png`` (``good`` images), ``<product>/test/good/`` (a few),
     ``<product>/test/<defect>/NNN.png`` (``per_class`` each) and
-    ``<product>/ground_truth/<defect>/NNN_mask.png`` (0/255)."""
+    ``<product>/ground_truth/<defect>/NNN_mask.png`` (0/255), drawn with ``version``
+    (``None``: ``GENERATOR_VERSION``); the per-image seeds are the same in every version."""
     out = Path(out)
+    version = version_of(version)
     if size < MIN_SIZE:
         raise DefectlabError(f"size must be at least {MIN_SIZE} px (got {size}): smaller pictures cannot hold the defects")
     if per_class < 1 or good < 0:
@@ -350,13 +325,13 @@ def generate(out: Path, seed: int = 0, size: int = 256, per_class: int = 20, goo
         root = out / product
         for split, count in (("train", good), ("test", max(2, good // 5))):
             for i in range(count):
-                img, _ = product_image(product, _rng(seed, product, split, "good", i), size)
+                img, _ = product_image(product, _rng(seed, product, split, "good", i), size, version)
                 _save(img, root / split / "good" / f"{i:03d}.png")
         for defect in PRODUCTS[product].defects:
             for i in range(per_class):
                 rng = _rng(seed, product, "test", defect, i)
-                clean, parts = product_image(product, rng, size)
-                img, mask = draw_defect(clean, defect, rng, parts)
+                clean, parts = product_image(product, rng, size, version)
+                img, mask = draw_defect(clean, defect, rng, parts, version)
                 _save(img, root / "test" / defect / f"{i:03d}.png")
                 _save(mask.astype(np.uint8) * 255, root / "ground_truth" / defect / f"{i:03d}_mask.png")
     return out

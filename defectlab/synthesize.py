@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as data_mod, dataset, manifest, runs, sampler, train
+from . import data as data_mod, dataset, manifest, restore, runs, sampler
 from .codec import check_image_size
 from .errors import DefectlabError
 from .images import quantised, save_mask_png, save_png
-from .masks import (KINDS, MODES, NEEDS, carry, check_mask, inpaint, load_mask_png, procedural_mask,
+from .masks import (KINDS, MODES, NEEDS, carry, check_mask, deform, inpaint, load_mask_png, paste, procedural_mask,
                     transform_mask)
 from .progress import tqdm
 
@@ -39,13 +39,15 @@ class MaskSampleConfig:
     cy: float = -1.0               # mask centre y, fraction of the height (-1: as for cx)
     scale: float = 0.0             # drawn: longest side, fraction of the image side (0 = 0.25); dataset/PNG: resize factor (0 = 1)
     angle: float = 0.0             # rotation, degrees counter-clockwise (drawn masks placed at random also get a random angle)
+    source: str = "model"          # model (the run draws each defect) | cutpaste (the training defect's own pixels under its carried mask, same poses and good images: the copy baseline, no model)
+    deform: float = 0.0            # share of dataset masks deformed into new shapes (scale, rotation, elastic), the rest copied: 0 = all training shapes
     good: str = ""                 # inpaint: a defect-free image or folder of them ("" = the dataset's good images)
     place: str = "carry"           # inpaint, dataset masks: carry (moved with the product onto the good image: masks.carry) | keep (same pixels)
     steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
     scheduler: str = "ddpm"        # ddpm | ddim | dpmsolver
     guidance: float = 1.5          # classifier-free guidance scale (on the class; both halves see the mask)
     resample: int = 1              # inpaint: RePaint repeats per step (1 = plain latent blending; ddpm/ddim)
-    seed: int = 0                  # pair i of class c is seeded from (seed, c, i): noise, drawn mask shape and place
+    seed: int = 0                  # pair i of class c is seeded from (seed, c, i): noise, drawn mask shape and place, deformation; it uses good image i + seed
     image_size: int = 0            # side in px (0 = the run's training size)
     checkpoint: str = "best"       # best | latest | step number
     batch_size: int = 8            # images per forward (never changes the images)
@@ -53,13 +55,21 @@ class MaskSampleConfig:
 
 
 PLACES = ("carry", "keep")
-PIXEL_FIELDS = ("run", "checkpoint", "mode", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
+SOURCES = ("model", "cutpaste")
+PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "deform", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
                 "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
 
 
 def _check(cfg: MaskSampleConfig) -> None:
     if cfg.mode not in MODES:
         raise DefectlabError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
+    if cfg.source not in SOURCES:
+        raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
+    if cfg.source == "cutpaste" and (cfg.mode != "inpaint" or cfg.mask != "dataset" or cfg.deform):
+        raise DefectlabError("--source cutpaste copies the training defects' own pixels: it needs --mode inpaint, "
+                             "--mask dataset and --deform 0")
+    if not 0 <= cfg.deform <= 1:
+        raise DefectlabError(f"deform is a share of the pairs, in [0, 1] (got {cfg.deform})")
     if cfg.place not in PLACES:
         raise DefectlabError(f"unknown place {cfg.place!r}; choose one of {', '.join(PLACES)}")
     if cfg.mask not in ("dataset", *KINDS) and not Path(cfg.mask).expanduser().is_file():
@@ -73,20 +83,27 @@ def _check(cfg: MaskSampleConfig) -> None:
 
 
 def _mask_for(cfg: MaskSampleConfig, size: int, pool: list, i: int, seed: int,
-              good: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
-    """Pair ``i``'s mask; a dataset mask is carried onto ``good``'s product (``place`` carry)."""
+              good: torch.Tensor | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """Pair ``i``'s mask, its source, and (``source`` cutpaste) the defect image moved with it; a
+    dataset mask is carried onto ``good``'s product (``place`` carry), and deformed into a new
+    shape for a ``deform`` share of the pairs (``masks.deform``, drawn from the pair's seed)."""
     if cfg.mask in KINDS:
         rng = np.random.default_rng(seed)  # place and shape follow the pair's own seed
         cx, cy = (v if v >= 0 else float(rng.uniform(0.35, 0.65)) for v in (cfg.cx, cfg.cy))
         angle = cfg.angle + (0.0 if cfg.cx >= 0 and cfg.cy >= 0 else float(rng.uniform(0, 360)))
-        return procedural_mask(cfg.mask, size, cx, cy, cfg.scale or 0.25, angle, seed), cfg.mask
+        return procedural_mask(cfg.mask, size, cx, cy, cfg.scale or 0.25, angle, seed), cfg.mask, None
     mask, source, image = pool[i % len(pool)]
+    pixels = image
     if image is not None and good is not None and cfg.place == "carry":
-        mask = carry(mask, image, good)
+        mask, pixels = carry(mask, image, good, pixels=True)
         if not mask.any():  # carried off the image: the pose match failed; keep the mask where it was drawn
-            mask = pool[i % len(pool)][0]
-    return transform_mask(mask, cfg.cx if cfg.cx >= 0 else None, cfg.cy if cfg.cy >= 0 else None,
-                          cfg.angle, cfg.scale or 1.0), source
+            mask, pixels = pool[i % len(pool)][0], image
+    mask = transform_mask(mask, cfg.cx if cfg.cx >= 0 else None, cfg.cy if cfg.cy >= 0 else None,
+                          cfg.angle, cfg.scale or 1.0)
+    rng = np.random.default_rng(seed)
+    if cfg.deform and rng.uniform() < cfg.deform:  # a new shape where this defect type occurs
+        return deform(mask, rng), f"{source} (deformed)", None
+    return mask, source, pixels if cfg.source == "cutpaste" else None
 
 
 def _inside(mask: torch.Tensor, y: int, x: int, size: int) -> torch.Tensor:
@@ -100,8 +117,8 @@ def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, 
     *training* split only (test-split shapes never leak into synthetic training data), with the
     defect image they were drawn on (``place`` carry), or the one PNG for every class."""
     png = [(load_mask_png(Path(cfg.mask).expanduser(), size), cfg.mask, None)] if cfg.mask not in ("dataset", *KINDS) else []
-    image = (lambda s: dataset.load_image(s.image, size, crop)) if cfg.mode == "inpaint" and cfg.place == "carry" \
-        else (lambda s: None)
+    image = (lambda s: dataset.load_image(s.image, size, crop)) if cfg.mode == "inpaint" and \
+        (cfg.place == "carry" or cfg.source == "cutpaste") else (lambda s: None)
     pools = {n: png or [(dataset.load_mask(s.mask, size, crop), s.mask.relative_to(dd.root).as_posix(), image(s))
                         for s in (dd.train if cfg.mask == "dataset" else []) if s.defect == n and s.mask is not None]
              for n in names}
@@ -135,7 +152,7 @@ def run(cfg: MaskSampleConfig) -> Path:
         raise DefectlabError(f"run {folder.name} was trained without mask conditioning: --mode condition needs a run "
                              "fine-tuned with --mask-condition (defectlab finetune --mask-condition …); "
                              "--mode inpaint works with any run")
-    r = train.restore(folder, checkpoint=cfg.checkpoint)
+    r = restore.restore(folder, checkpoint=cfg.checkpoint)
     size = check_image_size(cfg.image_size or r.config["image_size"], r.base.codec, r.model.config.patch_size,
                             r.base.spec)
     grey = bool(r.config.get("greyscale"))  # a greyscale dataset: grey pairs, as the images it trained on
@@ -149,25 +166,28 @@ def run(cfg: MaskSampleConfig) -> Path:
     pools, goods = _sources(cfg, dd, names, full, dcfg.crop, folder.name)
 
     slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
-    tag = f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
+    how = "cutpaste" if cfg.source == "cutpaste" else f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}"
+    tag = (f"{how}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
+           + (f"-deform{cfg.deform:g}" if cfg.deform else ""))
     out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
     resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
                 "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
     manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
     done = set(manifest.read_records(out, NEEDS))
-    work = []  # (class, index, seed, mask, mask source, window corner): every mask is checked before anything is written
+    work = []  # (class, index, seed, mask, mask source, window corner, copied pixels): every mask is checked first
+    good_path = lambda i: goods[(i + cfg.seed) % len(goods)]  # noqa: E731  another seed, other pairings
 
     @functools.cache
     def good_of(i: int) -> torch.Tensor | None:  # each good image read once (it serves the mask's pose and the inpainting)
-        return quantised(dataset.load_image(goods[i % len(goods)], full, dcfg.crop)) if goods else None
+        return quantised(dataset.load_image(good_path(i), full, dcfg.crop)) if goods else None
 
     for n, i in ((n, i) for n in names for i in range(cfg.per_class) if (n, i) not in done):
         seed = sampler.sample_seed(cfg.seed, n, i)
-        mask, src = _mask_for(cfg, full, pools[n], i, seed, good_of(i) if cfg.mask == "dataset" else None)
+        mask, src, pixels = _mask_for(cfg, full, pools[n], i, seed, good_of(i) if cfg.mask == "dataset" else None)
         if dcfg.zoom > 1:  # the model sees one window: the defect is what falls inside it
             mask = _inside(mask, *dataset.window(mask, size), size)
         corner = dataset.window(mask, size)  # where the model draws ((0, 0) at zoom 1: all of it)
-        work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src, corner))
+        work.append((n, i, seed, check_mask(mask, f"mask for {n} #{i} ({src})"), src, corner, pixels))
     runs.ensure_dir(out, "--out")
     runs.write_json(out / "mask_config.json", resolved)
     common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
@@ -177,7 +197,9 @@ def run(cfg: MaskSampleConfig) -> Path:
         batch_masks = torch.stack([w[3] for w in chunk])
         labels = [r.classes.index(n) for n, *_ in chunk]
         gens = [sampler.generators(cfg.seed, n, [i])[0] for n, i, *_ in chunk]
-        if cfg.mode == "inpaint":  # the good image as its PNG reads back: the kept region matches exactly
+        if cfg.source == "cutpaste":  # no model: the training defect's pixels under its mask, in the same window
+            images = torch.stack([paste(good_of(w[1]), w[6], w[3]) for w in chunk])
+        elif cfg.mode == "inpaint":  # the good image as its PNG reads back: the kept region matches exactly
             good = torch.stack([good_of(w[1]) for w in chunk])
             corners = [w[5] for w in chunk]
             cut = lambda t: torch.stack([v[:, y:y + size, x:x + size] for v, (y, x) in zip(t, corners)])  # noqa: E731
@@ -191,13 +213,13 @@ def run(cfg: MaskSampleConfig) -> Path:
                                       sampler.Sampling(steps, cfg.guidance, cfg.scheduler), image_size=size,
                                       cond=batch_masks, **kw)
         lines = []
-        for (n, i, seed, mask, src, _), img in zip(chunk, images):
+        for (n, i, seed, mask, src, *_), img in zip(chunk, images):
             rel, mrel = f"{dcfg.product}/test/{n}/{i:04d}.png", f"{dcfg.product}/ground_truth/{n}/{i:04d}_mask.png"
             save_mask_png(mask, runs.safe_join(out, mrel))
             save_png(img, runs.safe_join(out, rel), grey=grey)  # the image last: it marks the pair finished
             lines.append({"file": rel, "mask": mrel, "class": n, "label": r.classes.index(n), "index": i,
                           "sample_seed": seed, "mask_source": src,
-                          "good": str(goods[i % len(goods)]) if goods else None, **common})
+                          "good": str(good_path(i)) if goods else None, "source": cfg.source, **common})
         manifest.append(out, lines)
     manifest.finish(out, NEEDS)
     return out

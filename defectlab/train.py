@@ -21,7 +21,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, tracking, viz
-from . import resume, validation
+from . import product, resume, validation
+from .restore import build, restore  # noqa: F401  restore: the notebooks call train.restore
 from .codec import check_image_size
 from .diffusion import Objective
 from .errors import DefectlabError
@@ -61,6 +62,7 @@ class TrainConfig(data_mod.DataConfig):
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
     progress: bool = True          # tqdm progress bar
     mask_condition: bool = False   # defect mask as an extra zero-initialised input channel (masks.py); trains with any method
+    good_images: int = 0           # product adaptation: defect-free images trained as the null class, the product's look (-1 = all, 0 = none; product.py)
     mask_loss: float = 0.0         # loss weight 1 + mask_loss × defect-mask coverage per latent cell (0 = DiT's plain loss): a defect covers a few % of an image
     frozen_dtype: str = "float32"  # float32 | bfloat16: frozen weights' dtype (trained ones stay float32; bf16 runs under autocast)
     tie_embeddings: bool = False   # one timestep/class embedder for all blocks, as the original DiT (needs identical copies: hub DiT-XL)
@@ -72,16 +74,6 @@ class TrainConfig(data_mod.DataConfig):
     report_to: str = "tensorboard"  # experiment tracker: tensorboard (into <run>/tensorboard/) | wandb | mlflow | none
     log_samples: int = 1           # images per class drawn (DDIM 25) at each validation for the tracker (0 = none)
     formats: str = "png"           # loss-curve figure formats, comma-separated: png, pdf, svg
-
-
-@dataclass
-class Restored:
-    base: model_mod.Base
-    model: torch.nn.Module
-    classes: list[str]
-    config: dict
-    checkpoint: Path | None
-    folder: Path | None = None
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
@@ -111,6 +103,8 @@ def _check(cfg: TrainConfig) -> None:
         raise DefectlabError(f"lr must be a positive number (got {cfg.lr})")
     if not 0 <= cfg.label_dropout < 1:
         raise DefectlabError(f"label_dropout must be in [0, 1) (got {cfg.label_dropout})")
+    if cfg.good_images < -1:
+        raise DefectlabError(f"good_images must be -1 (all), 0 (none) or a count (got {cfg.good_images})")
     model_mod.check_numerics(cfg.numerics)
     if cfg.frozen_dtype not in ("float32", "bfloat16"):
         raise DefectlabError(f"frozen_dtype must be float32 or bfloat16 (got {cfg.frozen_dtype!r})")
@@ -145,50 +139,6 @@ def class_init_rows(cfg: TrainConfig, base: model_mod.Base, data: data_mod.Defec
     raise DefectlabError(f"unknown class_init {cfg.class_init!r}; use anchor, nearest, topk, mean, random or a class id")
 
 
-def build(cfg: TrainConfig, classes: list[str], device="cpu", data=None) -> tuple[model_mod.Base, torch.nn.Module]:
-    """Base model with K class rows and the method applied — identical in training and restore."""
-    base = model_mod.load(cfg.model, device=device, numerics=cfg.numerics, heads=cfg.model_heads)
-    init = class_init_rows(cfg, base, data) if data is not None else "random"
-    methods.set_classes(base.transformer, len(classes), init=init, seed=cfg.seed)
-    for block in base.transformer.transformer_blocks:
-        # diffusers draws label dropout independently in each block's own table; drop once,
-        # consistently, in the loop instead (see _drop_labels).
-        block.norm1.emb.class_embedder.dropout_prob = 0.0
-    if cfg.mask_condition:  # before apply (it sets requires_grad); zero init: step 0 is the base model
-        methods.add_mask_channel(base.transformer)
-    net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks,
-                        verbose=False)  # run() prints the summary once, on the main process
-    if cfg.mask_condition:  # the new channel must learn whatever the method freezes
-        for p in methods.mask_parameters(net):
-            p.requires_grad_(True)
-    if cfg.tie_embeddings:  # changes which parameters exist: training and restore() must agree
-        engine.tie_embeddings(net)
-    return base, net
-
-
-def restore(run: str | Path, checkpoint: str = "best", device="auto", numerics: str = "auto") -> Restored:
-    """Rebuild base + trained state from a run folder (for sampling and evaluation), on
-    ``device`` (``auto``: CUDA when there is one, else the CPU).
-
-    ``numerics`` ``auto`` = what the run trained with (``config.json``; runs from before the
-    setting existed trained with diffusers'), or ``original`` / ``diffusers`` to override."""
-    model_mod.check_numerics(numerics)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    folder = runs.resolve(run)
-    cfg = TrainConfig(**{"numerics": "diffusers", **runs.load_config(folder)})
-    if numerics != "auto":
-        cfg.numerics = numerics
-    classes = runs.read_json(folder / "classes.json")
-    ckpt = runs.find_checkpoint(folder, checkpoint)
-    base, net = build(cfg, classes, device=device)
-    state = runs.load_tensors(ckpt / runs.STATE_FILE)
-    ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
-    trained = {k: v for k, v in state.items() if not k.startswith("ema.")}
-    methods.load_trainable_state(net, ema or trained)  # EMA weights when the run kept them
-    net.eval()
-    return Restored(base, net, classes, dataclasses.asdict(cfg), ckpt, folder)
-
-
 def _drop_labels(labels: torch.Tensor, k: int, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
     if p <= 0:
         return labels
@@ -219,9 +169,11 @@ def run(cfg: TrainConfig) -> Path:
     dcfg = data_mod.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data_mod.DataConfig)})
     data = data_mod.load(dcfg, manifest=folder / "split.json" if folder else None)
     train_samples, val_samples = validation.split(data.train, cfg.val_per_class)
+    goods, adapted = product.good_samples(data, cfg.good_images, len(data.classes))  # null label: K
+    train_samples = train_samples + goods
     if cfg.batch_size > len(train_samples):
         raise DefectlabError(f"batch_size {cfg.batch_size} is larger than the {len(train_samples)} training images")
-    base, net = build(cfg, data.classes, device=acc.device, data=data)
+    base, net = build(cfg, data.classes, device=acc.device, rows=lambda base: class_init_rows(cfg, base, data))
     check_image_size(cfg.image_size, base.codec, base.transformer.config.patch_size, base.spec)
     # stored resolved: restore() computes as the run trained; grey data gives grey samples
     cfg.numerics, cfg.greyscale = base.numerics, cfg.greyscale or data.greyscale
@@ -229,6 +181,7 @@ def run(cfg: TrainConfig) -> Path:
     if new and acc.is_main_process:
         dataset.check_masks(data.train, cfg.crop)
         folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=cfg.runs_dir or None)
+        runs.write_json(folder / product.RECORD, adapted)
     folder = Path(broadcast_object_list([str(folder)])[0])  # every process writes into the same run
     held = runs.lock(folder) if acc.is_main_process else None
     try:

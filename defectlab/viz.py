@@ -128,28 +128,32 @@ def grid_figure(images: torch.Tensor, class_names: list[str], rows: int | None =
 
 def real_vs_generated_figure(real: dict[str, torch.Tensor], gen: dict[str, torch.Tensor],
                              rows: int = 4, title: str | None = None) -> Figure:
-    """Two stacked grids sharing columns (classes): real images on top, generated below.
+    """Two stacked grids sharing columns (classes): real images on top, generated below
+    (``stacked_figure`` with those two groups)."""
+    return stacked_figure({"real": real, "generated": gen}, rows, title)
 
-    Each dict maps a class name to [n,3,H,W] in [-1, 1]; up to ``rows`` of each are shown and
-    a class missing from one side leaves its cells empty.
-    """
-    names = list(dict.fromkeys([*real, *gen]))
+
+def stacked_figure(groups: dict[str, dict[str, torch.Tensor]], rows: int = 4, title: str | None = None) -> Figure:
+    """Stacked grids sharing columns (classes), one per group (e.g. real / generated / cut-paste),
+    each labelled on its left. Each group maps a class name to [n,3,H,W] in [-1, 1]; up to
+    ``rows`` of each are shown and a class missing from a group leaves its cells empty."""
+    names = list(dict.fromkeys(c for group in groups.values() for c in group))
     if not names:
-        raise DefectlabError("real_vs_generated_figure: no classes given")
+        raise DefectlabError("stacked_figure: no classes given")
 
     def cells(d: dict[str, torch.Tensor]) -> list[list[np.ndarray | None]]:
         arrs = {k: to_numpy(v)[:rows] for k, v in d.items() if len(v)}
         n = max([len(a) for a in arrs.values()], default=1)
         return [[arrs[k][r] if k in arrs and r < len(arrs[k]) else None for k in names] for r in range(n)]
 
-    top, bottom = cells(real), cells(gen)
+    grids = {label: cells(group) for label, group in groups.items()}
     with style():
         title = _wrap(title, CELL * len(names) + 0.4)
         extra = 0.3 * (title.count("\n") + 1) if title else 0
-        fig = Figure(figsize=(CELL * len(names) + 0.4, CELL * (len(top) + len(bottom)) + 1.1 + extra),
+        fig = Figure(figsize=(CELL * len(names) + 0.4, CELL * sum(map(len, grids.values())) + 0.55 * len(grids) + extra),
                      layout="constrained")
-        sub_real, sub_gen = fig.subfigures(2, 1, height_ratios=[len(top) + 0.5, len(bottom) + 0.5])
-        for sub, grid, label in ((sub_real, top, "real"), (sub_gen, bottom, "generated")):
+        subs = fig.subfigures(len(grids), 1, height_ratios=[len(g) + 0.5 for g in grids.values()], squeeze=False)[:, 0]
+        for sub, (label, grid) in zip(subs, grids.items()):
             _grid(sub, grid, names)
             sub.supylabel(label, fontsize=STYLE["figure.titlesize"])
         if title:

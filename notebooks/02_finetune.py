@@ -48,7 +48,7 @@ settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batc
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import params, report, train, viz
+from defectlab import params, report, restore, train, viz
 
 config = params.with_settings(train.TrainConfig(
     data=data, product=product, model=model, method=method, image_size=image_size, lr=lr, epochs=epochs,
@@ -69,7 +69,7 @@ run_folder
 # What the method trains, from the restored best checkpoint (the same model 03 and 04 use).
 
 # %%
-restored = train.restore(run_folder)
+restored = restore.restore(run_folder)
 display(Markdown(report.trainable_table(restored.model)))
 
 # %% [markdown]

@@ -35,7 +35,7 @@ formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other SampleConfig fields as JSON, e.g. {"timestep_spacing": "leading"} (batch runs put them here)
 
 # %%
-from defectlab import params, report, sample, synthesize, train, viz
+from defectlab import params, report, restore, sample, synthesize, viz
 from defectlab.explorer import Explorer
 
 run_folder = report.resolve_run(run)
@@ -48,7 +48,7 @@ config = params.with_settings(sample.SampleConfig(
 # Loaded once: the sample grid and the explorer below both use it.
 
 # %%
-restored = train.restore(run_folder, config.checkpoint, numerics=config.numerics)
+restored = restore.restore(run_folder, config.checkpoint, numerics=config.numerics)
 
 # %% [markdown]
 # ## Sample grid

@@ -325,7 +325,7 @@ def test_real_mvtec_screws(shared_screws):
     assert info["sizes"] == {"1024x1024": 16} and info["modes"] == {"L": 16} and info["test_good"] == 2
 
 
-# ----------------------------------------------------------------------------- issue 21: pixels, grey, links, masks
+# ----------------------------------------------------------------------------- pixels, grey, links, masks
 def _gradient(size=32):
     return np.linspace(0, 255, size * size).reshape(size, size).astype(np.uint8)
 

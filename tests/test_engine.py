@@ -29,7 +29,7 @@ def fresh(method=None, seed=0, same_copies=True):
     t = DiTTransformer2DModel(**MICRO)
     methods.set_classes(t, 3, [990, 783, 5])
     for block in t.transformer_blocks:
-        block.norm1.emb.class_embedder.dropout_prob = 0.0  # as train.build
+        block.norm1.emb.class_embedder.dropout_prob = 0.0  # as restore.build
     if same_copies:
         for block in t.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(t.transformer_blocks[0].norm1.emb.state_dict())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import export, images, model, sample, sampler, train
+from defectlab import export, images, model, restore, sample, sampler, train
 from defectlab.errors import DefectlabError
 from test_train import tiny_cfg
 
@@ -37,19 +37,20 @@ def _generate(net, base, classes, names, seed=5, steps=4, guidance=4.0):
 def test_latent_export_samples_in_dit_pipeline_as_defectlab_does(tmp_path, latent_base, method, numerics):
     folder = train.run(tiny_cfg(tmp_path, model=str(latent_base), method=method, numerics=numerics, image_size=16,
                                 epochs=2, lr=2e-2, report_to="none"))
-    restored = train.restore(folder)
+    restored = restore.restore(folder)
     trained = dict(restored.model.named_parameters())
     if method == "difffit":  # the fold is exercised: γ moved away from 1
         assert (trained["transformer_blocks.0.difffit_gamma_attn"] - 1).abs().max() > 1e-3
     out = export.run(export.ExportConfig(run=str(folder), out=str(tmp_path / "export")))
     assert {p.name for p in out.iterdir()} >= {"transformer", "vae", "scheduler", "model_index.json", "README.md"}
-    index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "DiTPipeline" and index["defectlab_numerics"] == numerics
-    assert index["id2label"] == {"0": "crack", "1": "cut", "2": "hole", "3": "print"}
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DiTPipeline"
+    ours_json = json.loads((out / model.SIDECAR).read_text())  # defectlab's settings, beside DiTPipeline's index
+    assert ours_json["defectlab_numerics"] == numerics
+    assert ours_json["id2label"] == {"0": "crack", "1": "cut", "2": "hole", "3": "print"}
     names = ["print", "crack"]
     ours = _generate(restored.model, restored.base, restored.classes, names)
 
-    pipe = DiTPipeline.from_pretrained(out)  # offline: everything is in the folder
+    pipe = DiTPipeline.from_pretrained(out, id2label={int(k): v for k, v in ours_json["id2label"].items()})  # offline
     pipe.set_progress_bar_config(disable=True)
     assert pipe.get_label_ids(names) == [3, 0]
     ref = pipe(class_labels=[3, 0], guidance_scale=4.0, generator=[sampler.generators(5, c, [0])[0] for c in names],
@@ -82,7 +83,7 @@ def test_pixel_export_loads_in_defectlab_and_says_why_not_dit_pipeline(tmp_path)
     card = (out / "README.md").read_text()
     assert "DiTPipeline cannot sample this model" in card and "defectlab sample --run base --model" in card
     assert "pixel-space DiT (32 px" in card
-    restored, base = train.restore(folder), model.load(str(out))
+    restored, base = restore.restore(folder), model.load(str(out))
     assert base.default_image_size == 32 and model.methods.num_classes(base.transformer) == export.NULL
     plain = [n for n, _ in base.transformer.named_parameters() if "difffit" in n or "lora" in n]
     assert not plain  # folded: a plain DiTTransformer2DModel

@@ -1,10 +1,14 @@
-"""Faults and bad input at the command line, one table (issue 21): every row is one bad setting,
+"""Faults and bad input at the command line, one table: every row is one bad setting,
 bad file or file-system fault. Each must exit 2 with one line naming the path or setting, no
 traceback, and leave every file as it was: nothing removed, nothing half-written, no empty run
 folder."""
 import errno
+import json
+import logging
 import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,11 @@ import pytest
 from PIL import Image
 from safetensors import SafetensorError
 
-from defectlab import model, paths, runs, train
+from defectlab import export, model, paths, runs, train
 from test_data import make_mvtec
+from test_export import latent_base  # noqa: F401  (a fixture: a tiny latent DiTPipeline folder)
 from test_reliability import assert_one_line_error, run_cli
+from test_train import tiny_cfg
 
 TINY = ["--model", "tiny", "--image-size", "16", "--epochs", "1", "--val-per-class", "1", "--val-timesteps", "2",
         "--batch-size", "2", "--no-progress"]
@@ -35,10 +41,17 @@ def world(tmp_path_factory):
     broken_best = shutil.copytree(run, tmp / "runs" / "900-no-best-key")
     (broken_best / "checkpoints" / "best.json").write_text('{"step": 3}')
     model.load("tiny")
-    for name, rel in (("bad-scheduler", "scheduler/scheduler_config.json"), ("bad-index", "model_index.json")):
+    sched = "scheduler/scheduler_config.json"
+    for name, rel, text in (("bad-scheduler", sched, '{"num_train_timesteps": 1000,'),
+                            ("bad-index", "model_index.json", '{"num_train_timesteps": 1000,'),
+                            ("negative-timesteps", sched, '{"num_train_timesteps": -5}'),
+                            ("unknown-betas", sched, '{"beta_schedule": "cubic"}'),
+                            ("betas-out-of-range", sched, '{"beta_start": 0.1, "beta_end": 2}')):
         folder = shutil.copytree(paths.MODELS / "tiny", tmp / "models" / name)
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text('{"num_train_timesteps": 1000,')
+        (folder / rel).write_text(text)
+    (tmp / "user-folder").mkdir()
+    (tmp / "user-folder" / "notes.txt").write_text("the user's, not an export's\n")
     (tmp / "a-file").write_text("not a folder\n")
     (tmp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (tmp / "readonly").mkdir()
@@ -88,6 +101,23 @@ def _cases(tmp: Path, data: Path, run: Path) -> dict:
         "malformed scheduler_config.json": ([*finetune, "--model", tmp / "models/bad-scheduler"],
                                             ("scheduler_config.json",), None),
         "malformed model_index.json": ([*finetune, "--model", tmp / "models/bad-index"], ("model_index.json",), None),
+        "scheduler: negative timesteps": ([*finetune, "--model", tmp / "models/negative-timesteps"],
+                                          ("scheduler_config.json", "num_train_timesteps -5"), None),
+        "scheduler: negative timesteps, sampling": (["sample", "--run", "base", "--model", tmp / "models/negative-timesteps",
+                                                     "--per-class", "1", "--steps", "2", "--out", tmp / "base-samples"],
+                                                    ("scheduler_config.json", "num_train_timesteps -5"), None),
+        "scheduler: unknown beta_schedule": ([*finetune, "--model", tmp / "models/unknown-betas"],
+                                             ("scheduler_config.json", "beta_schedule 'cubic'"), None),
+        "scheduler: beta_end above 1": ([*finetune, "--model", tmp / "models/betas-out-of-range"],
+                                        ("scheduler_config.json", "beta_end 2"), None),
+        # flag values argparse refuses: one line, not a usage block
+        "lr not a number": (["finetune", "--lr", "abc"], ("finetune", "--lr", "'abc' is not a float"), None),
+        "list item not a number": ([*finetune, "--rotations", "45,x"], ("--rotations", "'x' is not an int"), None),
+        "unknown flag": (["finetune", "--lr-typo", "1"], ("--lr-typo",), None),
+        # export: never into a folder or onto a file it did not write
+        "export out holds the user's files": (["export", "--run", run, "--out", tmp / "user-folder"],
+                                               (str(tmp / "user-folder"), "--force"), None),
+        "export out is a file": (["export", "--run", run, "--out", tmp / "a-file"], ("a-file", "is a file"), None),
         "resume changes lr": (["finetune", "--resume", run, "--lr", "0.5"], ("--lr", "may not change"), None),
         "resume changes method": (["finetune", "--resume", run, "--method", "full"], ("--method",), None),
         "runs dir is a file": ([*finetune, "--runs-dir", tmp / "a-file"], ("a-file", "not a folder"), None),
@@ -203,3 +233,97 @@ def test_any_other_file_system_fault_is_still_one_line(capsys, monkeypatch):
     monkeypatch.setattr(train, "run", bug)
     with pytest.raises(OSError):
         run_cli(capsys, "finetune")
+
+
+def test_disk_full_on_the_first_checkpoint_names_no_run_to_resume(tmp_path, monkeypatch, capsys):
+    """A new run that cannot write its first checkpoint is removed (nothing to resume), so the
+    error line suggests no ``--resume`` of a folder that is gone."""
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(runs, "save_file", full)
+    code, _, err = run_cli(capsys, "finetune", "--model", "tiny", "--method", "bitfit", "--image-size", "16",
+                           "--epochs", "1", "--val-per-class", "1", "--val-timesteps", "2", "--no-progress",
+                           "--runs-dir", tmp_path)
+    assert_one_line_error(code, err, "disk full while writing", "no checkpoint to resume")
+    assert "--resume" not in err
+    assert runs.numbered(tmp_path) == []  # the folder it would have named is gone
+
+
+def test_a_mistyped_hub_id_fails_fast_once_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    """Not a folder, not a preset, not cached: one request with no retries, then one line saying
+    why; offline: no request at all."""
+    import httpx2
+    import huggingface_hub.constants as hub
+
+    requests = []
+
+    def unreachable(self, request, **kw):
+        if "mistyped-dit" in str(request.url):  # (the hub client may also ask other endpoints once)
+            requests.append(str(request.url))
+        raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(httpx2.Client, "send", unreachable)  # no traffic leaves the test
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    start = time.monotonic()
+    with pytest.raises(model.DefectlabError) as err:
+        model.load("someone/mistyped-dit")
+    assert time.monotonic() - start < 5 and len(requests) == 1  # retries would sleep 1 + 2 + 4 + … s
+    msg = str(err.value)
+    assert "\n" not in msg and "'someone/mistyped-dit'" in msg and "not cached" in msg and "unreachable" in msg
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(model.DefectlabError, match="not cached, and the hub is offline"):
+        model.load("someone/mistyped-dit")
+    assert len(requests) == 1
+
+
+def test_export_force_writes_beside_the_users_files_and_an_export_replaces_its_own(world, tmp_path, capsys):
+    _, _, run = world
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    code, _, err = run_cli(capsys, "export", "--run", run, "--out", mine, "--force")
+    assert code == 0, err
+    notice = [line for line in err.splitlines() if "--force" in line]
+    assert len(notice) == 1 and str(mine) in notice[0]
+    assert (mine / "notes.txt").read_text() == "mine\n"
+    names = {p.name for p in mine.iterdir()}
+    assert names == {"notes.txt", "transformer", "scheduler", "model_index.json", model.SIDECAR, "README.md"}
+    code, _, err = run_cli(capsys, "export", "--run", run, "--out", mine)  # still holds the user's file
+    assert_one_line_error(code, err, str(mine), "--force")
+    ours = tmp_path / "ours"
+    for _ in range(2):  # a folder holding only an earlier export is replaced without --force
+        code, _, err = run_cli(capsys, "export", "--run", run, "--out", ours)
+        assert code == 0 and "--force" not in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or .old folder left
+    assert model.load(str(ours)).default_image_size == 16  # the run's size, from model.SIDECAR (tiny's own: 64)
+
+
+def test_an_export_loads_in_dit_pipeline_without_warnings(tmp_path, latent_base):  # noqa: F811
+    """model_index.json holds only what DiTPipeline expects; the classes and numerics are in
+    ``model.SIDECAR``, which defectlab reads and the model card passes on as ``id2label``."""
+    from diffusers import DiTPipeline
+
+    folder = train.run(tiny_cfg(tmp_path, model=str(latent_base), method="bitfit", image_size=16, epochs=1,
+                                max_steps=1, report_to="none"))
+    out = export.run(export.ExportConfig(run=str(folder), out=str(tmp_path / "export")))
+    assert not [k for k in json.loads((out / "model_index.json").read_text()) if k.startswith(("id2label", "defectlab"))]
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DiTPipeline.from_pretrained(out)
+            pipe = DiTPipeline.from_pretrained(out, id2label={0: "crack", 1: "cut", 2: "hole", 3: "print"})
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert [str(w.message) for w in caught] == [] and [r.getMessage() for r in records] == []
+    assert pipe.get_label_ids(["print", "crack"]) == [3, 0]
+    assert "id2label={0: 'crack', 1: 'cut', 2: 'hole', 3: 'print'}" in (out / "README.md").read_text()
+    base = model.load(str(out))
+    assert base.class_names[:4] == ["crack", "cut", "hole", "print"] and base.numerics == "diffusers"
+    assert base.default_image_size == 16
+

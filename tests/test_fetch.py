@@ -140,7 +140,7 @@ def test_archive_errors(tmp_path):
 
 
 def test_refetch_never_deletes_what_it_did_not_write(tmp_path, capsys):
-    """Issue 21: fetching again into a product folder that holds files is refused without
+    """Fetching again into a product folder that holds files is refused without
     --force; with --force only the archive's files are replaced, the user's notes and extra class
     folder stay, and another product beside it is never touched."""
     from defectlab import cli

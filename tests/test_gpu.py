@@ -72,7 +72,7 @@ def fresh(size: str, method: str, seed: int = 0):
         t = xl_speed.hub_like(DiTTransformer2DModel(**SIZES[size]))
     methods.set_classes(t, 4, "random")
     for block in t.transformer_blocks:
-        block.norm1.emb.class_embedder.dropout_prob = 0.0  # as train.build
+        block.norm1.emb.class_embedder.dropout_prob = 0.0  # as restore.build
     methods.apply(t, method, lora_rank=4, verbose=False)
     with torch.no_grad():  # off the zero/identity start, so every method's parameters matter
         for n, p in t.named_parameters():

@@ -1,4 +1,4 @@
-"""Greyscale data stays greyscale end to end (issue 21): the real MVTec screws are mode L, and
+"""Greyscale data stays greyscale end to end: the real MVTec screws are mode L, and
 samples from a fine-tune on them came out with colour casts."""
 import numpy as np
 from PIL import Image

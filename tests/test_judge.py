@@ -115,7 +115,7 @@ def test_shipped_judges_load_and_recognise_the_test_split():
 
 
 def test_shipped_judges_read_the_defect_through_blur_colour_and_noise():
-    """Issue 18's protocol: samples are never crisp drawings, so a judge that only knows crisp
+    """The judge's protocol: samples are never crisp drawings, so a judge that only knows crisp
     images (``degrade=0``, as shipped before 2026-11-30) scored a 10 % colour cast on screws at
     chance (0.25). The shipped judges train with ``degrade`` and have a ``GOOD`` output; measured
     on 50 test images per class at 32 px: ≥ 0.98 clean, blur S/64, colour cast and noise; blur

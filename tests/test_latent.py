@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from defectlab import autoencoder, model, paths, pretrain, runs, sampler, train
+from defectlab import autoencoder, model, paths, pretrain, restore, runs, sampler, train
 from defectlab.codec import VAECodec
 from defectlab.errors import DefectlabError
 
@@ -73,7 +73,7 @@ def test_finetune_on_a_latent_base(latent_base):
     folder = train.run(train.TrainConfig(model=str(base), image_size=32, epochs=1, max_steps=2, batch_size=4,
                                          grad_accum=1, val_per_class=1, val_timesteps=2, progress=False,
                                          report_to="none", log_samples=0, runs_dir=str(tmp / "ft")))
-    restored = train.restore(folder)
+    restored = restore.restore(folder)
     assert isinstance(restored.base.codec, VAECodec) and restored.base.transformer.config.in_channels == 4
 
 

@@ -1,5 +1,6 @@
-"""The package's shape (issue 19): every module imports alone, the import graph has no cycle, no
-package import hides inside a function, and no module outgrows one screenful of concerns."""
+"""The package's shape: every module imports alone, the import graph has no cycle, no package
+import hides inside a function, no module outgrows one screenful of concerns, and the repository
+tracks no training state."""
 import ast
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "defectlab"
+CHECKOUT = PACKAGE.parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__main__")
 MAX_LINES = 400
+MAX_TRACKED_BYTES = 12_000_000  # the largest shipped asset (mini's weights) is 9.5 MB
 
 
 def _package_imports(tree: ast.AST, name: str):
@@ -81,3 +84,23 @@ def test_every_module_imports_first():
 def test_no_module_over_the_line_budget():
     long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def _tracked() -> list[str]:
+    try:
+        done = subprocess.run(["git", "ls-files", "-z"], cwd=CHECKOUT, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("git is not installed: cannot list the tracked files")
+    if done.returncode != 0:
+        pytest.skip(f"{CHECKOUT} is not a git checkout (an installed or unpacked copy): no tracked files to check")
+    return [p for p in done.stdout.split("\0") if p]
+
+
+def test_no_training_state_is_tracked():
+    """Resumable runs (weights + optimizer state, every few minutes) live outside the repository,
+    under outputs/ or $DEFECTLAB_HOME; only exported assets ship (defectlab/assets/)."""
+    tracked = _tracked()
+    state = [p for p in tracked if "checkpoints" in Path(p).parts]
+    assert not state, f"checkpoint files tracked (git rm -r --cached them; pretrain/README.md says where runs live): {state}"
+    big = {p: size for p in tracked if (CHECKOUT / p).is_file() and (size := (CHECKOUT / p).stat().st_size) > MAX_TRACKED_BYTES}
+    assert not big, f"tracked files over {MAX_TRACKED_BYTES:,} bytes: {big}"

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import data, dataset, images, masks, methods, runs, sampler, synthesize, train
+from defectlab import data, dataset, images, masks, methods, restore, runs, sampler, synthesize, train
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
 
 def build(method="difffit", mask_condition=True):
     cfg = train.TrainConfig(model="tiny", method=method, mask_condition=mask_condition, image_size=32)
-    return train.build(cfg, ["a", "b"])
+    return restore.build(cfg, ["a", "b"])
 
 
 def good_images(n=2, size=32):
@@ -180,7 +180,7 @@ def trained(tmp_path_factory):
 
 
 def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
-    restored = train.restore(trained)
+    restored = restore.restore(trained)
     saved = runs.load_tensors(restored.checkpoint / runs.STATE_FILE)
     weight = restored.model.pos_embed.proj.mask_weight
     assert torch.equal(weight, saved["pos_embed.proj.mask_weight"]) and weight.abs().sum() > 0

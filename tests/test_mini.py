@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab import classifier, corpus, data, dataset, demo, methods, model, paths, pretrain, runs, sampler, train
+from defectlab import classifier, corpus, data, dataset, demo, methods, model, paths, pretrain, restore, runs, sampler, train
 from defectlab.errors import DefectlabError
 
 MINI = paths.ASSETS / "mini"
@@ -102,7 +102,7 @@ def test_pretraining_resumes_exactly(tmp_path):
 
 
 def test_bfloat16_optimizer_checkpoints_are_smaller_and_resume_close(tmp_path):
-    """``optimizer_dtype`` bfloat16 (to commit a long run between sessions): the moments are
+    """``optimizer_dtype`` bfloat16 (a long run's checkpoints a third smaller): the moments are
     stored rounded, resume casts them back, and two more steps land near the exact resume."""
     tiny = dict(TINY_PRETRAIN, width=64, checkpoint_every=1)
     exact = pretrain.run(pretrain.PretrainConfig(**tiny, max_steps=2, runs_dir=str(tmp_path / "a"), out=str(tmp_path / "ma")))
@@ -172,7 +172,7 @@ def short_finetune(tmp_path_factory):
     cfg = train.TrainConfig(model="mini", product="hazelnut", method="difffit", lr=3e-3, epochs=30,
                             val_per_class=1, val_every=100, val_timesteps=1,
                             runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
-    return train.restore(train.run(cfg), "latest")
+    return restore.restore(train.run(cfg), "latest")
 
 
 @needs_mini
@@ -236,13 +236,13 @@ def demo_finetune(tmp_path_factory):
                             epochs=preset["epochs"], image_size=preset["image_size"], batch_size=8, grad_accum=1,
                             val_per_class=1, val_every=1000, val_timesteps=1, report_to="none", log_samples=0,
                             runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
-    return train.restore(train.run(cfg), "latest")
+    return restore.restore(train.run(cfg), "latest")
 
 
 @needs_mini
 @pytest.mark.slow
 def test_demo_finetune_keeps_the_judge_score_above_its_floor(demo_finetune):
-    """Regression floor for issue 18: the shipped 32 px judge (trained on abundant procedural
+    """Regression floor: the shipped 32 px judge (trained on abundant procedural
     hazelnuts, never on the fine-tune's images, with blur/colour/noise ``degrade`` and a ``good``
     answer for images that show no defect) recognises at least 45 of 96 samples of the demo's
     fine-tune (mask loss 5) at the demo's guidance. Measured 55/96 with torch 2.14 on the CPU:

@@ -1,4 +1,4 @@
-"""defectlab-mini-latent: the shipped 64 px latent base, and the demo's recipe on it (issue 18)."""
+"""defectlab-mini-latent: the shipped 64 px latent base, and the demo's recipe on it."""
 import re
 
 import pytest
@@ -52,7 +52,7 @@ def demo_pairs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_pairs_keep_the_judge_score_above_its_floor(demo_pairs):
-    """Regression floor for issue 18 on the demo's path: the shipped 64 px judge (trained on
+    """Regression floor on the demo's path: the shipped 64 px judge (trained on
     abundant procedural hazelnuts, never on the fine-tune's images) recognises at least FLOOR of
     the 48 pairs. Chance is 12/48; pairs that show nothing are called good."""
     folder, out = demo_pairs

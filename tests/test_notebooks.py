@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import batch, cli, demo, images, params, paths, report, runs, sample, train
+from defectlab import batch, cli, demo, images, params, paths, report, restore, runs, sample
 from defectlab.errors import DefectlabError
 from defectlab.explorer import Explorer
 
@@ -121,7 +121,7 @@ def test_explorer_reproduces_the_exported_samples(executed, record):
     run = record["run"]
     p = record["notebooks"]["03_sample"]["parameters"]
     exported = sample.run(sample.SampleConfig(run=run, per_class=2, scheduler="ddim", steps=4, guidance=p["guidance"]))
-    explorer = Explorer(train.restore(run), steps=4, scheduler="ddim", n=2)
+    explorer = Explorer(restore.restore(run), steps=4, scheduler="ddim", n=2)
     fig = explorer.render("crack", p["steps"], 0, p["guidance"])
     assert len(fig.axes) == 2
     for i in range(2):
@@ -278,7 +278,7 @@ def test_demo_and_shipped_configs_use_declared_parameters():
     params.check_names(params.load_yaml(paths.PACKAGE / "configs" / "params.yaml"), specs, "params.yaml")
     stages = {k: v for k, v in specs.items() if k[:2] in batch.STAGES}
     shipped = (("sweep-tiny.yaml", 3), ("sweep-dit-xl.yaml", 60), ("sweep-mini.yaml", 7), ("sweep-mini-lr-size.yaml", 6),
-               ("sweep-mini-long.yaml", 3), ("study-18.yaml", 2))
+               ("sweep-mini-long.yaml", 3), ("study-pairs.yaml", 2))
     for name, count in shipped:
         spec = params.load_yaml(paths.PACKAGE / "configs" / name)
         points = batch.expand(spec, name, stages)

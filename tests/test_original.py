@@ -1,4 +1,4 @@
-"""Faithfulness to the original DiT (issue 17): weights trained by the original code compute
+"""Faithfulness to the original DiT: weights trained by the original code compute
 what the original computes — forward, training loss, DDIM-25 and DDPM-250 with guidance —
 whether they come as an original ``.pt`` or as a diffusers (DiTPipeline) folder of the same
 weights; ``numerics="diffusers"`` still reproduces ``DiTPipeline``. The reference is
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import convert, model, runs, sampler, train
+from defectlab import convert, model, restore, runs, sampler, train
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 from dit_reference import RefDiffusion, RefDiT, guided, space_timesteps
@@ -85,7 +85,7 @@ def test_forward_equals_the_original(reference, load, kind):
     with torch.no_grad():
         want, got = reference(x, t, y), base.transformer(x, t, y).sample
     assert rel(got, want) < RTOL
-    # diffusers' own frequencies (/ (half - 1)) are what the issue measured: a percent-level gap
+    # diffusers' own frequencies (/ (half - 1)) are what was measured: a percent-level gap
     model.set_numerics(base.transformer, "diffusers")
     with torch.no_grad():
         assert rel(base.transformer(x, t, y).sample, want) > 1e-3
@@ -217,9 +217,9 @@ def test_runs_store_and_restore_their_numerics(tmp_path):
     forced = train.run(tiny_cfg(tmp_path, method="difffit", epochs=1, name="forced", numerics="original"))
     assert runs.load_config(auto)["numerics"] == "diffusers"      # tiny: what it was built with
     assert runs.load_config(forced)["numerics"] == "original"
-    assert model.numerics_of(train.restore(forced, "latest").model) == "original"
-    assert model.numerics_of(train.restore(forced, "latest", numerics="diffusers").model) == "diffusers"
+    assert model.numerics_of(restore.restore(forced, "latest").model) == "original"
+    assert model.numerics_of(restore.restore(forced, "latest", numerics="diffusers").model) == "diffusers"
     saved = runs.read_json(forced / "config.json")                 # a run from before the setting
     del saved["config"]["numerics"]
     runs.write_json(forced / "config.json", saved)
-    assert model.numerics_of(train.restore(forced, "latest").model) == "diffusers"
+    assert model.numerics_of(restore.restore(forced, "latest").model) == "diffusers"

@@ -1,4 +1,4 @@
-"""Stopping and resuming (issue 21): which settings a --resume may change, one trainer per run
+"""Stopping and resuming: which settings a --resume may change, one trainer per run
 folder, no repeated log lines, checkpoints on SIGTERM and on a timer, mid-epoch resume bit for bit,
 and run configs that work from any working folder."""
 import dataclasses

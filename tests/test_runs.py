@@ -87,7 +87,7 @@ def _create_many(args):
 
 
 def test_concurrent_creates_never_share_a_number(tmp_path):
-    """Issue 21: processes creating runs with different names at once got the same number."""
+    """Processes creating runs with different names at once got the same number."""
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(4) as pool:
@@ -166,6 +166,12 @@ def test_write_faults_are_one_line_naming_the_path(tmp_path, monkeypatch):
         raise err
 
     monkeypatch.setattr(runs, "save_file", full)
+    with pytest.raises(DefectlabError, match="disk full while writing .*checkpoints/0000002.*no checkpoint to resume"):
+        runs.save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {})  # nothing to resume from: no --resume offered
+    assert not list((tmp_path / "checkpoints").iterdir())
+    monkeypatch.undo()
+    runs.save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {})
+    monkeypatch.setattr(runs, "save_file", full)
     with pytest.raises(DefectlabError, match="disk full while writing .*checkpoints/0000002.*--resume"):
         runs.save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {})
-    assert not list((tmp_path / "checkpoints").iterdir())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["0000001"]  # the earlier one stays

@@ -136,8 +136,10 @@ def test_null_class_is_num_embeds_ada_norm():
     out = sampler.generate(dit, LatentCodec(), [0, 2], gens(1, 2), steps=2, guidance=2.0, scheduler="ddim",
                           progress=False)
     assert torch.isfinite(out).all()
+    null = sampler.generate(dit, LatentCodec(), [3], gens(1), steps=2, guidance=2.0, progress=False)
+    assert torch.isfinite(null).all()  # the null row itself: an unconditional sample
     with pytest.raises(DefectlabError, match="out of range"):
-        sampler.generate(dit, LatentCodec(), [3], gens(1), steps=2, progress=False)
+        sampler.generate(dit, LatentCodec(), [4], gens(1), steps=2, progress=False)
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpmsolver"])  # stochastic steps; multistep state
@@ -296,7 +298,7 @@ def test_latest_run_is_the_highest_number(tmp_path, monkeypatch):
         runs.resolve("latest")
     for name in ("002-a", "010-b", "009-c"):
         runs.save_checkpoint(tmp_path / name, 1, {"w": torch.zeros(1)}, {})
-    for name in ("011-failed", "notes"):  # a run without a checkpoint is passed over (issue 21)
+    for name in ("011-failed", "notes"):  # a run without a checkpoint is passed over
         (tmp_path / name).mkdir()
     assert runs.resolve("latest").name == "010-b"
 
@@ -311,7 +313,7 @@ def test_run_folder_without_checkpoint(tmp_path):
 
 def test_run_folder_end_to_end(tmp_path):
     """A real (very short) fine-tuning run: sample.run restores it and seeds images as documented."""
-    from defectlab import train
+    from defectlab import restore, train
 
     folder = train.run(train.TrainConfig(model="tiny", method="difffit", product="hazelnut", image_size=16,
                                          epochs=1, max_steps=1, batch_size=2, grad_accum=1, val_every=1,
@@ -322,7 +324,7 @@ def test_run_folder_end_to_end(tmp_path):
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["class"], r["file"]) for r in records] == [("crack", "hazelnut/test/crack/0000.png"),
                                                          ("hole", "hazelnut/test/hole/0000.png")]
-    restored = train.restore(folder)
+    restored = restore.restore(folder)
     assert records[0]["checkpoint"] == restored.checkpoint.name
     assert (folder / "figures" / f"samples-{out.name}.png").is_file()
     # the PNG is generate() on the restored model with the documented per-sample generator

@@ -1,11 +1,17 @@
-"""synth.py: deterministic, MVTec AD layout, defects inside their masks, classes distinguishable."""
+"""synth.py: deterministic, MVTec AD layout, defects inside their masks, classes distinguishable;
+generator version 2 (synth_v2.py): varied appearance, defects drawn through it, version 1 unchanged."""
+import hashlib
 import itertools
+import json
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from defectlab import data, synth
+import torch
+
+from defectlab import data, judge, paths, synth, synth_v2
 from defectlab.errors import DefectlabError
 
 SMALL = dict(size=64, per_class=3, good=3)
@@ -104,3 +110,110 @@ def test_draw_defect_without_region_and_bad_names():
         synth.draw_defect(img, "melted", np.random.default_rng(0))
     with pytest.raises(DefectlabError, match="unknown synthetic product.*hazelnut"):
         synth.product_image("bolt", np.random.default_rng(0), 32)
+
+
+# ----------------------------------------------------------------------------- generator version 2
+# sha256 of version 1's pixels (image, mask, part map; 2 images per class at 64 px), recorded from
+# the code before version 2 existed: version 1 must stay bit for bit, by default and when asked.
+V1_PIXELS = {"hazelnut": "0301398a156926dc008fab4936c27a73157ab9cfa00804e958515a29bbcde1a9",
+             "screw": "60b27580c12fdf841be629ae4f537aaf4e90550a24b4138075752a156d52769f"}
+
+
+def _pixel_hash(product, **version):
+    h = hashlib.sha256()
+    for defect in synth.PRODUCTS[product].defects:
+        for i in range(2):
+            rng = synth._rng(0, product, "test", defect, i)
+            clean, parts = synth.product_image(product, rng, 64, **version)
+            img, mask = synth.draw_defect(clean, defect, rng, parts, **version)
+            for a in (img, mask, parts):
+                h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("product", list(synth.PRODUCTS))
+def test_version_1_pixels_are_unchanged(product):
+    assert synth.GENERATOR_VERSION == 1            # the package default stays 1 until it is switched on purpose
+    assert _pixel_hash(product) == _pixel_hash(product, version=1) == V1_PIXELS[product]
+
+
+@pytest.fixture(scope="module")
+def small_v2(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("synth") / "v2", seed=0, version=2, **SMALL)
+
+
+def test_version_2_is_deterministic_per_seed_and_differs_from_version_1(small, small_v2, tmp_path):
+    again = _files(synth.generate(tmp_path / "b", seed=0, version=2, **SMALL))
+    other = _files(synth.generate(tmp_path / "c", seed=1, version=2, **SMALL))
+    v2, v1 = _files(small_v2), _files(small)
+    assert v2 == again
+    assert v2.keys() == other.keys() == v1.keys()                # same layout, masks alongside
+    assert all(v2[k] != other[k] for k in v2) and all(v2[k] != v1[k] for k in v2)
+    for mask in small_v2.rglob("*_mask.png"):
+        with Image.open(mask) as m:
+            assert set(np.unique(np.asarray(m)).tolist()) == {0, 255} and m.size == (64, 64)
+
+
+@pytest.mark.parametrize("product", list(synth.PRODUCTS))
+def test_version_2_defect_pixels_lie_inside_mask(product):
+    for defect in synth.PRODUCTS[product].defects:
+        for i in range(4):
+            rng = np.random.default_rng([i, 99])
+            clean, parts = synth.product_image(product, rng, 96, version=2)
+            out, mask = synth.draw_defect(clean, defect, rng, parts, version=2)
+            changed = (out != clean).any(axis=-1)
+            assert changed.any() and mask.any()
+            assert not (changed & ~mask).any(), f"{defect}: pixels changed outside the mask"
+            assert changed.sum() >= 0.8 * mask.sum(), f"{defect}: mask much larger than the defect"
+
+
+def _object_colours(product, n=12, version=2):
+    out = []
+    for i in range(n):
+        img, parts = synth.product_image(product, synth._rng(0, product, "train", "good", i), 128, version)
+        out.append(img[parts > 0].mean(axis=0))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("product", list(synth.PRODUCTS))
+def test_version_2_product_appearance_varies(product):
+    spread = _object_colours(product).std(axis=0).mean()
+    assert spread > 12, f"{product}: mean object colour hardly varies ({spread:.1f} levels)"
+    assert spread > 1.5 * _object_colours(product, version=1).std(axis=0).mean()
+    angles = []
+    for i in range(12):                                           # the light comes from all sides
+        img, parts = synth.product_image(product, synth._rng(0, product, "train", "good", i), 128, 2)
+        angles.append(np.arctan2(*synth_v2.look(img, parts > 0).light))
+    assert abs(np.exp(1j * np.array(angles)).mean()) < 0.6       # not one direction
+
+
+@pytest.mark.parametrize("product", list(synth.PRODUCTS))
+def test_version_2_defects_take_the_colour_of_the_product(product):
+    """Rendered through the product: a defect's brightness follows the picture around it (no
+    fixed colour per class), so the same class on a darker product is darker."""
+    for defect in synth.PRODUCTS[product].defects:
+        own, under = [], []
+        for i in range(20):
+            rng = synth._rng(3, product, "test", defect, i)
+            clean, parts = synth.product_image(product, rng, 96, 2)
+            out, mask = synth.draw_defect(clean, defect, rng, parts, 2)
+            own.append(out[mask].mean())
+            under.append(clean[parts > 0].mean())  # the product's own brightness
+        assert np.corrcoef(own, under)[0, 1] > 0.3, f"{defect}: its brightness ignores the product's"
+
+
+def test_version_plumbing(tmp_path, monkeypatch):
+    with pytest.raises(DefectlabError, match="version"):
+        synth.product_image("hazelnut", np.random.default_rng(0), 32, version=3)
+    x1, y1, _ = judge.procedural("screw", "test", 1, 32, progress=False)
+    x2, y2, _ = judge.procedural("screw", "test", 1, 32, progress=False, version=2)
+    assert torch.equal(y1, y2) and not torch.equal(x1, x2)
+    rng = np.random.default_rng([0, judge.NAMESPACE, *(zlib.crc32(s.encode()) for s in ("screw", "test", "manipulated_front")), 0])
+    assert torch.equal(x2[0], judge.draw("screw", "manipulated_front", rng, 32, version=2))
+    monkeypatch.setattr(paths, "SYNTHETIC", tmp_path / "data" / "synthetic")
+    monkeypatch.setattr(data, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
+    root = data.resolve_root("synthetic", version=2)
+    assert root == tmp_path / "data" / "synthetic-v2" and not paths.SYNTHETIC.exists()   # the default is left alone
+    assert json.loads((root / data.STAMP).read_text())["generator_version"] == 2
+    assert data.resolve_root("synthetic") == paths.SYNTHETIC
+    assert json.loads((paths.SYNTHETIC / data.STAMP).read_text())["generator_version"] == 1

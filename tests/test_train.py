@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from defectlab import methods, runs, train
+from defectlab import methods, restore, runs, train
 from defectlab.errors import DefectlabError
 
 
@@ -43,7 +43,7 @@ def test_mask_loss_weights_the_defect_and_is_recorded(tmp_path):
 
 def test_restore_gives_the_checkpointed_parameters(tmp_path):
     folder = train.run(tiny_cfg(tmp_path, method="difffit", epochs=2))
-    restored = train.restore(folder, "latest")
+    restored = restore.restore(folder, "latest")
     saved = runs.load_tensors(runs.find_checkpoint(folder, "latest") / runs.STATE_FILE)
     state = methods.trainable_state(restored.model)
     assert state.keys() == saved.keys()

@@ -119,13 +119,13 @@ def test_dataset_figure_on_a_real_mvtec_root(shared_screws):
 
 
 def test_counts_figure_and_trainable_table(hazelnut):
-    from defectlab import methods, train
+    from defectlab import methods, restore, train
 
     fig = viz.counts_figure(hazelnut)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["good", *hazelnut.classes]
     assert len(ax.patches) == 2 * len(hazelnut.classes) + 1  # train + test per class, one good bar
-    _, net = train.build(train.TrainConfig(model="tiny", method="bitfit"), hazelnut.classes)
+    _, net = restore.build(train.TrainConfig(model="tiny", method="bitfit"), hazelnut.classes)
     table = report.trainable_table(net)
     trainable, total = methods.count(net)
     assert f"| **all** | {trainable:,} | {total:,} |" in table and "| class tables |" in table
@@ -141,12 +141,12 @@ def test_show_accepts_figures_files_and_pairs(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def explorer():
     """An untrained tiny model: enough to check what the explorer draws and that seeds work."""
-    from defectlab import train
+    from defectlab import restore, train
 
     classes = ["crack", "cut", "hole", "print"]
     cfg = train.TrainConfig(model="tiny", image_size=16)
-    base, net = train.build(cfg, classes)
-    restored = train.Restored(base, net, classes, {"image_size": 16}, None)
+    base, net = restore.build(cfg, classes)
+    restored = restore.Restored(base, net, classes, {"image_size": 16}, None)
     return Explorer(restored, steps=2, guidance=1.5, n=3, scheduler="ddim")
 
 

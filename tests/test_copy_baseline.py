@@ -1,0 +1,191 @@
+"""Product adaptation, the copy-paste baseline, new mask shapes, the realism test and the
+benchmark stage that puts generated pairs beside copy-paste and real-only on new real images."""
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectlab import benchmark, data, dataset, images, masks, product, realism, synth, synthesize, train
+from defectlab.cli import main as cli_main
+from defectlab.errors import DefectlabError
+from defectlab.gain import nested_interval
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """A tiny zoom-2 fine-tune that also trains on 4 defect-free hazelnuts (the null class)."""
+    return train.run(train.TrainConfig(
+        model="tiny", method="full", product="hazelnut", image_size=16, zoom=2, epochs=1, max_steps=1,
+        batch_size=2, grad_accum=1, val_every=1, val_per_class=1, val_timesteps=1, log_samples=0, good_images=4,
+        runs_dir=str(tmp_path_factory.mktemp("runs")), progress=False, report_to="none"))
+
+
+def _records(out: Path) -> list[dict]:
+    return sorted((json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()),
+                  key=lambda r: (r["class"], r["index"]))
+
+
+def test_product_adaptation_trains_good_images_as_the_null_class(adapted):
+    record = json.loads((adapted / product.RECORD).read_text())
+    k = len(json.loads((adapted / "classes.json").read_text()))
+    assert record["used"] == 4 and record["label"] == k and len(record["files"]) == 4
+    assert all(f.startswith("hazelnut/train/good/") for f in record["files"])
+    dd = data.load(data.DataConfig(product="hazelnut"))
+    goods, rec = product.good_samples(dd, -1, k)
+    assert rec["used"] == len(dd.good) == len(goods) > 4 and {s.label for s in goods} == {k}
+    item = dataset.DefectDataset(goods[:1], data.DataConfig(product="hazelnut", image_size=16, zoom=2), seed=0)[0]
+    assert item["image"].shape == (3, 16, 16) and item["mask"].sum() == 0 and item["label"] == k
+    assert (item["image"] > -0.9).any()
+    none = dataclasses.replace(dd, good=[])
+    with pytest.warns(UserWarning, match="no defect-free images"):
+        goods, rec = product.good_samples(none, -1, k)
+    assert goods == [] and rec["used"] == 0 and "no defect-free images" in rec["note"]
+    assert product.good_samples(dd, 0, k) == ([], {"asked": 0, "used": 0, "note": "off (--good-images 0)"})
+    with pytest.raises(DefectlabError, match="good_images must be"):
+        train.run(train.TrainConfig(model="tiny", good_images=-2))
+
+
+def test_product_window_lands_on_the_product():
+    image = torch.full((3, 64, 64), 0.8)
+    image[:, 40:56, 8:24] = -0.5  # the product: a dark square on a plain background
+    for seed in range(5):
+        y, x = dataset.product_window(image, 16, torch.Generator().manual_seed(seed))
+        assert (image[:, y:y + 16, x:x + 16] < 0).any()
+
+
+def test_cutpaste_pairs_copy_the_training_defect_under_the_models_masks(adapted, tmp_path):
+    common = dict(run=str(adapted), classes="hole,crack", per_class=3, steps=2, scheduler="ddim", seed=1)
+    model = synthesize.run(synthesize.MaskSampleConfig(**common, out=str(tmp_path / "model")))
+    copy = synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste"))
+    assert copy.name == "cutpaste-s1-16px-zoom2"
+    for m, c in zip(_records(model), _records(copy)):
+        assert m["good"] == c["good"] and m["mask_source"] == c["mask_source"] and c["source"] == "cutpaste"
+        assert torch.equal(images.load_png(model / m["mask"]), images.load_png(copy / c["mask"]))  # same masks, poses
+        img, good = images.load_png(copy / c["file"]), images.quantised(dataset.load_image(Path(c["good"]), 32))
+        inside = dataset.load_mask(copy / c["mask"], 32)[0] > 0.5
+        assert (img - good).abs()[:, ~inside].max() <= 1 / 127.5 + 1e-6  # nothing outside the mask changes
+        assert (img - good).abs()[:, inside].mean() > 0.02  # the defect's own pixels inside it
+    # another seed pairs the masks with other good images
+    other = synthesize.run(synthesize.MaskSampleConfig(**{**common, "seed": 2}, source="cutpaste"))
+    assert [r["good"] for r in _records(other)] != [r["good"] for r in _records(copy)]
+    with pytest.raises(DefectlabError, match="cutpaste copies"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste", deform=0.5))
+    with pytest.raises(DefectlabError, match="unknown source"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, source="paint"))
+
+
+def test_deformed_masks_are_new_shapes_near_the_old_ones(adapted, tmp_path):
+    common = dict(run=str(adapted), classes="crack", per_class=4, steps=2, scheduler="ddim")
+    plain = synthesize.run(synthesize.MaskSampleConfig(**common, out=str(tmp_path / "plain")))
+    new = synthesize.run(synthesize.MaskSampleConfig(**common, deform=1.0))
+    assert new.name.endswith("-deform1")
+    for p, n in zip(_records(plain), _records(new)):
+        assert n["mask_source"] == p["mask_source"] + " (deformed)"
+        a, b = dataset.load_mask(plain / p["mask"], 32), dataset.load_mask(new / n["mask"], 32)
+        assert not torch.equal(a, b) and b.sum() > 0
+    m = torch.zeros(1, 64, 64)
+    m[0, 20:30, 25:45] = 1
+    shapes = [masks.deform(m, np.random.default_rng(s)) for s in range(4)]
+    assert all(0.3 < float((d * m).sum() / m.sum()) and not torch.equal(d, m) for d in shapes)
+    assert not torch.equal(shapes[0], shapes[1])
+    with pytest.raises(DefectlabError, match="deform is a share"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, deform=1.5))
+
+
+def test_two_sample_test_tells_different_sets_apart_and_not_identical_ones():
+    g = torch.Generator().manual_seed(0)
+    real = {c: torch.rand(24, 3, 16, 16, generator=g) * 2 - 1 for c in ("a", "b")}
+    same = {c: torch.rand(24, 3, 16, 16, generator=g) * 2 - 1 for c in ("a", "b")}
+    flat = {c: torch.full((24, 3, 16, 16), 0.3) + 0.05 * torch.rand(24, 3, 16, 16, generator=g) for c in ("a", "b")}
+    alike = realism.two_sample(real, same, folds=3, steps=60)
+    apart = realism.two_sample(real, flat, folds=3, steps=60)
+    assert alike.accuracy < 0.75 and apart.accuracy > 0.9 and set(apart.per_class) == {"a", "b"}
+    assert apart.n == 48 and apart.folds == 3
+    near = realism.nearest({"a": real["a"][:3]}, {"a": real["a"]})
+    assert near == {"a": 0.0}  # copies of training windows sit at the floor
+    assert realism.nearest({"a": flat["a"]}, {"a": real["a"]})["a"] > 0.3
+    with pytest.raises(DefectlabError, match="no class has both"):
+        realism.two_sample({"a": real["a"]}, {"b": flat["b"]})
+
+
+def test_nested_interval_covers_both_seed_levels():
+    rng = np.random.default_rng(0)
+    table = 0.05 + rng.normal(0, 0.01, (3, 5))
+    iv = nested_interval(table)
+    assert iv.low < table.mean() < iv.high and iv.n == 15 and iv.low > 0
+    spread = table + np.array([[-0.05], [0.0], [0.05]])  # the generation sets disagree: a wider interval
+    assert nested_interval(spread).high - nested_interval(spread).low > iv.high - iv.low
+    assert nested_interval(np.full((3, 5), 0.02)).low == pytest.approx(0.02)
+    with pytest.raises(DefectlabError, match="sets, seeds"):
+        nested_interval(np.zeros(4))
+
+
+def test_benchmark_puts_generated_beside_copy_paste_on_new_images(adapted, tmp_path, capsys):
+    new = synth.generate(tmp_path / "new", seed=7, size=64, per_class=3, good=2, products=("hazelnut",))
+    out = benchmark.run(benchmark.BenchmarkConfig(
+        run=str(adapted), test_data=str(new), gen_seeds=2, clf_seeds=2, per_class=2, steps=2, view_size=32,
+        classifier_steps=3, realism_folds=2, out=str(tmp_path / "bench")))
+    result = json.loads((out / "benchmark.json").read_text())
+    assert result["n_test"] == 3 * len(result["classes"]) and set(result["views"]) == {"image", "window"}
+    for view in result["views"].values():
+        assert set(view["accuracy"]) == set(benchmark.CONDITIONS)
+        assert all(0 <= a["mean"] <= 1 and len(a["runs"]) == 2 for a in view["accuracy"].values())
+        assert set(view["differences"]) == {"gen - cutpaste", "gen - real", "cutpaste - real"}
+    assert result["views"]["image"]["size"] == 32 and result["views"]["window"]["size"] == 16
+    assert set(result["realism"]) == {"generated", "cut-paste"}
+    assert 0 <= result["realism"]["cut-paste"]["two_sample_accuracy"] <= 1
+    text = (out / "benchmark.md").read_text()
+    assert "gen - cutpaste" in text and "two-sample" in text and "judge" not in text
+    assert (out / "figures" / "real-generated-cutpaste.png").is_file()
+    assert sorted(p.name for p in (out / "pairs").iterdir()) == ["cutpaste-s0", "cutpaste-s1", "model-s0", "model-s1"]
+
+
+def test_benchmark_refuses_a_test_folder_it_cannot_trust(adapted, tmp_path, capsys):
+    base = ["benchmark", "--run", str(adapted), "--out", str(tmp_path / "never")]
+    same = data.resolve_root("synthetic")  # the run's own data: every file is also a training file
+    assert cli_main(base + ["--test-data", str(same)]) == 2
+    assert "also in the run's data" in capsys.readouterr().err
+    other = synth.generate(tmp_path / "other", seed=3, size=64, per_class=2, good=1, products=("hazelnut",))
+    shutil.rmtree(other / "hazelnut" / "test" / "hole")
+    (other / "hazelnut" / "test" / "dent").mkdir()
+    shutil.copy(next((other / "hazelnut" / "test" / "crack").glob("*.png")), other / "hazelnut" / "test" / "dent")
+    assert cli_main(base + ["--test-data", str(other)]) == 2
+    assert "are not the run's" in capsys.readouterr().err
+    assert cli_main(base) == 2 and "--test-data is required" in capsys.readouterr().err
+    assert cli_main(base + ["--test-data", str(other), "--views", "pixels"]) == 2
+    assert cli_main(base + ["--test-data", str(other), "--real-per-class", "-1"]) == 2
+    assert "real_per_class must be ≥ 0" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # nothing written
+
+
+def test_an_adapted_run_samples_the_defect_free_product_as_good(adapted, tmp_path):
+    from defectlab import sample
+    out = sample.run(sample.SampleConfig(run=str(adapted), classes="good,hole", per_class=2, steps=2,
+                                         scheduler="ddim", out=str(tmp_path / "s")))
+    lines = [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()]
+    classes = json.loads((adapted / "classes.json").read_text())
+    assert {(r["class"], r["label"]) for r in lines} == {("good", len(classes)), ("hole", classes.index("hole"))}
+    assert all((out / r["file"]).is_file() for r in lines)
+
+
+def test_notebook_04_finds_a_runs_benchmark_reports(tmp_path):
+    from defectlab import report
+    assert report.benchmarks(tmp_path) == []
+    for i, tag in enumerate(("ddim20-g7-3x12", "ddim20-g4-3x12")):
+        (tmp_path / "benchmark" / tag).mkdir(parents=True)
+        (tmp_path / "benchmark" / tag / "benchmark.md").write_text(tag)
+        os.utime(tmp_path / "benchmark" / tag / "benchmark.md", (1000 + i, 1000 + i))
+    assert [p.parent.name for p in report.benchmarks(tmp_path)] == ["ddim20-g7-3x12", "ddim20-g4-3x12"]
+
+
+def test_each_classifier_seed_draws_its_own_k_real_images_per_class():
+    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 1)
+    assert benchmark.real_subset(labels, 0, 3).tolist() == list(range(11))
+    a, b = benchmark.real_subset(labels, 2, 0), benchmark.real_subset(labels, 2, 1)
+    assert torch.bincount(labels[a]).tolist() == [2, 2, 1]  # a class with fewer gives what it has
+    assert torch.equal(a, benchmark.real_subset(labels, 2, 0)) and not torch.equal(a.sort().values, b.sort().values)
