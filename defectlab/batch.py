@@ -46,7 +46,7 @@ STAGES = ("02", "03", "04")  # what one sweep point runs
 @dataclass
 class NotebooksConfig:
     params: str = ""               # YAML file of notebook parameters (name: value), see defectlab/configs/params.yaml
-    out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/notebooks/<time>)
+    out: str = ""                  # folder for executed notebooks and figures ("" = outputs/notebooks/<time>, the run in outputs/runs); a given one holds its run too
     only: str = ""                 # notebooks to run, e.g. 02,03 ("" = all four)
     kernel: str = ""               # Jupyter kernel name ("" = this Python interpreter)
     cell_timeout: int = 0          # seconds a cell may run (0 = no limit)
@@ -210,8 +210,8 @@ def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
         p = for_notebook(name, given, specs, source)
         if "figures_dir" in spec:
             p.setdefault("figures_dir", str(figures))
-        if "runs_dir" in spec:
-            p.setdefault("runs_dir", str(out / "runs"))
+        if "runs_dir" in spec:  # a batch in its own --out keeps its runs there; otherwise with the CLI's runs
+            p.setdefault("runs_dir", str(out / "runs" if cfg.out else paths.RUNS))
         if "run" in spec:  # the run this batch just trained, else the one asked for, resolved once
             run_folder = run_folder or report.resolve_run(p.get("run", ast.literal_eval(spec["run"]["default"])))
             p["run"] = str(run_folder)

@@ -173,6 +173,12 @@ def run(cfg: BenchmarkConfig) -> Path:
     return out
 
 
+def reports(run: str | Path) -> list[Path]:
+    """The benchmark reports of a run (``<run>/benchmark/<tag>/benchmark.md``), oldest first;
+    empty when none was made (notebook 04 shows them)."""
+    return sorted(Path(run).glob("benchmark/*/benchmark.md"), key=lambda p: p.stat().st_mtime)
+
+
 def _by_class(x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict[str, torch.Tensor]:
     return {c: x[y == i] for i, c in enumerate(classes) if (y == i).any()}
 

@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from . import data, fetch, paths, synth
+from . import data, fetch, paths, presets, synth
 from .errors import DefectlabError
 
 # subcommand → (module, settings class, one-line help)
@@ -26,6 +26,8 @@ STAGES = {
                    "run) or inpainted onto good images"),
     "benchmark": ("benchmark", "BenchmarkConfig", "generated pairs against copy-paste and real-only on a folder of real "
                   "test images: downstream accuracy with intervals, two-sample realism"),
+    "runs": ("compare", "RunsConfig", "list and compare runs under outputs/ (the demo's, notebook batches' and sweeps' "
+             "too): the settings that differ and the results, Markdown or CSV, and a figure"),
     # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
     "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
@@ -110,10 +112,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    """Only the flags the user gave override the dataclass defaults."""
+    """Only the flags the user gave override the dataclass defaults, after a ``--preset``'s."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if getattr(args, f.name, None) is not None}
-    return cls(**given)
+    preset = presets.settings(args.preset, args.command) if getattr(args, "preset", None) else {}
+    return cls(**{**preset, **given})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -147,6 +150,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:  # import only the stage that runs: torch/diffusers imports are slow
             cls = getattr(importlib.import_module(f"defectlab.{module}"), cls_name)
             add_dataclass_args(p, cls, positional=getattr(cls, "POSITIONAL", ()))
+            if name in presets.commands():
+                p.add_argument("--preset", choices=sorted(presets.PRESETS), default=None,
+                               help=f"a named recipe; flags given beside it win ({presets.describe(name)})")
     return parser
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batch, benchmark, evaluate, paths, report, runs, sample, synth, synthesize, train
+from . import batch, benchmark, evaluate, paths, presets, report, runs, sample, synth, synthesize, train
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DemoConfig:
     bench_seeds: str = "3,3"       # benchmark: generation seeds, classifier seeds
     bench_real: int = 2            # benchmark: real images per class each classifier gets (where real only is not yet at 1.0)
     notebooks: bool = True         # run notebooks 01-04 through papermill (else call the stages directly)
-    out: str = ""                  # folder for executed notebooks, run and figures ("" = outputs/demo)
+    out: str = ""                  # folder for executed notebooks and figures ("" = outputs/demo, the run in outputs/runs); a given one holds its run too
 
 
 # Per base: a random-weight tiny DiT has to learn everything (train all of it, small images,
@@ -56,8 +56,9 @@ class DemoConfig:
 # (synthesize: the training masks carried onto defect-free products) and evaluates those.
 PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3, "guidance": 1.5, "mask_loss": 0.0},
            "mini": {"method": "difffit", "image_size": 32, "epochs": 100, "lr": 3e-3, "guidance": 4.0, "mask_loss": 5.0},
-           "mini-latent": {"method": "difffit", "image_size": 64, "epochs": 100, "lr": 3e-3, "guidance": 7.0,
-                           "mask_loss": 20.0, "zoom": 4, "pairs": True}}
+           "mini-latent": {**{k: presets.DEMO["finetune"][k] for k in ("method", "image_size", "epochs", "lr",
+                                                                        "mask_loss", "zoom")},
+                           "guidance": presets.DEMO["synthesize"]["guidance"], "pairs": True}}  # = --preset demo
 
 
 def base_model(cfg: DemoConfig) -> str:
@@ -95,7 +96,7 @@ def run(cfg: DemoConfig) -> Path:
     out = Path(cfg.out) if cfg.out else paths.OUTPUTS / "demo"
     load = _load()
     if cfg.notebooks:
-        result = batch.run(batch.NotebooksConfig(out=str(out)), params=params(cfg))
+        result = batch.run(batch.NotebooksConfig(out=str(out)), params={**params(cfg), "runs_dir": str(runs_dir(cfg, out))})
         run_folder = Path(runs.read_json(result / "batch.json")["run"])
     else:
         result = run_folder = _stages(cfg, out)
@@ -110,12 +111,19 @@ def run(cfg: DemoConfig) -> Path:
     return result
 
 
+def runs_dir(cfg: DemoConfig, out: Path) -> Path:
+    """Where the demo's run goes: with the CLI's runs (``outputs/runs``, where ``--run latest``,
+    ``defectlab runs`` and ``tensorboard --logdir outputs/runs`` see it), or inside an ``--out``
+    folder given on purpose."""
+    return out / "runs" if cfg.out else paths.RUNS
+
+
 def _stages(cfg: DemoConfig, out: Path) -> Path:
     """The same steps as the notebooks, without Jupyter."""
     p = params(cfg)
     keys = ("model", "method", "product", "image_size", "epochs", "lr", "batch_size", "grad_accum",
             "val_per_class", "val_timesteps", "val_every", "progress", "mask_loss", "zoom")
-    folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(out / "runs")))
+    folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(runs_dir(cfg, out))))
     sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
                                    guidance=p["guidance"]))
     if p["pairs_per_class"]:
@@ -144,10 +152,11 @@ def _benchmark(cfg: DemoConfig, run_folder: Path, out: Path) -> Path:
     + generated pairs, + cut-paste pairs, and generated − cut-paste with its interval."""
     gen_seeds, clf_seeds = (int(v) for v in cfg.bench_seeds.split(","))
     test = synth.generate(out / "test-data", seed=1, per_class=10, good=2, products=(cfg.product,))
-    folder = benchmark.run(benchmark.BenchmarkConfig(
-        run=str(run_folder), test_data=str(test), gen_seeds=gen_seeds, clf_seeds=clf_seeds, per_class=cfg.per_class,
-        steps=cfg.steps, guidance=cfg.guidance or PRESETS["mini-latent"]["guidance"], view_size=64,
-        classifier_steps=150, realism_folds=3, real_per_class=cfg.bench_real))  # into <run>/benchmark/: notebook 04 shows it when run again
+    folder = benchmark.run(benchmark.BenchmarkConfig(**{
+        **presets.DEMO["benchmark"], "run": str(run_folder), "test_data": str(test), "gen_seeds": gen_seeds,
+        "clf_seeds": clf_seeds, "per_class": cfg.per_class, "steps": cfg.steps,
+        "guidance": cfg.guidance or PRESETS["mini-latent"]["guidance"], "real_per_class": cfg.bench_real}))
+    # (into <run>/benchmark/: notebook 04 shows it when run again)
     print("\ncopy baseline (offline proxy: procedural images):\n" + (folder / "benchmark.md").read_text())
     return folder
 

@@ -270,20 +270,20 @@ def run_summary(folder: str | Path) -> dict:
     best = runs.read_json(best_file) if best_file.is_file() else {}
     return {"run": folder.name, "model": cfg.get("model"), "method": cfg.get("method"), "lr": cfg.get("lr"),
             "image_size": cfg.get("image_size"), "epochs": cfg.get("epochs"),
-            "train_steps": train[-1]["step"] if train else 0, "train_seconds": train[-1]["time"] if train else None,
-            "final_train_loss": train[-1]["loss"] if train else None,
-            "best_val_loss": best.get("val_loss"), "best_step": best.get("step")}
+            "train_steps": train[-1]["step"] if train else 0,
+            "train_seconds": round(train[-1]["time"], 1) if train else None,
+            "final_train_loss": _round(train[-1]["loss"]) if train else None,
+            "best_val_loss": _round(best.get("val_loss")), "best_step": best.get("step")}
+
+
+def _round(value, digits: int = 4):
+    """A float to ``digits`` significant digits, for tables people read (None stays None)."""
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
 
 
 def figures_folder(run: str | Path) -> Path:
     """Where a run's figures go (``<run>/figures``; train, sample and evaluate write there too)."""
     return Path(run) / "figures"
-
-
-def benchmarks(run: str | Path) -> list[Path]:
-    """The copy-baseline reports of a run (``<run>/benchmark/<tag>/benchmark.md``, ``defectlab
-    benchmark``), oldest first; empty when none was made."""
-    return sorted(Path(run).glob("benchmark/*/benchmark.md"), key=lambda p: p.stat().st_mtime)
 
 
 def sample_figure(samples: str | Path) -> Path:

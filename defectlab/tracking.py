@@ -21,7 +21,10 @@ from .images import to_uint8
 
 REPORT_TO = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available,
              "none": lambda: True}
-SCALARS = ("loss", "mse", "vb", "lr", "grad_norm", "val_loss", "best")   # log.jsonl keys sent to the tracker
+# log.jsonl key → tracker tag, grouped so the dashboards show train/… and val/… sections
+SCALARS = {"loss": "train/loss", "mse": "train/mse", "vb": "train/vb", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "val_loss": "val/loss", "best": "val/best"}
+GRID_TAG = "val/samples"
 GRID = sampler.Sampling(steps=25, guidance=1.5, scheduler="ddim")       # the validation sample grid
 
 
@@ -53,9 +56,17 @@ class Tracker:
         self.acc, self.folder, self.cfg, self.base, self.classes = acc, Path(folder), cfg, base, list(classes)
         if acc.log_with:  # init_trackers runs on the main process only
             name = f"{self.folder.name}/tensorboard" if cfg.report_to == "tensorboard" else "defectlab"
-            acc.init_trackers(name, config=_hparams(dataclasses.asdict(cfg)), init_kwargs={
+            board = cfg.report_to == "tensorboard"  # its add_hparams would open a second, empty run in a sub-folder
+            acc.init_trackers(name, config=None if board else _hparams(dataclasses.asdict(cfg)), init_kwargs={
                 "wandb": {"name": self.folder.name, "dir": str(self.folder)},
                 "mlflow": {"run_name": self.folder.name}})
+            if board and acc.is_main_process:
+                from torch.utils.tensorboard.summary import hparams  # tensorboard is there: init_trackers checked
+
+                writer = acc.get_tracker("tensorboard", unwrap=True)
+                for summary in hparams(_hparams(dataclasses.asdict(cfg)), {}):  # the settings, in this run's own file
+                    writer._get_file_writer().add_summary(summary)
+                writer.flush()
 
     def log(self, record: dict, model: torch.nn.Module | None = None) -> None:
         """One record to ``log.jsonl`` and its scalars to the tracker at ``record["step"]``;
@@ -63,7 +74,7 @@ class Tracker:
         if not self.acc.is_main_process:
             return
         runs.log(self.folder, record)
-        scalars = {k: float(record[k]) for k in SCALARS if k in record}
+        scalars = {tag: float(record[k]) for k, tag in SCALARS.items() if k in record}
         if self.acc.trackers and scalars:
             self.acc.log(scalars, step=record["step"])
         # compiled training (CUDA graphs) would recompile for the grid's batch: no grid there
@@ -85,10 +96,10 @@ class Tracker:
         pixels = to_uint8(make_grid(images, nrow=len(self.classes), padding=1, pad_value=1.0))  # [3,H,W]
         for tracker in self.acc.trackers:
             if tracker.name == "tensorboard":
-                tracker.tracker.add_image("samples", pixels, global_step=step)
+                tracker.tracker.add_image(GRID_TAG, pixels, global_step=step)
                 tracker.tracker.flush()
             elif tracker.name == "wandb":
-                tracker.log_images({"samples": [pixels.permute(1, 2, 0).numpy()]}, step=step)
+                tracker.log_images({GRID_TAG: [pixels.permute(1, 2, 0).numpy()]}, step=step)
 
     def finish(self) -> None:
         """Close the trackers. Not ``Accelerator.end_training``: that also destroys the process

@@ -42,7 +42,7 @@ settings: str = ""  # other EvalConfig fields as JSON, e.g. {"kid_subset_size": 
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import evaluate, params, report, viz
+from defectlab import benchmark, evaluate, params, report, viz
 
 run_folder = report.resolve_run(run)
 config = params.with_settings(evaluate.EvalConfig(
@@ -86,4 +86,4 @@ viz.show(comparison)
 # this notebook; its reports for this run are shown here.
 
 # %%
-display(*[Markdown(table.read_text()) for table in report.benchmarks(run_folder)])
+display(*[Markdown(table.read_text()) for table in benchmark.reports(run_folder)])

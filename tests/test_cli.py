@@ -53,3 +53,33 @@ def test_every_stage_help_lists_its_settings(command, capsys):
         cli.main([command, "--help"])
     text = capsys.readouterr().out
     assert "--seed" in text or "--run" in text
+
+
+def _stage_config(*argv):
+    args = cli.build_parser(argv[0]).parse_args(list(argv))
+    module, cls_name = args.stage
+    import importlib
+    return cli.config_from_args(getattr(importlib.import_module(f"defectlab.{module}"), cls_name), args)
+
+
+def test_preset_demo_is_the_demos_recipe_and_given_flags_win(capsys):
+    from defectlab import demo, presets, sample, synthesize, train
+
+    cfg = _stage_config("finetune", "--preset", "demo", "--epochs", "3")
+    assert cfg.epochs == 3 and (cfg.model, cfg.method, cfg.zoom, cfg.mask_loss, cfg.lr) == ("mini-latent", "difffit", 4, 20.0, 3e-3)
+    assert _stage_config("finetune") == train.TrainConfig()  # no preset: the dataclass defaults
+    assert _stage_config("sample", "--preset", "demo") == sample.SampleConfig(scheduler="ddim", steps=20, guidance=7.0)
+    pairs = _stage_config("synthesize", "--preset", "demo", "--guidance", "4")
+    assert (pairs.per_class, pairs.steps, pairs.guidance) == (12, 20, 4.0)
+    assert isinstance(pairs, synthesize.MaskSampleConfig)
+    bench = _stage_config("benchmark", "--preset", "demo", "--test-data", "x")
+    assert (bench.real_per_class, bench.clf_seeds, bench.view_size) == (2, 3, 64)
+    # the demo's notebooks get the same recipe
+    p = demo.params(demo.DemoConfig(model="mini-latent"))
+    assert {k: p[k] for k in presets.DEMO["finetune"] if k in p} == {k: v for k, v in presets.DEMO["finetune"].items() if k in p}
+    assert (p["scheduler"], p["steps"], p["guidance"]) == ("ddim", 20, 7.0)
+    with pytest.raises(SystemExit):
+        cli.build_parser("sample").parse_args(["sample", "--help"])
+    assert "demo: --scheduler ddim --steps 20 --guidance 7" in " ".join(capsys.readouterr().out.split())  # wrapped
+    assert cli.main(["sample", "--preset", "nope"]) == 2
+    assert "--preset" in capsys.readouterr().err

@@ -174,13 +174,12 @@ def test_an_adapted_run_samples_the_defect_free_product_as_good(adapted, tmp_pat
 
 
 def test_notebook_04_finds_a_runs_benchmark_reports(tmp_path):
-    from defectlab import report
-    assert report.benchmarks(tmp_path) == []
+    assert benchmark.reports(tmp_path) == []
     for i, tag in enumerate(("ddim20-g7-3x12", "ddim20-g4-3x12")):
         (tmp_path / "benchmark" / tag).mkdir(parents=True)
         (tmp_path / "benchmark" / tag / "benchmark.md").write_text(tag)
         os.utime(tmp_path / "benchmark" / tag / "benchmark.md", (1000 + i, 1000 + i))
-    assert [p.parent.name for p in report.benchmarks(tmp_path)] == ["ddim20-g7-3x12", "ddim20-g4-3x12"]
+    assert [p.parent.name for p in benchmark.reports(tmp_path)] == ["ddim20-g7-3x12", "ddim20-g4-3x12"]
 
 
 def test_each_classifier_seed_draws_its_own_k_real_images_per_class():

@@ -67,6 +67,7 @@ def test_batch_leaves_notebooks_metrics_and_figures(executed, record):
     assert all(math.isfinite(acc[c]["accuracy"]["mean"]) for c in acc)
     summary = report.run_summary(run)
     assert summary["train_steps"] > 0 and math.isfinite(summary["best_val_loss"])
+    assert len(repr(summary["best_val_loss"])) <= 12 and len(repr(summary["final_train_loss"])) <= 12  # rounded
 
     figures = {p.name: p for p in (executed / "figures").iterdir()}
     for name in ("hazelnut-examples-per-class.png", "hazelnut-images-per-class.png", "loss_curve.png",

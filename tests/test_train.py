@@ -152,14 +152,16 @@ def test_tensorboard_gets_the_logged_scalars_and_a_sample_grid(tmp_path):
     folder = train.run(tiny_cfg(tmp_path, epochs=2, report_to="tensorboard"))
     events = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
-    assert {"loss", "mse", "vb", "lr", "grad_norm", "val_loss", "best"} <= set(tags["scalars"])
+    assert {f"train/{k}" for k in ("loss", "mse", "vb", "lr", "grad_norm")} | {"val/loss", "val/best"} <= set(tags["scalars"])
     log = runs.read_log(folder)
     steps = [r for r in log if "loss" in r]
-    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in steps]
-    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in steps])
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in steps]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in steps])
     assert all(r["grad_norm"] > 0 for r in steps)  # logged whether or not it clips
-    assert [e.value for e in events.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in log if "val_loss" in r])
-    grids = events.Images("samples")
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx([r["val_loss"] for r in log if "val_loss" in r])
+    assert not [p for p in (folder / "tensorboard").iterdir() if p.is_dir()]  # one TensorBoard run per run folder
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")  # the settings, in the same run
+    grids = events.Images("val/samples")
     assert len(grids) == 2 and grids[0].width == 4 * 32 + 5  # one image per class, 1 px padding
     none = train.run(tiny_cfg(tmp_path, epochs=1, report_to="none", name="quiet"))
     assert not (none / "tensorboard").exists()
