@@ -8,16 +8,17 @@ folder (``<run>/tensorboard/``), so ``tensorboard --logdir outputs/runs`` shows 
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
-from torchvision.utils import make_grid
+from PIL import Image
 
-from . import paths, runs, sampler
+from . import paths, runs, sampler, viz
 from .errors import DefectlabError
-from .images import to_uint8
 
 REPORT_TO = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available,
              "none": lambda: True}
@@ -93,7 +94,11 @@ class Tracker:
                                 progress=False)
 
     def log_images(self, images: torch.Tensor, step: int) -> None:
-        pixels = to_uint8(make_grid(images, nrow=len(self.classes), padding=1, pad_value=1.0))  # [3,H,W]
+        """The grid with its class names over the columns (``viz.grid_figure``), as the trackers take it."""
+        k = len(self.classes)
+        by_class = images.reshape(-1, k, *images.shape[1:]).transpose(0, 1).reshape(images.shape)  # class-major
+        png = viz.figure_png(viz.grid_figure(by_class, self.classes, rows=len(images) // k))
+        pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)  # [3,H,W] uint8
         for tracker in self.acc.trackers:
             if tracker.name == "tensorboard":
                 tracker.tracker.add_image(GRID_TAG, pixels, global_step=step)
