@@ -95,9 +95,10 @@ def test_set(root: str, dcfg: data_mod.DataConfig, classes: list[str], seen: lis
                              f"{', '.join(classes)}")
     samples = [dataclasses.replace(s, label=classes.index(s.defect)) for s in test.train + test.test]
     known = {_digest(p): p for p in seen}
-    if clash := next((s.image for s in samples if _digest(s.image) in known), None):
-        raise DefectlabError(f"--test-data {root}: {clash} is also in the run's data "
-                             f"({known[_digest(clash)]}): test images must be new")
+    for s in samples:
+        if (same := known.get(_digest(s.image))) is not None:
+            raise DefectlabError(f"--test-data {root}: {s.image} is also in the run's data ({same}): "
+                                 "test images must be new")
     return samples
 
 
@@ -235,7 +236,8 @@ def _subset(result: dict) -> str:
     return f" ({k} per class per classifier seed)" if k else ""
 
 
-def _fmt(iv: dict) -> str:
+def interval_text(iv: dict) -> str:
+    """``+0.012 [-0.034, +0.056]``: a difference and its interval, as the reports print it."""
     return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
 
 
@@ -251,7 +253,7 @@ def report(result: dict) -> str:
         lines += [f"## {view} view ({v['size']} px)", "", "| condition | accuracy |", "|---|---|"]
         lines += [f"| {c} | {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] |" for c, a in acc.items()]
         lines += ["", "| difference | mean [95 % interval] |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(iv)} |" for name, iv in v["differences"].items()] + [""]
+        lines += [f"| {name} | {interval_text(iv)} |" for name, iv in v["differences"].items()] + [""]
     if "realism" in result:
         lines += ["## Realism (defect windows)", "",
                   "| pairs | two-sample accuracy (0.5 = indistinguishable) | nearest training defect, RMS |", "|---|---|---|"]

@@ -58,8 +58,9 @@ def _benchmark(folder: Path) -> dict:
     if not found:
         return {}
     saved = json.loads(found[-1].with_suffix(".json").read_text())
-    return {"benchmark": found[-1].parent.name, **{f"gen-cutpaste ({view})": "{mean:+.3f} [{low:+.3f}, {high:+.3f}]".format(**v["differences"]["gen - cutpaste"])
-            for view, v in saved.get("views", {}).items()}}
+    return {"benchmark": found[-1].parent.name,
+            **{f"gen-cutpaste ({view})": benchmark.interval_text(v["differences"]["gen - cutpaste"])
+               for view, v in saved.get("views", {}).items()}}
 
 
 def rows(cfg: RunsConfig) -> tuple[list[dict], list[str]]:
@@ -124,8 +125,6 @@ def figure(table: list[dict]) -> Figure:
 
 
 def run(cfg: RunsConfig) -> Path | None:
-    if cfg.format not in ("md", "csv"):
-        raise DefectlabError(f"--format: choose md or csv (got {cfg.format!r})")
     table, settings = rows(cfg)
     if not table:
         raise DefectlabError(f"no run folder under {cfg.root or paths.OUTPUTS}"

@@ -94,16 +94,15 @@ def params(cfg: DemoConfig) -> dict:
 def run(cfg: DemoConfig) -> Path:
     t0 = time.time()
     out = Path(cfg.out) if cfg.out else paths.OUTPUTS / "demo"
-    load = _load()
+    load, p = _load(), params(cfg)
     if cfg.notebooks:
-        result = batch.run(batch.NotebooksConfig(out=str(out)), params={**params(cfg), "runs_dir": str(runs_dir(cfg, out))})
+        result = batch.run(batch.NotebooksConfig(out=str(out)), params={**p, "runs_dir": str(runs_dir(cfg, out))})
         run_folder = Path(runs.read_json(result / "batch.json")["run"])
     else:
         result = run_folder = _stages(cfg, out)
     _report(run_folder)
     if cfg.benchmark and runs.load_config(run_folder).get("zoom", 1) > 1:  # pairs: what the copy baseline compares
-        _benchmark(cfg, run_folder, out)
-    p = params(cfg)
+        _benchmark(cfg, p, run_folder, out)
     print(f"\nnext: defectlab sample --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}"
           f"\n      defectlab synthesize --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}")
     print(f"demo finished in {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores "
@@ -147,15 +146,15 @@ def _report(run_folder: Path) -> None:
     print(report.caption(result))
 
 
-def _benchmark(cfg: DemoConfig, run_folder: Path, out: Path) -> Path:
+def _benchmark(cfg: DemoConfig, p: dict, run_folder: Path, out: Path) -> Path:
     """``benchmark.run`` on procedural images of another seed (never trained on): real-only,
     + generated pairs, + cut-paste pairs, and generated − cut-paste with its interval."""
     gen_seeds, clf_seeds = (int(v) for v in cfg.bench_seeds.split(","))
     test = synth.generate(out / "test-data", seed=1, per_class=10, good=2, products=(cfg.product,))
     folder = benchmark.run(benchmark.BenchmarkConfig(**{
         **presets.DEMO["benchmark"], "run": str(run_folder), "test_data": str(test), "gen_seeds": gen_seeds,
-        "clf_seeds": clf_seeds, "per_class": cfg.per_class, "steps": cfg.steps,
-        "guidance": cfg.guidance or PRESETS["mini-latent"]["guidance"], "real_per_class": cfg.bench_real}))
+        "clf_seeds": clf_seeds, "per_class": p["per_class"], "steps": p["steps"], "guidance": p["guidance"],
+        "real_per_class": cfg.bench_real}))
     # (into <run>/benchmark/: notebook 04 shows it when run again)
     print("\ncopy baseline (offline proxy: procedural images):\n" + (folder / "benchmark.md").read_text())
     return folder

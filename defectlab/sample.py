@@ -105,8 +105,9 @@ def _from_restored(cfg: SampleConfig, r: restore.Restored) -> _Source:
                              f"({model_mod.numerics_of(r.model)}): restore it with numerics={cfg.numerics!r}")
     size = cfg.image_size or r.config.get("image_size") or r.base.default_image_size
     names, labels = list(r.classes), list(range(len(r.classes)))
-    if r.folder is not None and (r.folder / product.RECORD).is_file() and \
-            runs.read_json(r.folder / product.RECORD).get("used"):  # the null class learned the defect-free product
+    record = r.folder / product.RECORD if r.folder is not None else None
+    if record is not None and record.is_file() and product.used(r.config, runs.read_json(record)):
+        # the null class learned the defect-free product
         names, labels = names + [product.GOOD], labels + [len(names)]
     return _Source(r.model, r.base.codec, r.base.scheduler_config, names, labels,
                    names, r.config.get("product", "product"), r.folder, r.folder.name,

@@ -66,13 +66,19 @@ def _background(rng, size, level, tint, grain) -> Array:
     return img + grain * rng.uniform(0.5, 1.5) * _noise(rng, size, int(rng.integers(4, 9)))[..., None]
 
 
-def hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+def _placed(rng: np.random.Generator, size: int, level, tint: float, grain: float, shift: float):
+    """The start every product drawer shares, in one RNG order: pixel grid, side, the background,
+    the product's centre (within ``shift`` × side of the middle) and its turn (cos, sin)."""
     y, x = _grid(size)
     s = float(size)
-    img = _background(rng, size, (8, 40), 0.12, 4)
-    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.07, 0.07, 2) * s)
+    img = _background(rng, size, level, tint, grain)
+    cy, cx = (float(v) for v in s / 2 + rng.uniform(-shift, shift, 2) * s)
     theta = rng.uniform(0, 2 * np.pi)
-    c, sn = float(np.cos(theta)), float(np.sin(theta))
+    return y, x, s, img, cy, cx, float(np.cos(theta)), float(np.sin(theta))
+
+
+def hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
+    y, x, s, img, cy, cx, c, sn = _placed(rng, size, (8, 40), 0.12, 4, 0.07)
     a = s * rng.uniform(0.26, 0.34)
     b = a * rng.uniform(0.76, 0.95)
     u = ((x - cx) * c + (y - cy) * sn) / a
@@ -101,12 +107,7 @@ def hazelnut(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
 
 
 def screw(rng: np.random.Generator, size: int) -> tuple[Array, Array]:
-    y, x = _grid(size)
-    s = float(size)
-    img = _background(rng, size, (150, 225), 0.02, 5)
-    cy, cx = (float(v) for v in s / 2 + rng.uniform(-0.06, 0.06, 2) * s)
-    theta = rng.uniform(0, 2 * np.pi)
-    c, sn = float(np.cos(theta)), float(np.sin(theta))
+    y, x, s, img, cy, cx, c, sn = _placed(rng, size, (150, 225), 0.02, 5, 0.06)
     t = (x - cx) * c + (y - cy) * sn
     w = -(x - cx) * sn + (y - cy) * c
     half = s * rng.uniform(0.23, 0.29)
