@@ -53,6 +53,8 @@ class BenchmarkConfig:
     clf_seeds: int = 5             # downstream classifier seeds per set of pairs
     real_per_class: int = 0        # real training images per class each classifier gets (0 = all the run's; k: k drawn per classifier seed)
     per_class: int = 12            # pairs per class in each set
+    source: str = "model"          # the generated pairs: model (drawn from noise in the mask) | refine (the pasted defect redrawn from strength: SDEdit) | cutpaste (an ablation: copies, e.g. deformed)
+    strength: float = 0.6          # source refine: how far the pasted defect is noised before the run redraws it
     deform: float = 0.0            # share of generated pairs on deformed (new) mask shapes; copy-paste keeps the training shapes
     scheduler: str = "ddim"        # sampler of the generated pairs: ddpm | ddim | dpmsolver
     steps: int = 20                # denoising steps (0 = the scheduler's default)
@@ -72,6 +74,8 @@ def _check(cfg: BenchmarkConfig) -> list[str]:
     views = [v.strip() for v in cfg.views.split(",") if v.strip()]
     if not views or (bad := [v for v in views if v not in VIEWS]):
         raise DefectlabError(f"views: choose from {', '.join(VIEWS)} (got {cfg.views!r})")
+    if cfg.source not in synthesize.SOURCES:
+        raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(synthesize.SOURCES)}")
     for key in ("gen_seeds", "clf_seeds", "per_class", "classifier_steps", "classifier_batch"):
         if getattr(cfg, key) < 1:
             raise DefectlabError(f"{key} must be ≥ 1 (got {getattr(cfg, key)})")
@@ -129,7 +133,8 @@ def run(cfg: BenchmarkConfig) -> Path:
     dcfg = data_mod.from_settings(saved)
     dd = data_mod.load(dcfg, manifest=folder / "split.json")
     tests = test_set(cfg.test_data, dcfg, classes, [s.image for s in dd.train + dd.test] + list(dd.good))
-    tag = f"{cfg.scheduler}{cfg.steps}-g{cfg.guidance:g}-{cfg.gen_seeds}x{cfg.per_class}" + \
+    how = {"model": "", "refine": f"refine{cfg.strength:g}-", "cutpaste": "cutpaste-"}[cfg.source]
+    tag = f"{how}{cfg.scheduler}{cfg.steps}-g{cfg.guidance:g}-{cfg.gen_seeds}x{cfg.per_class}" + \
         (f"-deform{cfg.deform:g}" if cfg.deform else "") + (f"-k{cfg.real_per_class}" if cfg.real_per_class else "")
     out = Path(cfg.out) if cfg.out else folder / "benchmark" / tag
     runs.ensure_dir(out, "--out")
@@ -137,19 +142,20 @@ def run(cfg: BenchmarkConfig) -> Path:
 
     sets = {}  # (source, seed) → [(class, image, mask)]
     for seed in range(cfg.gen_seeds):
-        for source in ("model", "cutpaste"):
+        for key, source, deform in (("model", cfg.source, cfg.deform), ("cutpaste", "cutpaste", 0.0)):
             pairs = synthesize.run(synthesize.MaskSampleConfig(
-                run=str(folder), mode="inpaint", source=source, seed=seed, per_class=cfg.per_class,
-                deform=cfg.deform if source == "model" else 0.0, scheduler=cfg.scheduler, steps=cfg.steps,
-                guidance=cfg.guidance, checkpoint=cfg.checkpoint, out=str(out / "pairs" / f"{source}-s{seed}")))
-            sets[source, seed] = _pairs(pairs)
+                run=str(folder), mode="inpaint", source=source, strength=cfg.strength, seed=seed,
+                per_class=cfg.per_class, deform=deform, scheduler=cfg.scheduler, steps=cfg.steps,
+                guidance=cfg.guidance, checkpoint=cfg.checkpoint, out=str(out / "pairs" / f"{key}-s{seed}")))
+            sets[key, seed] = _pairs(pairs)
 
     label = lambda items: torch.tensor([classes.index(c) for c, *_ in items])  # noqa: E731
     real_items = [(s.defect, s.image, s.mask) for s in dd.train]
     test_items = [(s.defect, s.image, s.mask) for s in tests]
     result = {"run": folder.name, "test_data": str(Path(cfg.test_data).expanduser().resolve()),
               "classes": classes, "n_real": len(real_items), "real_per_class": cfg.real_per_class,
-              "n_test": len(test_items),
+              "n_test": len(test_items), "generated": {"source": cfg.source, "deform": cfg.deform,
+                                                       **({"strength": cfg.strength} if cfg.source == "refine" else {})},
               "n_pairs_per_set": cfg.per_class * len(classes), "views": {}}
     grids = {}
     for view in views:
@@ -236,6 +242,14 @@ def _subset(result: dict) -> str:
     return f" ({k} per class per classifier seed)" if k else ""
 
 
+def _generated(result: dict) -> str:
+    g = result.get("generated", {"source": "model", "deform": 0.0})
+    how = {"model": "drawn by the run inside the carried training masks",
+           "refine": f"the cut-paste pairs redrawn by the run from strength {g.get('strength', 0):g} (SDEdit)",
+           "cutpaste": "copies, no model (an ablation)"}[g["source"]]
+    return how + (f", {g['deform']:.0%} of the masks deformed into new shapes" if g.get("deform") else ", training mask shapes")
+
+
 def interval_text(iv: dict) -> str:
     """``+0.012 [-0.034, +0.056]``: a difference and its interval, as the reports print it."""
     return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
@@ -247,7 +261,7 @@ def report(result: dict) -> str:
     lines = [f"# Benchmark of {result['run']}", "",
              f"Real test images: {result['n_test']} from `{result['test_data']}`; real training images: "
              f"{result['n_real']}{_subset(result)}; pairs per set: {result['n_pairs_per_set']}. Intervals: 95 %, two-stage "
-             "bootstrap over generation seeds and classifier seeds.", ""]
+             "bootstrap over generation seeds and classifier seeds.", "", f"Generated pairs: {_generated(result)}.", ""]
     for view, v in result["views"].items():
         acc = v["accuracy"]
         lines += [f"## {view} view ({v['size']} px)", "", "| condition | accuracy |", "|---|---|"]

@@ -162,14 +162,18 @@ def paste(good: torch.Tensor, defect: torch.Tensor, mask: torch.Tensor) -> torch
     return good * (1 - m) + defect.to(good.dtype) * m
 
 
-def deform(mask: torch.Tensor, rng: np.random.Generator, elastic: float = 0.08) -> torch.Tensor:
+def deform(mask: torch.Tensor, rng: np.random.Generator, elastic: float = 0.08,
+           pixels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """A new defect shape from a training mask [1,S,S]: scaled 0.7-1.4x and turned ±40° about its
     own centre (``transform_mask``), then bent by a smooth random displacement of up to ``elastic``
     × the defect's size (elastic deformation, Simard et al. 2003). It stays where the defect type
-    occurs; a shape that would vanish keeps the scaled and turned one."""
-    moved = transform_mask(mask, None, None, float(rng.uniform(-40, 40)), float(rng.uniform(0.7, 1.4)))
+    occurs; a shape that would vanish keeps the scaled and turned one. ``pixels`` [3,S,S] (the
+    defect's own image): moved by the same warp and returned beside the mask, so a copied defect
+    can take the new shape."""
+    angle, scale = float(rng.uniform(-40, 40)), float(rng.uniform(0.7, 1.4))
+    moved = transform_mask(mask, None, None, angle, scale)
     if not moved.any():
-        return mask.float()
+        return mask.float() if pixels is None else (mask.float(), pixels.float())
     x0, y0, x1, y1 = bbox(moved)
     s = moved.shape[-1]
     amp = elastic * max(x1 - x0, y1 - y0) * 2 / s  # in grid units ([-1, 1] spans the side)
@@ -179,7 +183,15 @@ def deform(mask: torch.Tensor, rng: np.random.Generator, elastic: float = 0.08) 
     gy, gx = torch.meshgrid(c, c, indexing="ij")
     grid = torch.stack([gx, gy], -1)[None] + flow
     out = F.grid_sample(moved.float().reshape(1, 1, s, s), grid, mode="nearest", align_corners=False)[0]
-    return out if out.any() else moved.float()
+    bent_ok = bool(out.any())
+    out = out if bent_ok else moved.float()
+    if pixels is None:
+        return out
+    bx, by = (lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2))(bbox(mask))  # transform_mask's centre
+    turned = TF.affine(pixels.float(), angle=-angle, translate=[0.0, 0.0], scale=scale, shear=[0.0, 0.0],
+                       interpolation=InterpolationMode.BILINEAR, center=[bx, by])
+    bent = F.grid_sample(turned[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    return out, (bent if bent_ok else turned)
 
 
 def fit_mask(mask: torch.Tensor, size: int, what: str = "mask") -> torch.Tensor:
@@ -218,9 +230,12 @@ def load_mask_png(path: Path, size: int) -> torch.Tensor:
 @torch.no_grad()
 def inpaint(model, codec, good: torch.Tensor, mask: torch.Tensor, labels: list[int], gens: list, steps=None,
             guidance: float = 1.5, scheduler: str = "ddpm", resample: int = 1, scheduler_config: dict | None = None,
-            batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+            batch_size: int = 16, progress: bool = False, init: torch.Tensor | None = None,
+            strength: float = 1.0) -> torch.Tensor:
     """Class ``labels[i]`` generated inside ``mask[i]`` on ``good[i]`` ([N,3,S,S] in [-1, 1]);
-    outside the mask the result *is* the good image (final composite in pixel space)."""
+    outside the mask the result *is* the good image (final composite in pixel space).
+    ``init`` [N,3,S,S] and ``strength`` < 1: the mask's content starts from ``init`` (e.g. a pasted
+    defect) noised ``strength`` into the schedule and is redrawn from there (SDEdit)."""
     size = good.shape[-1]
     mask = fit_mask(mask, size, "inpainting mask").cpu()
     for m in mask:
@@ -228,9 +243,13 @@ def inpaint(model, codec, good: torch.Tensor, mask: torch.Tensor, labels: list[i
     known = codec.encode(good.to(next(model.parameters()).device))
     hw = known.shape[-2:]
     cond = latent_mask(mask, hw) if methods.has_mask_channel(model) else None
-    out = sampler.generate(model, codec, labels, gens, sampler.Sampling(steps, guidance, scheduler, resample=resample),
+    start = codec.encode(init.to(known.device)) if init is not None and strength < 1 else None
+    out = sampler.generate(model, codec, labels, gens,
+                           sampler.Sampling(steps, guidance, scheduler, resample=resample,
+                                            strength=strength if start is not None else 1.0),
                            scheduler_config=scheduler_config, batch_size=batch_size, image_size=size,
-                           progress=progress, cond=cond, known=known, keep=1 - latent_mask(mask, hw, hard=True))
+                           progress=progress, cond=cond, known=known, keep=1 - latent_mask(mask, hw, hard=True),
+                           init=start)
     return mask * out + (1 - mask) * good.float().cpu()
 
 

@@ -109,6 +109,11 @@ class Sampling:
     guidance_interval: tuple[float, float] | None = None  # guide only at lo ≤ t ≤ hi (None = every step)
     timestep_spacing: str = "auto"                     # auto | leading | trailing | linspace (spacing_for)
     resample: int = 1                                  # inpainting: RePaint repeats per step
+    strength: float = 1.0                              # with ``init``: start from it noised this far into the schedule (SDEdit; 1 = from noise)
+
+    def skipped(self) -> int:
+        """Steps an ``init`` image saves: the schedule's first ``1 - strength`` share (never all)."""
+        return min(int(round(self.steps * (1 - self.strength))), self.steps - 1) if self.strength < 1 else 0
 
     def resolved(self, transformer, num_train: int = 1000) -> "Sampling":
         """Defaults filled from the model (steps, spacing by its numerics); bad values refused."""
@@ -116,6 +121,8 @@ class Sampling:
         check(steps, self.guidance, self.scheduler, self.cfg_channels, self.guidance_interval, num_train)
         if self.resample < 1 or (self.resample > 1 and self.scheduler == "dpmsolver"):  # multistep history
             raise DefectlabError(f"resample must be ≥ 1, and 1 with dpmsolver (got {self.resample})")
+        if not 0 < self.strength <= 1:
+            raise DefectlabError(f"strength must be in (0, 1] (got {self.strength})")
         spacing = spacing_for(self.scheduler, model_mod.numerics_of(transformer), self.timestep_spacing)
         return dataclasses.replace(self, steps=steps, timestep_spacing=spacing)
 
@@ -125,7 +132,7 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
              sampling: Sampling | None = None, *, scheduler_config: dict | None = None,
              image_size: int | None = None, batch_size: int = 16, progress: bool = True,
              cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             fast: bool | dict = False, **settings) -> torch.Tensor:
+             init: torch.Tensor | None = None, fast: bool | dict = False, **settings) -> torch.Tensor:
     """Images [N,3,H,W] in [-1, 1] (CPU, float32), image ``i`` of class ``labels[i]`` from ``generators[i]``.
 
     ``sampling`` (or its fields as keywords, e.g. ``steps=25, scheduler="ddim"``): how to denoise.
@@ -146,6 +153,8 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
     halves. Inpainting: ``known`` [N,C,h,w] clean latents and ``keep`` [N,1,h,w] (1 = keep): before
     every step the kept region is ``known`` noised to that step (per-sample generators), and the
     result is blended with ``known``; ``resample`` > 1 re-noises each step and repeats it (RePaint).
+    ``init`` [N,C,h,w] clean latents to start from (SDEdit, Meng et al. 2022): noised to the
+    timestep a ``strength`` share from the end of the schedule, then denoised from there.
     """
     if unknown := set(settings) - {f.name for f in dataclasses.fields(Sampling)}:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
@@ -170,18 +179,20 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
         cond = torch.nn.functional.interpolate(cond.float(), size=shape[1:], mode="area")
     if (known is None) != (keep is None):
         raise DefectlabError("inpainting needs both known (clean latents) and keep (1 = region to keep)")
-    if any(t is not None and (len(t) != len(labels) or tuple(t.shape[-2:]) != shape[1:]) for t in (known, keep)):
-        raise DefectlabError(f"known/keep must be one [*, {shape[1]}, {shape[2]}] latent per image")
+    if any(t is not None and (len(t) != len(labels) or tuple(t.shape[-2:]) != shape[1:]) for t in (known, keep, init)):
+        raise DefectlabError(f"known/keep/init must be one [*, {shape[1]}, {shape[2]}] latent per image")
+    if (init is None) != (plan.strength == 1):
+        raise DefectlabError("an init image and a strength below 1 go together (strength 1 = from noise)")
     param = next(transformer.parameters())
     was_training = transformer.training
     transformer.eval()  # label dropout off: eval mode is what makes the conditional pass conditional
     out = []
-    bar = tqdm(total=-(-len(labels) // batch_size) * plan.steps * plan.resample, desc="sampling", unit="step",
+    bar = tqdm(total=-(-len(labels) // batch_size) * (plan.steps - plan.skipped()) * plan.resample, desc="sampling", unit="step",
                disable=not progress, leave=False)
     try:
         for start in range(0, len(labels), batch_size):
             y = torch.tensor([int(v) for v in labels[start:start + batch_size]], device=param.device)
-            part = [None if v is None else v[start:start + batch_size].to(param.device) for v in (cond, known, keep)]
+            part = [None if v is None else v[start:start + batch_size].to(param.device) for v in (cond, known, keep, init)]
             batch = _Batch(y, list(generators[start:start + batch_size]), *part)
             z = _denoise(transformer, plan, scheduler_config, batch, shape, param, bar)
             out.append(codec.decode(z).float().clamp(-1, 1).cpu())
@@ -199,6 +210,7 @@ class _Batch:
     cond: torch.Tensor | None = None
     known: torch.Tensor | None = None
     keep: torch.Tensor | None = None
+    init: torch.Tensor | None = None
 
 
 def _denoise(transformer, plan: Sampling, scheduler_config: dict, b: _Batch, shape, param, bar) -> torch.Tensor:
@@ -207,10 +219,17 @@ def _denoise(transformer, plan: Sampling, scheduler_config: dict, b: _Batch, sha
     sched = make_scheduler(plan.scheduler, scheduler_config, learned_sigma=learned, spacing=plan.timestep_spacing)
     sched.set_timesteps(plan.steps)
     x = _noise(b.gens, shape, param) * sched.init_noise_sigma
+    timesteps = sched.timesteps
+    if b.init is not None:  # SDEdit: the init image noised to the first timestep kept
+        skip = plan.skipped()
+        timesteps = timesteps[skip:]
+        x = sched.add_noise(b.init.float(), x, timesteps[:1])
+        if hasattr(sched, "set_begin_index"):  # multistep solvers index their sigmas from here
+            sched.set_begin_index(skip)
     y_null = torch.full_like(b.y, conf.num_embeds_ada_norm)
     k = c if plan.cfg_channels == "all" else min(3, c)
     interval = plan.guidance_interval
-    for t, last in ((t, r == plan.resample - 1) for t in sched.timesteps for r in range(plan.resample)):
+    for t, last in ((t, r == plan.resample - 1) for t in timesteps for r in range(plan.resample)):
         if b.known is not None:  # inpainting: the kept region is the known image noised to t
             x = b.keep * sched.add_noise(b.known, _noise(b.gens, shape, x), t.reshape(1)) + (1 - b.keep) * x
         guided = plan.guidance != 1 and (interval is None or interval[0] <= float(t) <= interval[1])

@@ -39,8 +39,9 @@ class MaskSampleConfig:
     cy: float = -1.0               # mask centre y, fraction of the height (-1: as for cx)
     scale: float = 0.0             # drawn: longest side, fraction of the image side (0 = 0.25); dataset/PNG: resize factor (0 = 1)
     angle: float = 0.0             # rotation, degrees counter-clockwise (drawn masks placed at random also get a random angle)
-    source: str = "model"          # model (the run draws each defect) | cutpaste (the training defect's own pixels under its carried mask, same poses and good images: the copy baseline, no model)
-    deform: float = 0.0            # share of dataset masks deformed into new shapes (scale, rotation, elastic), the rest copied: 0 = all training shapes
+    source: str = "model"          # model (the run draws each defect) | cutpaste (the training defect's own pixels under its carried mask, same poses and good images: the copy baseline, no model) | refine (the cut-paste pair, then the run redraws the mask's content from it noised by strength: SDEdit)
+    strength: float = 0.6          # refine: how far into the schedule the pasted defect is noised before the run redraws it (0 = the copy, 1 = from noise)
+    deform: float = 0.0            # share of dataset masks deformed into new shapes (scale, rotation, elastic), the rest copied: 0 = all training shapes (cutpaste/refine: the defect's pixels bend with it)
     good: str = ""                 # inpaint: a defect-free image or folder of them ("" = the dataset's good images)
     place: str = "carry"           # inpaint, dataset masks: carry (moved with the product onto the good image: masks.carry) | keep (same pixels)
     steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
@@ -55,8 +56,9 @@ class MaskSampleConfig:
 
 
 PLACES = ("carry", "keep")
-SOURCES = ("model", "cutpaste")
-PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "deform", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
+SOURCES = ("model", "cutpaste", "refine")
+COPIED = ("cutpaste", "refine")  # sources that start from the training defect's own pixels
+PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "strength", "deform", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
                 "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
 
 
@@ -65,9 +67,11 @@ def _check(cfg: MaskSampleConfig) -> None:
         raise DefectlabError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if cfg.source not in SOURCES:
         raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
-    if cfg.source == "cutpaste" and (cfg.mode != "inpaint" or cfg.mask != "dataset" or cfg.deform):
-        raise DefectlabError("--source cutpaste copies the training defects' own pixels: it needs --mode inpaint, "
-                             "--mask dataset and --deform 0")
+    if cfg.source in COPIED and (cfg.mode != "inpaint" or cfg.mask != "dataset"):
+        raise DefectlabError(f"--source {cfg.source} starts from the training defects' own pixels: it needs "
+                             "--mode inpaint and --mask dataset")
+    if not 0 < cfg.strength <= 1:
+        raise DefectlabError(f"strength must be in (0, 1] (got {cfg.strength})")
     if not 0 <= cfg.deform <= 1:
         raise DefectlabError(f"deform is a share of the pairs, in [0, 1] (got {cfg.deform})")
     if cfg.place not in PLACES:
@@ -101,9 +105,13 @@ def _mask_for(cfg: MaskSampleConfig, size: int, pool: list, i: int, seed: int,
     mask = transform_mask(mask, cfg.cx if cfg.cx >= 0 else None, cfg.cy if cfg.cy >= 0 else None,
                           cfg.angle, cfg.scale or 1.0)
     rng = np.random.default_rng(seed)
+    copied = cfg.source in COPIED
     if cfg.deform and rng.uniform() < cfg.deform:  # a new shape where this defect type occurs
+        if copied:  # the copied pixels bend with the mask
+            mask, pixels = deform(mask, rng, pixels=pixels)
+            return mask, f"{source} (deformed)", pixels
         return deform(mask, rng), f"{source} (deformed)", None
-    return mask, source, pixels if cfg.source == "cutpaste" else None
+    return mask, source, pixels if copied else None
 
 
 def _inside(mask: torch.Tensor, y: int, x: int, size: int) -> torch.Tensor:
@@ -118,7 +126,7 @@ def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, 
     defect image they were drawn on (``place`` carry), or the one PNG for every class."""
     png = [(load_mask_png(Path(cfg.mask).expanduser(), size), cfg.mask, None)] if cfg.mask not in ("dataset", *KINDS) else []
     image = (lambda s: dataset.load_image(s.image, size, crop)) if cfg.mode == "inpaint" and \
-        (cfg.place == "carry" or cfg.source == "cutpaste") else (lambda s: None)
+        (cfg.place == "carry" or cfg.source in COPIED) else (lambda s: None)
     pools = {n: png or [(dataset.load_mask(s.mask, size, crop), s.mask.relative_to(dd.root).as_posix(), image(s))
                         for s in (dd.train if cfg.mask == "dataset" else []) if s.defect == n and s.mask is not None]
              for n in names}
@@ -166,7 +174,8 @@ def run(cfg: MaskSampleConfig) -> Path:
     pools, goods = _sources(cfg, dd, names, full, dcfg.crop, folder.name)
 
     slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
-    how = "cutpaste" if cfg.source == "cutpaste" else f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}"
+    how = {"cutpaste": "cutpaste", "refine": f"refine{cfg.strength:g}-{cfg.scheduler}{steps}"}.get(
+        cfg.source, f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}")
     tag = (f"{how}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
            + (f"-deform{cfg.deform:g}" if cfg.deform else ""))
     out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
@@ -191,6 +200,8 @@ def run(cfg: MaskSampleConfig) -> Path:
     runs.ensure_dir(out, "--out")
     runs.write_json(out / "mask_config.json", resolved)
     common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
+    if cfg.source == "refine":
+        common["strength"] = cfg.strength
     kw = dict(scheduler_config=r.base.scheduler_config, batch_size=cfg.batch_size, progress=False)
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"image + mask pairs → {out.name}", unit="batch"):
         chunk = work[start:start + cfg.batch_size]
@@ -203,8 +214,10 @@ def run(cfg: MaskSampleConfig) -> Path:
             good = torch.stack([good_of(w[1]) for w in chunk])
             corners = [w[5] for w in chunk]
             cut = lambda t: torch.stack([v[:, y:y + size, x:x + size] for v, (y, x) in zip(t, corners)])  # noqa: E731
+            start = torch.stack([paste(good_of(w[1]), w[6], w[3]) for w in chunk]) if cfg.source == "refine" else None
             drawn = inpaint(r.model, r.base.codec, cut(good), cut(batch_masks), labels, gens, steps, cfg.guidance,
-                            cfg.scheduler, cfg.resample, **kw)
+                            cfg.scheduler, cfg.resample, **kw, init=None if start is None else cut(start),
+                            strength=cfg.strength if start is not None else 1.0)
             images = good.float().clone()
             for img, d, (y, x) in zip(images, drawn, corners):  # the window back into the full image (zoom 1: all of it)
                 img[:, y:y + size, x:x + size] = d

@@ -73,8 +73,8 @@ def test_cutpaste_pairs_copy_the_training_defect_under_the_models_masks(adapted,
     # another seed pairs the masks with other good images
     other = synthesize.run(synthesize.MaskSampleConfig(**{**common, "seed": 2}, source="cutpaste"))
     assert [r["good"] for r in _records(other)] != [r["good"] for r in _records(copy)]
-    with pytest.raises(DefectlabError, match="cutpaste copies"):
-        synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste", deform=0.5))
+    with pytest.raises(DefectlabError, match="cutpaste starts from the training defects"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste", mask="ellipse"))
     with pytest.raises(DefectlabError, match="unknown source"):
         synthesize.run(synthesize.MaskSampleConfig(**common, source="paint"))
 
@@ -95,6 +95,44 @@ def test_deformed_masks_are_new_shapes_near_the_old_ones(adapted, tmp_path):
     assert not torch.equal(shapes[0], shapes[1])
     with pytest.raises(DefectlabError, match="deform is a share"):
         synthesize.run(synthesize.MaskSampleConfig(**common, deform=1.5))
+
+
+def test_refine_redraws_the_pasted_defect_and_strength_sets_how_far(adapted, tmp_path):
+    """SDEdit from the cut-paste pair: low strength stays near the copy, strength 1 is the model from
+    noise (the same pixels as --source model), outside the mask nothing changes."""
+    common = dict(run=str(adapted), classes="hole,crack", per_class=2, steps=4, scheduler="ddim", seed=3)
+    copy = synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste"))
+    drawn = synthesize.run(synthesize.MaskSampleConfig(**common, out=str(tmp_path / "model")))
+    dist = {}
+    for strength in (0.25, 1.0):
+        out = synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=strength))
+        assert out.name.startswith(f"refine{strength:g}-ddim4")
+        diffs = []
+        for c, r, m in zip(_records(copy), _records(out), _records(drawn)):
+            assert r["source"] == "refine" and r["strength"] == strength and r["good"] == c["good"]
+            img, pasted = images.load_png(out / r["file"]), images.load_png(copy / c["file"])
+            inside = images.load_png(out / r["mask"])[0] > 0
+            assert (img - pasted).abs()[:, ~inside].max() <= 1 / 127.5 + 1e-6
+            diffs.append(float((img - pasted).abs()[:, inside].mean()))
+            if strength == 1.0:  # from noise: what the model draws without the paste
+                assert torch.equal(img, images.load_png(drawn / m["file"]))
+        dist[strength] = np.mean(diffs)
+    assert dist[0.25] < dist[1.0]
+    with pytest.raises(DefectlabError, match="strength must be in"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=0))
+
+
+def test_deformed_copies_bend_the_defect_pixels_with_the_mask():
+    m = torch.zeros(1, 64, 64)
+    m[0, 20:30, 25:45] = 1
+    pixels = -torch.ones(3, 64, 64)
+    pixels[:, m[0] > 0] = 0.7  # the defect's own colour under its mask
+    for s in range(3):
+        shape = masks.deform(m, np.random.default_rng(s))
+        same, moved = masks.deform(m, np.random.default_rng(s), pixels=pixels)
+        assert torch.equal(shape, same)  # the pixels do not change the shape drawn from the seed
+        inside = same[0] > 0.5
+        assert moved[:, inside].mean() > 0.5 > pixels[:, inside].mean()  # the colour followed the new shape
 
 
 def test_two_sample_test_tells_different_sets_apart_and_not_identical_ones():
