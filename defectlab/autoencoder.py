@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from . import corpus, folders, paths, runs
+from . import corpus, folders, loop, paths, resume, runs
 from .errors import DefectlabError
 
 CORPUS_OFFSET = 10_000_000   # item indices the AE trains on (the DiT's pre-training reads from 0 up)
@@ -51,6 +51,10 @@ class AEConfig:
     checkpoint_every: int = 250    # optimizer steps between checkpoints
     threads: int = 0               # torch CPU threads (0 = torch's default)
     progress: bool = True          # print a line every 50 steps
+
+
+MAY_CHANGE = ("resume", "runs_dir", "out", "max_steps", "checkpoint_every")  # on --resume; the rest stays
+PER_CALL = ("time_budget", "threads", "progress")                           # each call's own
 
 
 def vae_config(cfg: AEConfig) -> dict:
@@ -98,33 +102,26 @@ def run(cfg: AEConfig) -> Path:
     """Train (or resume) and export; returns the export folder."""
     if cfg.resume:
         folder = runs.resolve(cfg.resume, Path(cfg.runs_dir) if cfg.runs_dir else None)
-        keep = {"resume": str(folder), "time_budget": cfg.time_budget, "threads": cfg.threads,
-                "progress": cfg.progress, "max_steps": cfg.max_steps}
-        cfg = AEConfig(**{**runs.load_config(folder), **keep})
+        cfg = AEConfig(**resume.settings(runs.load_config(folder), dataclasses.asdict(cfg),
+                                         dataclasses.asdict(AEConfig()), folder, MAY_CHANGE, PER_CALL))
     vae_config(cfg)  # bad settings fail before a run folder exists
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.resume:
         folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=Path(cfg.runs_dir) if cfg.runs_dir else None)
     vae = build(cfg).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    stepper = loop.Stepper(list(vae.named_parameters()), torch.optim.AdamW(vae.parameters(), lr=cfg.lr))
     step, wall = 0, 0.0
     if (last := runs.latest_checkpoint(folder)) is not None:
-        meta = runs.read_json(last / runs.META_FILE)
-        vae.load_state_dict(runs.load_tensors(last / runs.STATE_FILE))
-        opt.load_state_dict(runs.unflatten_optimizer(runs.load_tensors(last / runs.OPTIM_FILE), meta["optimizer"]))
-        step, wall = meta["step"], meta["wall_s"]
+        got = loop.load(last, stepper)
+        vae.load_state_dict(got.state)
+        step, wall = got.meta["step"], got.meta["wall_s"]
         print(f"resumed {folder.name} at step {step} ({wall / 60:.1f} min)")
     saved_step, t0, losses = step if last is not None else -1, time.time(), []
     while step < cfg.max_steps and not (cfg.time_budget and time.time() - t0 > cfg.time_budget * 60):
         x, _ = corpus.batch(CORPUS_OFFSET + step * cfg.batch_size, cfg.batch_size, cfg.corpus_seed, cfg.image_size)
         l1, kl = loss_terms(vae, x, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-        loss = l1 + cfg.kl_weight * kl
-        if not torch.isfinite(loss):
-            raise DefectlabError(f"loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        stepper(l1 + cfg.kl_weight * kl, f"at step {step}")
         step += 1
         losses.append((l1.item(), kl.item()))
         if step % 50 == 0:
@@ -135,19 +132,17 @@ def run(cfg: AEConfig) -> Path:
             if cfg.progress:
                 print(f"step {step} l1 {rec['l1']:.4f} kl {rec['kl']:.2f} {rec['time'] / 60:.1f} min", flush=True)
         if step % cfg.checkpoint_every == 0:
-            _save(folder, vae, opt, step, wall + time.time() - t0)
+            _save(folder, stepper, vae, step, wall + time.time() - t0)
             saved_step = step
     wall += time.time() - t0
     if step > saved_step:
-        _save(folder, vae, opt, step, wall)
+        _save(folder, stepper, vae, step, wall)
     return export(vae, cfg, Path(cfg.out) if cfg.out else paths.MODELS / f"ae-{cfg.image_size}",
                   {"step": step, "wall_s": round(wall), "run": folder.name})
 
 
-def _save(folder: Path, vae: AutoencoderKL, opt, step: int, wall: float) -> Path:
-    opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
-    return runs.save_checkpoint(folder, step, vae.state_dict(), {"wall_s": wall, "optimizer": skeleton},
-                                optimizer=opt_tensors, keep=2)
+def _save(folder: Path, stepper: loop.Stepper, vae: AutoencoderKL, step: int, wall: float) -> Path:
+    return loop.save(folder, step, stepper, vae.state_dict(), keep=2, wall_s=wall)
 
 
 def export(vae: AutoencoderKL, cfg: AEConfig, out: Path, info: dict) -> Path:

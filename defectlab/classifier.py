@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
+from . import loop
 from .errors import DefectlabError
 from .progress import tqdm
 
@@ -88,15 +89,13 @@ def train(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: i
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4, fused=True)  # 5x faster step on a CPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    stepper = loop.Stepper(list(model.named_parameters()), opt, sched, grad_clip=None)
     model.train()
-    for _ in range(steps):
+    for i in range(steps):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
         x = augment(images[idx].to(device), gen)
         loss = F.cross_entropy(model(x), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        stepper(loss, f"in the classifier at step {i}")
     return model.eval()
 
 

@@ -27,7 +27,7 @@ from scipy import stats  # a dependency of scikit-learn, which the package alrea
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from . import classifier, paths, runs, synth
+from . import classifier, loop, paths, runs, synth
 from .errors import DefectlabError
 from .images import from_pil  # the one uint8 → [-1, 1] conversion
 from .progress import tqdm
@@ -153,15 +153,13 @@ def fit(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    stepper = loop.Stepper(list(model.named_parameters()), opt, sched, grad_clip=None)
     model.train()
-    for _ in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
+    for i in tqdm(range(steps), desc=desc, unit="step", disable=not progress, leave=False):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
         x = degrade(classifier.augment(images[idx], gen), gen, degrade_strength)  # strength 0: x, no draws
         loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        stepper(loss, f"in the classifier at step {i}")
     return model.eval()
 
 

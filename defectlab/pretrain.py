@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from . import corpus, masks, methods, model as model_mod, paths, runs, sampler, viz
+from . import corpus, loop, masks, methods, model as model_mod, paths, resume, runs, sampler, viz
 from .codec import VAECodec
 from .diffusion import Objective
 from .errors import DefectlabError
@@ -67,6 +67,12 @@ class PretrainConfig:
     vae: str = ""                  # autoencoder folder (pretrain-ae's export) for a latent base, shipped as its vae/ ("" = pixels)
     optimizer_dtype: str = "float32"  # AdamW moments in checkpoints: float32 (exact resume) | bfloat16 (a third smaller, to commit)
     mask_loss: float = 0.0         # loss weight 1 + mask_loss × the corpus defect's coverage per cell (0 = plain), as finetune's --mask-loss
+
+
+# What a --resume may change (the rest decides what the run computes), and what each call sets anew
+# (mask_loss and optimizer_dtype are logged per record / per checkpoint).
+MAY_CHANGE = ("resume", "runs_dir", "out", "max_steps", "checkpoint_every", "preview", "fp16")
+PER_CALL = ("time_budget", "threads", "progress", "mask_loss", "optimizer_dtype")
 
 
 def vae_path(vae: str) -> str:
@@ -136,14 +142,12 @@ def run(cfg: PretrainConfig) -> Path:
     if cfg.resume:
         folder = runs.resolve(cfg.resume, Path(cfg.runs_dir) if cfg.runs_dir else None)
         saved = {"prediction_type": "epsilon", **runs.load_config(folder)}  # runs from before the field: eps
-        keep = {"resume": str(folder), "time_budget": cfg.time_budget, "threads": cfg.threads,
-                "optimizer_dtype": cfg.optimizer_dtype, "mask_loss": cfg.mask_loss,  # per call, logged each record
-                "progress": cfg.progress, "max_steps": cfg.max_steps, "out": cfg.out or saved.get("out", "")}
-        cfg = PretrainConfig(**{**saved, **keep})
+        cfg = PretrainConfig(**resume.settings(saved, dataclasses.asdict(cfg), dataclasses.asdict(PretrainConfig()),
+                                               folder, MAY_CHANGE, PER_CALL))
     if cfg.mask_loss < 0:
         raise DefectlabError(f"mask_loss must be ≥ 0 (got {cfg.mask_loss})")
-    if cfg.optimizer_dtype not in OPTIMIZER_DTYPES:
-        raise DefectlabError(f"optimizer_dtype must be one of {', '.join(OPTIMIZER_DTYPES)} (got {cfg.optimizer_dtype!r})")
+    if cfg.optimizer_dtype not in loop.OPTIMIZER_DTYPES:
+        raise DefectlabError(f"optimizer_dtype must be one of {', '.join(loop.OPTIMIZER_DTYPES)} (got {cfg.optimizer_dtype!r})")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,16 +159,19 @@ def run(cfg: PretrainConfig) -> Path:
     if not cfg.resume:
         folder = runs.create(cfg.name, dataclasses.asdict(cfg), base=Path(cfg.runs_dir) if cfg.runs_dir else None)
     net = build(cfg, vae).to(device).train()
-    params = list(net.parameters())
-    ema, opt = _loop_pieces(cfg, params)
+    named = list(net.named_parameters())
+    ema, opt = _loop_pieces(cfg, [p for _, p in named])
+    stepper = loop.Stepper(named, opt, ema=ema, grad_clip=cfg.grad_clip)
     objective = Objective(schedule(cfg), device)
     k = len(corpus.CLASSES)
     step, seen, wall = 0, 0, 0.0
     last = runs.latest_checkpoint(folder)
     if last is not None:
-        step, seen, wall = _load(last, net, ema, opt, device)
+        got = loop.load(last, stepper)
+        net.load_state_dict(got.state)
+        step, seen, wall = got.meta["step"], got.meta["images"], got.meta["wall_s"]
         print(f"resumed {folder.name} at step {step} ({seen:,} images, {wall / 60:.1f} min)")
-    sched = _schedule(cfg, opt, step)
+    stepper.sched = _schedule(cfg, opt, step)  # rebuilt at the step: warm-up changes never break a resume
     saved_step = step if last is not None else -1
     runs.log(folder, {"step": step, "event": "start", "mask_loss": cfg.mask_loss})  # per-call settings, for the card
     t0, loss_avg, losses = time.time(), None, []
@@ -185,18 +192,10 @@ def run(cfg: PretrainConfig) -> Path:
         out = net(xt, timestep=t, class_labels=labels).sample
         mse, vb = objective.loss(out, x0, xt, noise, t, weight)
         loss = (mse + vb).mean()
-        if not torch.isfinite(loss):
-            raise DefectlabError(f"loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        lr = sched.get_last_lr()[0]
-        sched.step()
+        lr = stepper.lr()  # the rate this step trains at
+        stepper(loss, f"at step {step}")
         step += 1
         seen += len(x0)
-        ema.step(params)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         losses.append(loss.item())
         if step % 20 == 0:
@@ -208,11 +207,11 @@ def run(cfg: PretrainConfig) -> Path:
                 print(f"step {step} loss {rec['loss']:.4f} (avg {loss_avg:.4f}) images {seen:,} "
                       f"{rec['time'] / 60:.1f} min", flush=True)
         if step % cfg.checkpoint_every == 0:
-            _save(folder, net, ema, opt, step, seen, wall + time.time() - t0, loss_avg, cfg.optimizer_dtype)
+            _save(folder, stepper, net, step, seen, wall + time.time() - t0, loss_avg, cfg.optimizer_dtype)
             saved_step = step
     wall += time.time() - t0
     if step > saved_step:
-        _save(folder, net, ema, opt, step, seen, wall, loss_avg, cfg.optimizer_dtype)
+        _save(folder, stepper, net, step, seen, wall, loss_avg, cfg.optimizer_dtype)
     meta = runs.read_json(runs.latest_checkpoint(folder) / runs.META_FILE)
     out = export(folder, Path(cfg.out) if cfg.out else paths.ASSETS / "mini", cfg, device=str(device),
                  final_loss=meta.get("loss"))
@@ -241,35 +240,10 @@ def preview(folder: Path, per_class: int = 2, seed: int = 0, steps: int = 50, gu
     return viz.save_figure(fig, folder, "samples", "png")[0]
 
 
-OPTIMIZER_DTYPES = ("float32", "bfloat16")
-
-
-def _save(folder, net, ema, opt, step, seen, wall, loss, optimizer_dtype: str = "float32") -> Path:
-    """Weights, EMA and AdamW state. ``optimizer_dtype`` bfloat16 stores the moments rounded (the
-    step counts stay float32); ``Optimizer.load_state_dict`` casts them back to the parameters'
-    float32 on resume, which then continues from the rounded moments instead of bit-exactly."""
-    names = [n for n, _ in net.named_parameters()]
-    state = {n: p for n, p in net.state_dict().items()}
-    state.update({f"ema.{n}": e for n, e in zip(names, ema.shadow_params)})
-    opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
-    if optimizer_dtype != "float32":
-        opt_tensors = {k: v if k.endswith(".step") else v.to(getattr(torch, optimizer_dtype))
-                       for k, v in opt_tensors.items()}
-    meta = {"images": seen, "wall_s": wall, "loss": loss, "optimizer": skeleton, "optimizer_dtype": optimizer_dtype}
-    return runs.save_checkpoint(folder, step, state, meta, optimizer=opt_tensors, keep=2)
-
-
-def _load(ckpt: Path, net, ema, opt, device) -> tuple[int, int, float]:
-    meta = runs.read_json(ckpt / runs.META_FILE)
-    state = runs.load_tensors(ckpt / runs.STATE_FILE)
-    net.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema.")})
-    names = [n for n, _ in net.named_parameters()]
-    with torch.no_grad():
-        for n, e in zip(names, ema.shadow_params):
-            e.copy_(state[f"ema.{n}"].to(device))
-    ema.optimization_step = meta["step"]
-    opt.load_state_dict(runs.unflatten_optimizer(runs.load_tensors(ckpt / runs.OPTIM_FILE), meta["optimizer"]))
-    return meta["step"], meta["images"], meta["wall_s"]
+def _save(folder, stepper: loop.Stepper, net, step, seen, wall, loss, optimizer_dtype: str = "float32") -> Path:
+    """Weights, EMA and AdamW state (``loop.save``; ``optimizer_dtype`` bfloat16 rounds the moments)."""
+    return loop.save(folder, step, stepper, net.state_dict(), keep=2, optimizer_dtype=optimizer_dtype,
+                     images=seen, wall_s=wall, loss=loss)
 
 
 def sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import methods, runs
+from . import loop, methods, runs
 from .errors import DefectlabError
 
 # Settings a --resume may change: how long to train, when to validate and checkpoint, how to log,
@@ -27,20 +27,25 @@ MAY_CHANGE = ("epochs", "max_steps", "patience", "keep_checkpoints", "val_every"
               "latent_cache", "greyscale", "formats")
 
 
-def settings(saved: dict, given: dict, defaults: dict, folder: Path) -> dict:
-    """The settings a resumed run trains with: the saved ones, updated by the flags given (those
-    that differ from their defaults) in ``MAY_CHANGE``; any other flag that differs from the saved
-    value is refused, naming it."""
+def settings(saved: dict, given: dict, defaults: dict, folder: Path, may_change: tuple = MAY_CHANGE,
+             per_call: tuple = ()) -> dict:
+    """The settings a resumed run trains with (every training stage's one rule): the saved ones,
+    updated by the flags given (those that differ from their defaults) in ``may_change``, and the
+    ``per_call`` ones always as given (a time budget, threads: this call's, not the first's); any
+    other flag that differs from the saved value is refused, naming it."""
     out = dict(saved)
     for key, value in given.items():
+        if key in per_call:
+            out[key] = value
+            continue
         if key not in defaults or value == defaults[key]:
             continue
-        if key in MAY_CHANGE:
+        if key in may_change:
             out[key] = value
         elif _plain(value) != _plain(saved.get(key, defaults[key])):
             raise DefectlabError(f"--{key.replace('_', '-')} may not change on --resume: run {Path(folder).name} "
                                  f"trained with {saved.get(key, defaults[key])!r}, not {value!r} (start a new run "
-                                 f"for other settings; {', '.join(MAY_CHANGE[:6])}, … may change)")
+                                 f"for other settings; {', '.join(may_change[:6])}, … may change)")
     return {**out, "resume": str(folder)}
 
 
@@ -79,39 +84,27 @@ def loader_state(loader) -> torch.Tensor:
     return gen.get_state() if gen is not None else torch.get_rng_state()
 
 
-def save(folder: Path, acc, net, opt, sched, ema, at: Position, epoch_rng: torch.Tensor, keep: int,
-         **meta) -> Path:
-    """A checkpoint at ``at``; ``epoch_rng``: ``loader_state`` as epoch ``at.epoch`` began."""
-    unwrapped = acc.unwrap_model(net)
-    state = methods.trainable_state(unwrapped)
-    if ema is not None:
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        state.update({f"ema.{n}": p for n, p in zip(names, ema.shadow_params)})
-    opt_tensors, skeleton = runs.flatten_optimizer(opt.state_dict())
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    opt_tensors["rng.loader"] = epoch_rng
-    meta = {"epoch": at.epoch, "batch": at.batch, "best": at.best, "bad": at.bad, "optimizer": skeleton,
-            "lr_scheduler": sched.state_dict(), "ema_step": ema.optimization_step if ema is not None else 0, **meta}
-    return runs.save_checkpoint(folder, at.step, state, meta, optimizer=opt_tensors, keep=keep)
+def _unwrapped(stepper: loop.Stepper, net):
+    return stepper.acc.unwrap_model(net) if stepper.acc is not None else net
 
 
-def load(ckpt: Path, acc, net, opt, sched, loader, ema) -> Position:
+def save(folder: Path, stepper: loop.Stepper, net, at: Position, epoch_rng: torch.Tensor, keep: int, **meta) -> Path:
+    """A fine-tune's checkpoint at ``at`` (``loop.save`` of its trainable tensors); ``epoch_rng``:
+    ``loader_state`` as epoch ``at.epoch`` began."""
+    state = methods.trainable_state(_unwrapped(stepper, net))
+    return loop.save(folder, at.step, stepper, state, keep, rng={"torch": torch.get_rng_state(), "loader": epoch_rng},
+                     epoch=at.epoch, batch=at.batch, best=at.best, bad=at.bad, **meta)
+
+
+def load(ckpt: Path, stepper: loop.Stepper, net, loader) -> Position:
     """Put a checkpoint's state back; the loader's RNG as its epoch began (skip ``batch`` batches)."""
-    meta = runs.read_json(ckpt / runs.META_FILE)
-    state = runs.load_tensors(ckpt / runs.STATE_FILE)
-    unwrapped = acc.unwrap_model(net)
-    methods.load_trainable_state(unwrapped, {k: v for k, v in state.items() if not k.startswith("ema.")})
-    if ema is not None:
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        ema.shadow_params = [state[f"ema.{n}"].to(acc.device) for n in names]
-        ema.optimization_step = meta["ema_step"]  # the decay warm-up depends on it
-    tensors = runs.load_tensors(ckpt / runs.OPTIM_FILE)
-    opt.load_state_dict(runs.unflatten_optimizer(tensors, meta["optimizer"]))
-    sched.load_state_dict(meta["lr_scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    got = loop.load(ckpt, stepper)
+    methods.load_trainable_state(_unwrapped(stepper, net), got.state)
+    torch.set_rng_state(got.rng["torch"])
     if getattr(loader, "generator", None) is not None:
-        loader.generator.set_state(tensors["rng.loader"])
-    return Position(meta["step"], meta["epoch"], meta.get("batch", 0), meta["best"], meta["bad"])
+        loader.generator.set_state(got.rng["loader"])
+    m = got.meta
+    return Position(m["step"], m["epoch"], m.get("batch", 0), m["best"], m["bad"])
 
 
 class Stopper:

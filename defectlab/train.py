@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, tracking, viz
-from . import product, resume, validation
+from . import loop, product, resume, validation
 from .restore import build, restore  # noqa: F401  restore: the notebooks call train.restore
 from .codec import check_image_size
 from .diffusion import Objective
@@ -208,7 +208,8 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
     engine.prepare_for_training(net, frozen_dtype=cfg.frozen_dtype, grad_checkpointing=cfg.grad_checkpointing,
                                 compile=cfg.compile)
     k = len(data.classes)
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named]
     acc.print(methods.summary(net))
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_set = dataset.DefectDataset(train_samples, dcfg, augment=True, seed=cfg.seed)
@@ -225,11 +226,12 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
     validate = validation.Validator(val_samples, dcfg, base, objective, cfg.val_timesteps, cfg.seed, acc.device,
                                     mask_condition=cfg.mask_condition, mask_loss=cfg.mask_loss)
     ema = EMAModel(trainable, decay=cfg.ema) if cfg.ema > 0 else None
+    stepper = loop.Stepper(named, opt, sched, ema, cfg.grad_clip, acc)
 
     at = resume.Position()
     last = runs.latest_checkpoint(folder)
     if last is not None:
-        at = resume.load(last, acc, net, opt, sched, loader, ema)
+        at = resume.load(last, stepper, net, loader)
         if acc.is_main_process:
             runs.truncate_log(folder, at.step)  # the steps after the checkpoint are trained again
         acc.print(f"resumed {folder.name} from {last.name} (epoch {at.epoch}, batch {at.batch}, step {at.step})")
@@ -260,20 +262,10 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
                 weight = masks.loss_weights(batch["mask"], x0.shape[-2:], cfg.mask_loss).to(xt) if cfg.mask_loss else None
                 mse, vb = objective.loss(out, x0, xt, noise, t, weight)
                 loss = (mse + vb).mean()
-                if not torch.isfinite(loss):
-                    kept = runs.latest_checkpoint(folder)
-                    raise DefectlabError(f"loss became {loss.item()} at step {step} (epoch {epoch}); "
-                                         f"last good checkpoint: {kept or 'none'}; try a lower --lr")
-                acc.backward(loss)
-                if acc.sync_gradients:  # max_norm inf (grad_clip 0): the norm, for the log, without clipping
-                    grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
+                grad_norm = stepper(loss, f"at step {step} (epoch {epoch})",  # None mid-accumulation
+                                    f"last good checkpoint: {runs.latest_checkpoint(folder) or 'none'}; try a lower --lr")
+            if stepper.whole:
                 step += 1
-                if ema is not None:
-                    ema.step(trainable)
                 rec = {"step": step, "epoch": epoch, "loss": loss.item(), "mse": mse.mean().item(),
                        "vb": vb.mean().item(), "lr": sched.get_last_lr()[0], "time": round(time.time() - t0, 2),
                        "grad_norm": float(grad_norm)}
@@ -285,8 +277,7 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
                     break
                 if stopper.due(acc):  # checkpoint_minutes passed, or Ctrl-C / SIGTERM (then stops)
                     if acc.is_main_process:
-                        _save_state(folder, cfg, acc, net, opt, sched, ema,
-                                    resume.Position(step, epoch, i + 1, best, bad), epoch_rng)
+                        _save_state(folder, cfg, stepper, net, resume.Position(step, epoch, i + 1, best, bad), epoch_rng)
                     stopper.saved(acc, folder, step)
         skip, end = 0, epoch + 1
         if end % cfg.val_every == 0 or end == cfg.epochs or stop:
@@ -297,7 +288,7 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
             if acc.is_main_process:
                 tracker.log({"step": step, "epoch": epoch, "val_loss": val, "best": best,
                              "objective": objective.prediction_type}, model=acc.unwrap_model(net))
-                _save_state(folder, cfg, acc, net, opt, sched, ema,
+                _save_state(folder, cfg, stepper, net,
                             resume.Position(step, *((end, 0) if whole else (epoch, i + 1)), best, bad),
                             resume.loader_state(loader) if whole else epoch_rng)
                 if improved:
@@ -327,8 +318,8 @@ def _ema_val(ema: EMAModel, params, validate, net) -> float:
         ema.restore(params)
 
 
-def _save_state(folder, cfg, acc, net, opt, sched, ema, at: resume.Position, epoch_rng) -> Path:
-    return resume.save(folder, acc, net, opt, sched, ema, at, epoch_rng, cfg.keep_checkpoints,
+def _save_state(folder, cfg, stepper, net, at: resume.Position, epoch_rng) -> Path:
+    return resume.save(folder, stepper, net, at, epoch_rng, cfg.keep_checkpoints,
                        method=cfg.method, base_model=cfg.model)
 
 

@@ -44,6 +44,9 @@ def test_autoencoder_resume_equals_one_run(tmp_path):
     assert two == tmp_path / "two"  # the export folder comes from the run's config
     a, b = (runs.load_tensors(p / "diffusion_pytorch_model.safetensors") for p in (one, two))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the fine-tune's resume rule: a setting that decides what the run computes may not change
+    with pytest.raises(DefectlabError, match="--lr may not change on --resume"):
+        autoencoder.run(autoencoder.AEConfig(max_steps=6, lr=5e-4, resume=str(next((tmp_path / "b").iterdir()))))
 
 
 def test_bad_autoencoder_settings_fail_before_a_run_folder(tmp_path):

@@ -2,6 +2,7 @@
 import hides inside a function, no module outgrows one screenful of concerns, and the repository
 tracks no training state."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,12 @@ def test_no_training_state_is_tracked():
     assert not state, f"checkpoint files tracked (git rm -r --cached them; pretrain/README.md says where runs live): {state}"
     big = {p: size for p in tracked if (CHECKOUT / p).is_file() and (size := (CHECKOUT / p).stat().st_size) > MAX_TRACKED_BYTES}
     assert not big, f"tracked files over {MAX_TRACKED_BYTES:,} bytes: {big}"
+
+
+def test_one_place_takes_optimizer_steps():
+    """Fine-tuning, base pre-training, the autoencoder and the small classifiers all step through
+    ``loop.Stepper``: clipping, EMA or precision change in one place."""
+    pattern = re.compile(r"\.backward\(|\b(opt|optimizer)\.step\(|clip_grad_norm_\(")
+    found = [f"{p.name}:{n}" for p in sorted(PACKAGE.glob("*.py")) if p.stem != "loop"
+             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, f"optimizer steps outside loop.py: {found}"
