@@ -294,16 +294,14 @@ def mfu(images_per_s: float, forwards_per_image: float, device: str, gf: float) 
 
 
 def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict:
-    from diffusers import DiTTransformer2DModel
-
-    from defectlab import engine, methods, model
+    from defectlab import dit, engine, methods, model
     from defectlab.diffusion import Objective
 
     dev, cfg = args.device, (TINY if args.tiny else XL)
     torch.compiler.reset()  # each case compiles afresh: no recompile limit reached, no graph of another case
     fresh_memory(dev)
     with torch.device(dev):
-        t = hub_like(DiTTransformer2DModel(**cfg))
+        t = hub_like(dit.DiT(**cfg))
     for block in t.transformer_blocks:  # as train.build: label dropout is drawn once, in the loop
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     t.train()
@@ -344,7 +342,7 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
     dt = (time.perf_counter() - t1) / steps
     ips = batch / dt
     rec = dict(case="defectlab_train_step", method=method, batch=batch, variant=variant, classes=n_cls,
-               engine=t.defectlab_engine, trainable=n_tr, total=n_all, warmup_s=round(t1 - t0, 1),
+               engine=engine.report(t), trainable=n_tr, total=n_all, warmup_s=round(t1 - t0, 1),
                step_s=round(dt, 4), images_per_s=round(ips, 1), peak_gib=peak_gib(dev),
                **mfu(ips, TRAIN_FORWARDS[method], dev, gf))
     del t, opt
@@ -353,15 +351,15 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
 
 
 def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: float) -> list[dict]:
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+    from diffusers import AutoencoderKL
 
-    from defectlab import engine, model, sampler
+    from defectlab import dit, engine, model, sampler
 
     dev = args.device
     torch.compiler.reset()
     fresh_memory(dev)
     with torch.device(dev):
-        t = hub_like(DiTTransformer2DModel(**(TINY if args.tiny else XL))).eval()
+        t = hub_like(dit.DiT(**(TINY if args.tiny else XL))).eval()
         codec = model.VAECodec(AutoencoderKL(**(VAE_TINY if args.tiny else VAE_XL)))
     codec.to(dev, torch.bfloat16)
     net = engine.prepare_for_sampling(t, dtype=torch.bfloat16, inplace=True, compile_scope=args.sample_scope,
@@ -383,7 +381,7 @@ def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: f
         dt = time.perf_counter() - t1
         ips = batch / dt
         recs.append(emit(case="defectlab_sampling", variant=variant, batch=batch, steps=n, guidance=4.0,
-                         sched="ddim", engine=getattr(net, "defectlab_engine", None) or net.transformer.defectlab_engine,
+                         sched="ddim", engine=engine.report(net),
                          warmup_s=round(warm, 1), seconds=round(dt, 3), images_per_s=round(ips, 3),
                          finite=bool(torch.isfinite(images).all()), peak_gib=peak_gib(dev),
                          **mfu(ips, 2 * n, dev, gf)))

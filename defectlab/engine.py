@@ -1,5 +1,8 @@
 """Speed and memory at DiT-XL scale, with results equal to the plain model.
 
+The switches are settings of defectlab's own model class (``dit.DiT``: its ``engine`` record
+and its forward), set here; nothing of diffusers is patched and no process-wide flag is set.
+
 Each switch below is exact or bounded by the precision it asks for, and has a CPU test that
 says so (tests/test_engine.py). What each one buys on a GPU is measured by
 ``benchmarks/xl_speed.py`` (see BENCHMARKS.md), not claimed here.
@@ -15,8 +18,9 @@ says so (tests/test_engine.py). What each one buys on a GPU is measured by
   original DiT, so it is opt-in and must be applied the same way when a run is restored.
 - Per-block gradient checkpointing: activations of the chosen blocks are recomputed in the
   backward pass instead of being kept (identical gradients).
-- ``torch.compile`` of the whole model or of each block (blocks: one compiled graph reused 28
-  times, minutes less compile time); CUDA graphs through the ``reduce-overhead`` modes. Only on
+- ``torch.compile`` of the whole model or of the block function (blocks: ``dit.block_forward``
+  compiled once, each block's weights and DiffFit scales its inputs, so a graph never runs
+  with another block's parameters); CUDA graphs through the ``reduce-overhead`` modes. Only on
   CUDA unless a backend is named (tests use ``backend="eager"``): elsewhere it is skipped and
   the report says so.
 - Sampling copy (``prepare_for_sampling``): LoRA merged, q/k/v fused into one matrix product,
@@ -27,10 +31,8 @@ says so (tests/test_engine.py). What each one buys on a GPU is measured by
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import weakref
-from types import MethodType
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 from torch import nn
 
-from . import methods
+from . import dit, methods
 from .errors import DefectlabError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -57,37 +59,13 @@ def as_dtype(value) -> torch.dtype | None:
 
 
 # ----------------------------------------------------------------------------- tied conditioning
-class TiedEmbedding(nn.Module):
-    """Block 0's ``CombinedTimestepLabelEmbeddings``, shared by every block, with the same child
-    names (``time_proj``, ``timestep_embedder``, ``class_embedder``) so parameter names, the
-    method rules and ``model.num_classes`` are unchanged. Called with ``class_labels=None`` it
-    returns its first argument: the conditioning the engine forward computed once."""
-
-    def __init__(self, emb: nn.Module):
-        super().__init__()
-        self.time_proj, self.timestep_embedder, self.class_embedder = (
-            emb.time_proj, emb.timestep_embedder, emb.class_embedder)
-
-    def compute(self, timestep, class_labels, hidden_dtype=None) -> torch.Tensor:
-        return CombinedTimestepLabelEmbeddings.forward(self, timestep, class_labels, hidden_dtype=hidden_dtype)
-
-    def forward(self, timestep, class_labels, hidden_dtype=None) -> torch.Tensor:
-        if class_labels is None:  # a label embedding never gets None: this is the precomputed vector
-            return timestep
-        return self.compute(timestep, class_labels, hidden_dtype)
-
-
-def _embedders(transformer) -> list[nn.Module]:
-    return [b.norm1.emb for b in transformer.transformer_blocks]
-
-
 def is_tied(transformer) -> bool:
-    return isinstance(_embedders(transformer)[0], TiedEmbedding)
+    return dit.is_tied(transformer)
 
 
 def embeddings_identical(transformer) -> bool:
     """True when every block's timestep MLP and class table equal block 0's (hub DiT-XL: yes)."""
-    embs = _embedders(transformer)
+    embs = dit.embedders(transformer)
     if all(e is embs[0] for e in embs):
         return True
     ref = dict(embs[0].named_parameters())
@@ -103,15 +81,15 @@ def tie_embeddings(transformer, adopt: bool = False) -> nn.Module:
     0's copy is used everywhere (benchmarks on random weights). Call after ``model.set_classes``
     and ``methods.apply``; a run trained tied must be restored tied (its checkpoint holds one
     class table)."""
-    if is_tied(transformer):
+    net = dit.of(transformer)
+    if is_tied(net):
         return transformer
-    if not adopt and not embeddings_identical(transformer):
+    if not adopt and not embeddings_identical(net):
         raise DefectlabError("tie_embeddings: the blocks' timestep/class embedders differ (a random or per-block "
                              "trained model); tying needs identical copies, as in the converted DiT-XL checkpoint")
-    shared = TiedEmbedding(_embedders(transformer)[0])
-    for block in transformer.transformer_blocks:
+    shared = dit.TiedEmbedding(dit.embedders(net)[0])
+    for block in net.transformer_blocks:
         block.norm1.emb = shared
-    _engine_options(transformer)["tie"] = True
     return transformer
 
 
@@ -122,72 +100,27 @@ def untie_embeddings(transformer) -> nn.Module:
     """Independent per-block copies again (diffusers' layout, for ``save_pretrained``/export)."""
     if not is_tied(transformer):
         return transformer
-    shared = _embedders(transformer)[0]
+    shared = dit.embedders(transformer)[0]
+    width = shared.timestep_embedder.linear_1.out_features
     for block in transformer.transformer_blocks:
-        emb = CombinedTimestepLabelEmbeddings.__new__(CombinedTimestepLabelEmbeddings)
-        nn.Module.__init__(emb)
+        emb = CombinedTimestepLabelEmbeddings(shared.class_embedder.num_classes, width, class_dropout_prob=0.1)
         for name in ("time_proj", "timestep_embedder", "class_embedder"):
             setattr(emb, name, copy.deepcopy(getattr(shared, name)))
         block.norm1.emb = emb
-    _engine_options(transformer)["tie"] = False
     return transformer
 
 
-# ----------------------------------------------------------------------------- engine forward
-def _engine_options(transformer) -> dict:
-    """Options read by the engine forward; installs it once (an instance ``forward``, as
-    accelerate's autocast wrapper does, so the module, its names and state dict stay the same)."""
-    opts = transformer.__dict__.get("_defectlab_engine_opts")
-    if opts is None:
-        opts = {"tie": False, "autocast": None, "input_dtype": None, "inner": transformer.__dict__.get("forward")}
-        transformer.__dict__["_defectlab_engine_opts"] = opts
-        transformer.forward = MethodType(_engine_forward, transformer)
-    return opts
-
-
-_ARG_NAMES = ("hidden_states", "timestep", "class_labels", "cross_attention_kwargs", "return_dict")
-
-
-def _engine_forward(self, *args, **kwargs):
-    opts = self._defectlab_engine_opts
-    kwargs.update(zip(_ARG_NAMES, args))
-    x = kwargs.pop("hidden_states")
-    if opts["input_dtype"] is not None:
-        x = x.to(opts["input_dtype"])
-    inner = opts["inner"] or MethodType(type(self).forward, self)
-    # no autocast(enabled=False) when off: that would switch off an outer one (accelerate's bf16)
-    amp = torch.autocast(x.device.type, dtype=opts["autocast"]) if opts["autocast"] else contextlib.nullcontext()
-    with amp:
-        if opts["tie"] and kwargs.get("class_labels") is not None:
-            # the dtype the blocks would pass: PatchEmbed's output (autocast dtype or its weight's)
-            dt = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                  else self.pos_embed.proj.weight.dtype)
-            emb = self.transformer_blocks[0].norm1.emb
-            kwargs["timestep"] = emb.compute(kwargs["timestep"], kwargs["class_labels"], hidden_dtype=dt)
-            kwargs["class_labels"] = None
-        return inner(x, **kwargs)
-
-
 # ----------------------------------------------------------------------------- checkpointing
-def _checkpointed_forward(self, *args, **kwargs):
-    if torch.is_grad_enabled() and self.training:
-        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
-    return type(self).forward(self, *args, **kwargs)
-
-
 def set_grad_checkpointing(transformer, blocks: bool | int) -> int:
     """Recompute the activations of the first ``blocks`` blocks in backward (True or -1 = all,
     0/False = none). Which blocks does not matter for memory: every kept block's activations
     live until backward reaches it. Returns the number of checkpointed blocks."""
-    all_blocks = transformer.transformer_blocks
+    net = dit.of(transformer)
+    all_blocks = net.transformer_blocks
     n = len(all_blocks) if blocks is True or (not isinstance(blocks, bool) and blocks < 0) else int(blocks)
     if n > len(all_blocks):
         raise DefectlabError(f"grad_checkpointing: the model has {len(all_blocks)} blocks, got {n}")
-    for i, block in enumerate(all_blocks):
-        if i < n:
-            block.forward = MethodType(_checkpointed_forward, block)
-        else:
-            block.__dict__.pop("forward", None)
+    net.engine.checkpointed = n
     return n
 
 
@@ -204,18 +137,20 @@ def _compile(module, mode, scope: str, backend: str | None) -> str:
     if backend is None and device != "cuda":
         return f"skipped ({device}: compile runs on CUDA only; eager)"
     kw = {"backend": backend} if backend else {"mode": mode}
-    # DiffFit's γ lives in forward hooks. By default dynamo does not guard on hooks, so a block
-    # compiled earlier in this process (any DiT block shares the code) would be reused without
-    # γ: a wrong result, found on an H200. Guarding on hooks makes such a block recompile.
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    for m in (module.transformer_blocks if scope == "blocks" else [module]):
-        m.compile(dynamic=False, **kw)  # in place: same module, names and state dict
+    if scope == "blocks":  # one compiled block function; the block (weights, DiffFit's γ) is its input
+        dit.of(module).engine.block_fn = torch.compile(dit.block_forward, dynamic=False, **kw)
+    else:
+        module.compile(dynamic=False, **kw)  # in place: same module, names and state dict
     return f"{backend or mode} ({scope})"
 
 
+def report(model) -> dict:
+    """What ``prepare_for_training`` / ``prepare_for_sampling`` switched on."""
+    return dit.of(model).engine.applied
+
+
 def uses_cudagraphs(model) -> bool:
-    model = getattr(model, "module", model)  # DDP-wrapped by accelerate
-    return bool(getattr(model, "defectlab_engine", {}).get("cudagraphs"))
+    return isinstance(getattr(model, "module", model), dit.DiT) and bool(report(model).get("cudagraphs"))
 
 
 def step_begin(model) -> None:
@@ -241,20 +176,20 @@ def prepare_for_training(transformer, *, frozen_dtype=torch.bfloat16, tie_embedd
     under bf16 autocast; float32/None: unchanged. ``tie_embeddings``: see ``tie_embeddings``
     (changes what trains: opt-in). ``grad_checkpointing``: True/-1 all blocks, N the first N.
     ``compile``: False or a mode (``COMPILE_MODES``); CUDA only unless ``backend`` is given.
-    ``transformer.defectlab_engine`` records what was applied."""
+    ``report(transformer)`` says what was applied."""
     frozen = as_dtype(frozen_dtype) or torch.float32
     if frozen not in (torch.float32, torch.bfloat16):
         raise DefectlabError(f"frozen_dtype must be float32 or bfloat16 (got {frozen}); float16 would need loss scaling")
+    e = dit.of(transformer).engine
     if tie_embeddings:
         _tie(transformer)
-    opts = _engine_options(transformer)
     if frozen != torch.float32:
         methods.cast_frozen(transformer, frozen)
-        opts["autocast"] = frozen
+        e.autocast = frozen
     n_ckpt = set_grad_checkpointing(transformer, grad_checkpointing) if grad_checkpointing else 0
     compiled = _compile(transformer, compile, compile_scope, backend)
-    transformer.defectlab_engine = {
-        "frozen_dtype": str(frozen).removeprefix("torch."), "autocast": str(opts["autocast"]).removeprefix("torch."),
+    e.applied = {
+        "frozen_dtype": str(frozen).removeprefix("torch."), "autocast": str(e.autocast).removeprefix("torch."),
         "tie_embeddings": is_tied(transformer), "grad_checkpointing": n_ckpt, "compile": compiled,
         "cudagraphs": compile in _CUDAGRAPH_MODES and not compiled.startswith(("skipped", "off"))}
     return transformer
@@ -320,13 +255,13 @@ def prepare_for_sampling(transformer, *, dtype=None, tie_embeddings: bool | str 
         _tie(net)
     _cast(net, dtype)
     n_fused = fuse_qkv(net) if fuse else 0
-    set_grad_checkpointing(net, 0)  # a model prepared for training: its settings don't carry over
-    opts = _engine_options(net)
-    opts["input_dtype"], opts["autocast"] = dtype, None  # one dtype throughout, no training autocast
+    e = dit.of(net).engine  # a model prepared for training: its settings don't carry over
+    e.checkpointed, e.block_fn = 0, None
+    e.input_dtype, e.autocast = dtype, None  # one dtype throughout, no training autocast
     compiled = _compile(net, compile, compile_scope, backend)
     graphs = compile in _CUDAGRAPH_MODES and not compiled.startswith(("skipped", "off"))
-    net.defectlab_engine = {"dtype": str(dtype).removeprefix("torch."), "tie_embeddings": is_tied(net),
-                            "lora_merged": n_lora, "qkv_fused": n_fused, "compile": compiled, "cudagraphs": graphs}
+    e.applied = {"dtype": str(dtype).removeprefix("torch."), "tie_embeddings": is_tied(net),
+                 "lora_merged": n_lora, "qkv_fused": n_fused, "compile": compiled, "cudagraphs": graphs}
     return CudaGraphSampler(net).eval() if graphs else net
 
 

@@ -12,7 +12,7 @@ to be learned whatever else is frozen.
   ``norm1.linear`` are *not* norm layers here) + the class tables + a learned per-channel scale
   γ on the attention and MLP branch of each selected block (init 1: the model is unchanged at
   step 0). γ lives on the block (``transformer_blocks.i.difffit_gamma_attn`` / ``_ff``) and is
-  applied by forward hooks on ``attn1`` / ``ff``, so state-dict keys are stable.
+  applied by the model's own block forward (``dit.block_forward``).
 - ``bias_norm``: the original experiments' baseline: every bias + every parameter under a module
   whose name contains ``norm`` (in diffusers that includes the adaLN MLPs ``norm1.linear`` and
   the per-block timestep embedders ``norm1.emb``) + the class tables: ~40% of DiT-XL.
@@ -21,12 +21,12 @@ to be learned whatever else is frozen.
 from __future__ import annotations
 
 import operator
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dit
 from .errors import DefectlabError
 
 METHODS = ("full", "bitfit", "difffit", "bias_norm", "lora")
@@ -90,20 +90,13 @@ def _trains(method: str, name: str, norm_params: set[str]) -> bool:
 
 
 def _add_difffit_scales(transformer: nn.Module, blocks: int) -> None:
-    chosen = transformer.transformer_blocks
+    chosen = dit.of(transformer).transformer_blocks  # dit.block_forward applies γ
     if blocks < 0 or blocks > len(chosen):
         raise DefectlabError(f"difffit_blocks must be 0 (all) .. {len(chosen)}, got {blocks}")
     for block in list(chosen)[: blocks or None]:
         ref = block.norm1.linear.weight
-        for branch, module in (("attn", block.attn1), ("ff", block.ff)):
-            name = f"difffit_gamma_{branch}"
+        for name in dit.DIFFFIT:
             block.register_parameter(name, nn.Parameter(torch.ones(ref.shape[1], device=ref.device, dtype=ref.dtype)))
-            module.register_forward_hook(partial(_scale_output, block, name))
-
-
-def _scale_output(block: nn.Module, name: str, module, inputs, output):
-    gamma = getattr(block, name)
-    return output * gamma.to(output.dtype)  # γ·branch, before adaLN's gate (gate·γ·attn(x))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

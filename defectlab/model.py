@@ -21,7 +21,7 @@ from filelock import FileLock
 from huggingface_hub import constants as hub_constants, errors as hub, hf_hub_download
 from torch import nn
 
-from . import corpus, data, fetch, folders, methods, paths
+from . import corpus, data, dit, fetch, folders, methods, paths
 from .codec import PixelCodec, VAECodec
 from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
 from .errors import DefectlabError, first_line
@@ -209,7 +209,7 @@ def build_mini(config: dict, seed: int = 0) -> DiTTransformer2DModel:
     drop labels once per sample themselves)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = DiTTransformer2DModel(**config)
+        net = dit.DiT(**config)
     for block in net.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0
     return net
@@ -276,7 +276,7 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
     if sub is None and not (folder / "config.json").is_file():
         raise DefectlabError(f"{folder} is not a diffusers DiT folder (no transformer/config.json or config.json)")
     try:
-        transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder=sub)
+        transformer = dit.DiT.from_pretrained(folder, subfolder=sub)
         codec = (VAECodec(AutoencoderKL.from_pretrained(folder / "vae")) if (folder / "vae").is_dir()
                  else _codec_for(transformer, vae))
     except (OSError, ValueError, RuntimeError) as err:
@@ -289,7 +289,7 @@ def _load_hub(repo: str, vae: str) -> Base:
     with _hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
         sched = read_json(hf_hub_download(repo, "scheduler/scheduler_config.json"))
         index = read_json(hf_hub_download(repo, "model_index.json"))  # id2label
-        transformer = DiTTransformer2DModel.from_pretrained(repo, subfolder="transformer")
+        transformer = dit.DiT.from_pretrained(repo, subfolder="transformer")
         codec = VAECodec(AutoencoderKL.from_pretrained(repo, subfolder="vae"))
     return _base(transformer, codec, repo, sched, index)
 
@@ -311,6 +311,7 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, extr
                if o is not None and not isinstance(o, dict)]:
         raise DefectlabError(f"{bad[0]} of model {spec} is not a JSON object: fix or remove it")
     index = {**(index or {}), **(extra or {})}  # an export keeps its settings beside model_index.json
+    transformer = dit.DiT.adopt(transformer)  # every loaded model computes through defectlab's forward
     cfg = transformer.config
     # Keep DiT's DDPM training schedule; take the numbers a shipped scheduler config pins down
     # (the hub's is a DDIM config: same betas, but no variance_type).
@@ -390,7 +391,7 @@ def _load_original(path: Path, spec: str, vae: str, heads: int = 0) -> Base:
 
     heads = heads or heads_beside(path)
     with init_empty_weights():  # parameters on meta; buffers (pos_embed) computed for real
-        transformer = DiTTransformer2DModel(**original_config(sd, heads=heads, source=path))
+        transformer = dit.DiT(**original_config(sd, heads=heads, source=path))
     if not torch.allclose(sd["pos_embed"].float(), transformer.pos_embed.pos_embed, atol=1e-5):
         raise DefectlabError(f"{path}: its pos_embed is not DiT's sin-cos table for the inferred size")
     try:

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from defectlab import data, dataset, engine, methods, model, sampler
+from defectlab import data, dataset, dit, engine, methods, model, sampler
 from defectlab.diffusion import Objective
 from defectlab.errors import DefectlabError
 
@@ -26,7 +26,7 @@ def fresh(method=None, seed=0, same_copies=True):
     """A micro DiT with 3 classes; ``same_copies``: every block's embedder = block 0's values
     (the converted DiT-XL checkpoint's layout)."""
     torch.manual_seed(seed)
-    t = DiTTransformer2DModel(**MICRO)
+    t = dit.DiT(**MICRO)
     methods.set_classes(t, 3, [990, 783, 5])
     for block in t.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0  # as restore.build
@@ -66,6 +66,30 @@ def forward(t, *args, **kw):
     x0, _, ts, y = inputs()
     with torch.no_grad():
         return t(x0, timestep=ts, class_labels=y).sample.float()
+
+
+# ----------------------------------------------------------------------------- defectlab's DiT
+@pytest.mark.parametrize("training", [False, True])
+def test_dit_computes_what_diffusers_dit_computes(training):
+    """The model's own forward (dit.py) against diffusers' DiTTransformer2DModel.forward: equal
+    outputs and gradients on the same weights; saved under diffusers' class name."""
+    torch.manual_seed(0)
+    plain = DiTTransformer2DModel(**MICRO).train(training)
+    for block in plain.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    ours = dit.DiT.adopt(plain)
+    assert isinstance(ours, dit.DiT) and ours.training == training and dit.DiT.adopt(ours) is ours
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(ours.parameters(), plain.parameters()))  # no copy
+    x0, noise, ts, _ = inputs()
+    y = torch.tensor([0, 5, 999, 1000])
+    a, b = plain(x0, timestep=ts, class_labels=y).sample, ours(x0, timestep=ts, class_labels=y).sample
+    assert torch.equal(a, b)
+    ga = torch.autograd.grad(a.square().mean(), list(plain.parameters()))
+    gb = torch.autograd.grad(b.square().mean(), list(ours.parameters()))
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert json.loads(ours.to_json_string())["_class_name"] == "DiTTransformer2DModel"
+    with pytest.raises(DefectlabError, match="not defectlab's DiT"):
+        engine.set_grad_checkpointing(plain, 1)
 
 
 # ----------------------------------------------------------------------------- tied conditioning
@@ -127,7 +151,7 @@ def test_grad_checkpointing_gives_identical_gradients(method):
     for blocks in (True, 1):
         t = engine.prepare_for_training(fresh(method).train(), frozen_dtype=None, grad_checkpointing=blocks)
         loss_c, grads_c = step_grads(t)
-        assert t.defectlab_engine["grad_checkpointing"] == (3 if blocks is True else 1)
+        assert engine.report(t)["grad_checkpointing"] == (3 if blocks is True else 1)
         assert torch.equal(loss_c, loss)
         assert all(torch.equal(grads_c[n], g) for n, g in grads.items())
 
@@ -151,12 +175,12 @@ def test_bf16_frozen_step_close_to_fp32_and_trained_params_stay_fp32(method):
 
 def test_compile_is_skipped_on_cpu_and_traces_with_a_named_backend():
     t = engine.prepare_for_training(fresh("bitfit").train(), frozen_dtype=None, compile="default")
-    assert t.defectlab_engine["compile"].startswith("skipped (cpu")
+    assert engine.report(t)["compile"].startswith("skipped (cpu")
     loss, grads = step_grads(fresh("bitfit").train())
     c = engine.prepare_for_training(fresh("bitfit").train(), frozen_dtype=None, compile="default",
                                     compile_scope="blocks", backend="eager")
     loss_c, grads_c = step_grads(c)
-    assert c.defectlab_engine["compile"] == "eager (blocks)"
+    assert engine.report(c)["compile"] == "eager (blocks)"
     assert torch.allclose(loss_c, loss) and all(torch.allclose(grads_c[n], g, atol=1e-6) for n, g in grads.items())
     with pytest.raises(DefectlabError, match="compile mode"):
         engine.prepare_for_training(fresh("bitfit"), compile="fastest")
@@ -186,7 +210,7 @@ def test_sampling_copy_equals_plain_model(method):
     t = fresh(method).eval()
     ref = forward(t)
     net = engine.prepare_for_sampling(t, dtype=torch.float32)
-    rep = net.defectlab_engine
+    rep = engine.report(net)
     assert rep["tie_embeddings"] and rep["qkv_fused"] == 3 and rep["lora_merged"] == (18 if method == "lora" else 0)
     assert engine.attention_processors(net) == ["FusedAttnProcessor2_0"]
     assert torch.allclose(forward(net), ref, atol=1e-5, rtol=1e-5)
@@ -205,11 +229,11 @@ def test_sampling_copy_of_a_model_prepared_for_training():
     t = engine.prepare_for_training(fresh("bitfit").train(), frozen_dtype="bf16", grad_checkpointing=True,
                                     compile="default", compile_scope="blocks", backend="eager").eval()
     plain = copy.deepcopy(t)
-    engine._engine_options(plain)["autocast"] = None  # the same (bf16-rounded) weights, computed in fp32
+    plain.engine.autocast = None  # the same (bf16-rounded) weights, computed in fp32
     engine._cast(plain, torch.float32)
     ref = forward(plain)
     net = engine.prepare_for_sampling(t, dtype=torch.float32)
-    assert net.defectlab_engine["compile"] == "off" and "forward" not in net.transformer_blocks[0].__dict__
+    assert engine.report(net)["compile"] == "off" and net.engine.checkpointed == 0 and net.engine.block_fn is None
     assert torch.allclose(forward(net), ref, atol=1e-5)
     assert not torch.allclose(forward(t), ref, atol=1e-3)    # the original still runs under bf16 autocast
     with torch.no_grad():

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers import AutoencoderKL
 
-from defectlab import engine, methods, model, sampler
+from defectlab import dit, engine, methods, model, sampler
 from defectlab.diffusion import Objective
 
 # DEFECTLAB_GPU_DRY_RUN=1: the same code on the CPU with the small model and torch.compile's
@@ -69,7 +69,7 @@ def exact_fp32():
 def fresh(size: str, method: str, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(DEV):
-        t = xl_speed.hub_like(DiTTransformer2DModel(**SIZES[size]))
+        t = xl_speed.hub_like(dit.DiT(**SIZES[size]))
     methods.set_classes(t, 4, "random")
     for block in t.transformer_blocks:
         block.norm1.emb.class_embedder.dropout_prob = 0.0  # as restore.build
@@ -112,7 +112,7 @@ def test_training_step_equals_plain_fp32_and_never_recompiles(size, method, vari
     loss, grads = step(fresh(size, method))
     t = engine.prepare_for_training(fresh(size, method), frozen_dtype=torch.bfloat16, compile_scope="blocks",
                                     backend=BACKEND, **xl_speed.TRAIN_VARIANTS[variant])
-    assert not t.defectlab_engine["compile"].startswith("skipped")
+    assert not engine.report(t)["compile"].startswith("skipped")
     reset_peak()
     loss_e, grads_e = step(t)                           # warm-up: compilation, graph recording
     loss_e2, grads_e2 = step(t)                         # CUDA-graph trees replay from here on
@@ -123,7 +123,7 @@ def test_training_step_equals_plain_fp32_and_never_recompiles(size, method, vari
     peak = peak_gib()
     g, ge, ge2 = (torch.cat([d[n].flatten() for n in grads]) for d in (grads, grads_e, grads_e2))
     rel_loss, rel_grad = float(abs(loss_e - loss) / abs(loss)), float((ge - g).norm() / g.norm())
-    report(case="train_step", size=size, method=method, variant=variant, engine=t.defectlab_engine,
+    report(case="train_step", size=size, method=method, variant=variant, engine=engine.report(t),
            rel_loss=round(rel_loss, 5), rel_grad=round(rel_grad, 5), peak_gib=peak)
     assert set(grads_e) == set(grads)
     assert rel_loss < 2e-2 and rel_grad < 3e-2
@@ -168,13 +168,13 @@ def test_sampler_copy_of_a_compiled_training_model_is_independent():
     step(t)
     net = engine.prepare_for_sampling(t.eval(), dtype=torch.float32)
     plain = copy.deepcopy(t)
-    engine._engine_options(plain)["autocast"] = None
+    plain.engine.autocast = None
     engine._cast(plain, torch.float32)
     x0, _, ts, y = batch("small", 4)
     with torch.no_grad():
         ref = plain(x0, timestep=ts, class_labels=y).sample
         assert torch.allclose(net(x0, timestep=ts, class_labels=y).sample, ref, atol=1e-4)
-    assert net.defectlab_engine["compile"] == "off"
+    assert neengine.report(t)["compile"] == "off"
 
 
 def test_attention_uses_a_fused_kernel_in_bf16():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from defectlab import methods, model, runs
+from defectlab import dit, methods, model, runs
 from defectlab.errors import DefectlabError
 
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=2, num_attention_heads=2)  # 16 tokens, width 64
@@ -14,7 +14,7 @@ XL = dict(model.TINY_CONFIG, sample_size=32, patch_size=2, in_channels=4, out_ch
 
 def base(seed=0):
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(**MICRO).eval()
+    return dit.DiT(**MICRO).eval()
 
 
 def fresh(method=None, seed=0, **kw):
@@ -168,7 +168,7 @@ def test_dit_xl_trainable_shares():
     for k, names in ((1000, methods.METHODS), (5, ("bitfit", "difffit", "bias_norm", "lora"))):
         for method in names:
             with torch.device("meta"):
-                t = DiTTransformer2DModel(**XL)
+                t = dit.DiT(**XL)
                 if k != 1000:
                     methods.set_classes(t, k, "mean")
                 methods.apply(t, method, verbose=False)
