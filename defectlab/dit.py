@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -86,6 +87,31 @@ def block_forward(block: nn.Module, x: torch.Tensor, cond: torch.Tensor, attn_kw
     return gate_mlp.unsqueeze(1) * out + x
 
 
+DEPTHS = ("shallow", "deep")
+
+
+class Prompts(nn.Module):
+    """VPT's learnable prompt tokens (Jia et al., "Visual Prompt Tuning", ECCV 2022): ``n`` tokens
+    of the model's width joined ahead of the image tokens, at the input only (``shallow``) or new
+    ones at every block (``deep``: block i's prompts replace what came out of block i − 1's). The
+    output layer sees the image tokens only. Uniform init as VPT (Xavier bound of one token row)."""
+
+    def __init__(self, n: int, width: int, blocks: int, deep: bool):
+        super().__init__()
+        if n < 1:
+            raise DefectlabError(f"vpt_tokens must be ≥ 1 (got {n})")
+        bound = math.sqrt(6.0 / (n + width))
+        self.deep = deep
+        self.weight = nn.Parameter(torch.empty(blocks if deep else 1, n, width).uniform_(-bound, bound))
+
+    @property
+    def settings(self) -> dict:
+        return {"tokens": self.weight.shape[1], "depth": DEPTHS[self.deep]}
+
+    def tokens(self, block: int, batch: int) -> torch.Tensor:
+        return self.weight[block if self.deep else 0].expand(batch, -1, -1)
+
+
 class DiT(DiTTransformer2DModel):
     """See the module doc. Build one with ``DiT.adopt(model)`` or ``DiT(**config)``."""
 
@@ -94,6 +120,14 @@ class DiT(DiTTransformer2DModel):
         if "_engine" not in self.__dict__:
             self.__dict__["_engine"] = Engine()
         return self.__dict__["_engine"]
+
+    def add_prompts(self, tokens: int, depth: str = "shallow") -> Prompts:
+        """VPT: learnable prompt tokens (``Prompts``) this model computes with from now on."""
+        if depth not in DEPTHS:
+            raise DefectlabError(f"vpt_depth must be shallow or deep (got {depth!r})")
+        ref = self.proj_out_2.weight
+        self.prompts = Prompts(tokens, self.inner_dim, len(self.transformer_blocks), depth == "deep").to(ref.device)
+        return self.prompts
 
     @classmethod
     def adopt(cls, model: DiTTransformer2DModel) -> "DiT":

@@ -41,10 +41,10 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import engine, evaluate, fetch, folders, methods, report, restore, runs, sampler
 from .errors import DefectlabError, first_line
-from .model import SIDECAR
+from .model import PROMPTS, SIDECAR
 
 NULL = 1000  # DiTPipeline's unconditional class id (hard-coded there)
-EXPORT_NAMES = ("transformer", "scheduler", "vae", "model_index.json", SIDECAR, "README.md")  # all an export writes
+EXPORT_NAMES = ("transformer", "scheduler", "vae", "model_index.json", SIDECAR, PROMPTS, "README.md")  # all an export writes
 
 
 @dataclass
@@ -72,16 +72,24 @@ def run(cfg: ExportConfig) -> Path:
     size = restored.config.get("image_size") or restored.base.default_image_size
     scheduler = sampler.make_scheduler("ddim", restored.base.scheduler_config,
                                        spacing=sampler.spacing_for("ddim", numerics))
+    prompts = getattr(restored.model, "prompts", None)
+    sidecar = {"id2label": {str(i): c for i, c in enumerate(restored.classes)}, "defectlab_numerics": numerics,
+               "defectlab_image_size": size, "defectlab_run": folder.name}
     with _staging(out) if foreign else folders.building(out) as tmp:
-        if latent:  # model_index.json as DiTPipeline writes it: any key of ours there, it warns about
+        if prompts is not None:  # VPT: no pipeline can give the prompts, so no model_index.json invites one
+            net.save_pretrained(tmp / "transformer")
+            scheduler.save_pretrained(tmp / "scheduler")
+            if latent:
+                restored.base.codec.vae.save_pretrained(tmp / "vae")
+            runs.save_tensors(tmp / PROMPTS, {"weight": prompts.weight.detach().float().contiguous()})
+            sidecar["defectlab_prompts"] = prompts.settings
+        elif latent:  # model_index.json as DiTPipeline writes it: any key of ours there, it warns about
             DiTPipeline(transformer=net, vae=restored.base.codec.vae, scheduler=scheduler).save_pretrained(tmp)
         else:  # DiTPipeline cannot decode pixels: the layout model.load reads, without the pipeline's name
             net.save_pretrained(tmp / "transformer")
             scheduler.save_pretrained(tmp / "scheduler")
             runs.write_json(tmp / "model_index.json", {"_class_name": "DiTTransformer2DModel"})
-        runs.write_json(tmp / SIDECAR, {"id2label": {str(i): c for i, c in enumerate(restored.classes)},
-                                        "defectlab_numerics": numerics, "defectlab_image_size": size,
-                                        "defectlab_run": folder.name})
+        runs.write_json(tmp / SIDECAR, sidecar)
         runs.write_text(tmp / "README.md", model_card(restored, latent, size, net.config.sample_size,
                                                       Path(restored.checkpoint).name))
     if repo:
@@ -129,6 +137,8 @@ def plain_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
     if methods.has_mask_channel(model):
         raise DefectlabError("a mask-conditioned model has an input DiTPipeline cannot give it: not exportable")
     net = copy.deepcopy(model)
+    if getattr(net, "prompts", None) is not None:  # VPT's prompts are an input: the export writes them beside
+        del net.prompts
     engine.untie_embeddings(net)
     engine.merge_lora(net)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -163,7 +173,14 @@ def model_card(restored: restore.Restored, latent: bool, size: int, native: int,
              f"(best validation loss {_fmt(summary['best_val_loss'])}). Classes (id name): {ids}. "
              f"Ids {len(restored.classes)}…{NULL - 1} are copies of the unconditional row; {NULL} is the null "
              f"class DiTPipeline guides with. Licence: that of the base model.", "", "## Sampling", ""]
-    if latent:
+    if getattr(restored.model, "prompts", None) is not None:
+        p = restored.model.prompts.settings
+        lines += [f"DiTPipeline cannot sample this model: it was fine-tuned by visual prompt tuning ({p['tokens']} "
+                  f"{p['depth']} prompt tokens, `{PROMPTS}`), an input diffusers' DiT does not have, so the folder "
+                  "has no model_index.json. Sample it with defectlab installed:", "",
+                  "```bash", "defectlab sample --run base --model THIS_FOLDER --classes 0,1 --per-class 8 "
+                  "--scheduler ddim", "```", ""]
+    elif latent:
         lines += ["```python", "from diffusers import DiTPipeline", "",
                   f'pipe = DiTPipeline.from_pretrained("THIS_FOLDER_OR_REPO", id2label={dict(enumerate(restored.classes))!r})',
                   f'images = pipe(class_labels=pipe.get_label_ids(["{restored.classes[0]}"]), '

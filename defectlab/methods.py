@@ -17,6 +17,9 @@ to be learned whatever else is frozen.
   whose name contains ``norm`` (in diffusers that includes the adaLN MLPs ``norm1.linear`` and
   the per-block timestep embedders ``norm1.emb``) + the class tables: ~40% of DiT-XL.
 - ``lora``: peft LoRA (rank r, alpha r) on q/k/v/out and both MLP linears + the class tables.
+- ``vpt``: visual prompt tuning (``dit.Prompts``): N learnable tokens joined to the image tokens
+  at the input (shallow) or at every block (deep), the backbone frozen; trains the prompts + the
+  class tables (+ every bias with ``vpt_bias``). The null class sees the same prompts.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch import nn
 from . import dit
 from .errors import DefectlabError
 
-METHODS = ("full", "bitfit", "difffit", "bias_norm", "lora")
+METHODS = ("full", "bitfit", "difffit", "bias_norm", "lora", "vpt")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.RMSNorm)
 
@@ -43,7 +46,7 @@ def _is_bias(name: str) -> bool:
 
 
 def apply(transformer: nn.Module, method: str, lora_rank: int = 8, difffit_blocks: int = 0,
-          verbose: bool = True) -> nn.Module:
+          verbose: bool = True, vpt_tokens: int = 8, vpt_depth: str = "shallow", vpt_bias: bool = False) -> nn.Module:
     """Set ``requires_grad`` for ``method`` (adding DiffFit scales or LoRA layers first) and return
     the module to train (the transformer itself, modified in place). ``difffit_blocks``: γ in the
     first N blocks (0 = all). Call once per freshly loaded model, after ``model.set_classes``."""
@@ -51,11 +54,13 @@ def apply(transformer: nn.Module, method: str, lora_rank: int = 8, difffit_block
         raise DefectlabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     done = getattr(transformer, "defectlab_method", None)
     if done is not None:
-        if done == (method, lora_rank, difffit_blocks):
+        if done == (method, lora_rank, difffit_blocks) + ((vpt_tokens, vpt_depth, vpt_bias) if method == "vpt" else ()):
             return transformer
         raise DefectlabError(f"method {done[0]!r} was already applied to this model; load a fresh base")
     if method == "difffit":
         _add_difffit_scales(transformer, difffit_blocks)
+    if method == "vpt":
+        dit.of(transformer).add_prompts(vpt_tokens, vpt_depth)
     if method == "lora":
         if lora_rank < 1:
             raise DefectlabError(f"lora_rank must be >= 1, got {lora_rank}")
@@ -68,8 +73,9 @@ def apply(transformer: nn.Module, method: str, lora_rank: int = 8, difffit_block
     norm_params = {f"{m}.{p}" if m else p for m, mod in transformer.named_modules() if isinstance(mod, _NORMS)
                    for p, _ in mod.named_parameters(recurse=False)}
     for name, param in transformer.named_parameters():
-        param.requires_grad_(_trains(method, name, norm_params))
-    transformer.defectlab_method = (method, lora_rank, difffit_blocks)
+        param.requires_grad_(_trains(method, name, norm_params) or (method == "vpt" and vpt_bias and _is_bias(name)))
+    transformer.defectlab_method = (method, lora_rank, difffit_blocks) + (
+        (vpt_tokens, vpt_depth, vpt_bias) if method == "vpt" else ())
     if verbose:
         print(summary(transformer))
     return transformer
@@ -82,6 +88,8 @@ def _trains(method: str, name: str, norm_params: set[str]) -> bool:
         return True
     if method == "lora":
         return ".lora_A." in name or ".lora_B." in name
+    if method == "vpt":
+        return name.startswith("prompts.")
     if method == "bitfit":
         return _is_bias(name)
     if method == "difffit":

@@ -25,12 +25,13 @@ from . import corpus, data, dit, fetch, folders, methods, paths
 from .codec import PixelCodec, VAECodec
 from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
 from .errors import DefectlabError, first_line
-from .runs import read_json  # one-line errors for malformed JSON, naming the file
+from .runs import load_tensors, read_json  # one-line errors for malformed JSON, naming the file
 
 HUB_DIT = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"   # what DiT trained with; `-mse` also works
 VAE_ENV = "DEFECTLAB_VAE"                   # hub id or folder of the VAE for .pt / bare transformers
 SIDECAR = "defectlab.json"  # an export's own settings (numerics, image size, classes): DiTPipeline never reads it
+PROMPTS = "prompts.safetensors"  # a VPT export's prompt tokens (SIDECAR's defectlab_prompts says how many, where)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # those DDPM, DDIM and DPM-Solver all build
 TINY_SEED = 0
 TINY_CONFIG = dict(  # pixel-space DiT, 1.9M parameters (0.5M in the class tables): fast on a CPU
@@ -282,7 +283,20 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
     except (OSError, ValueError, RuntimeError) as err:
         raise DefectlabError(f"cannot load the model in {folder}: {first_line(err)}") from err
     sched, index, extra = (folder / name for name in ("scheduler/scheduler_config.json", "model_index.json", SIDECAR))
-    return _base(transformer, codec, spec, *(read_json(f) if f.is_file() else None for f in (sched, index, extra)))
+    sched, index, extra = (read_json(f) if f.is_file() else None for f in (sched, index, extra))
+    if (folder / PROMPTS).is_file():  # a VPT export: its prompt tokens are part of the model
+        vpt = (extra or {}).get("defectlab_prompts") if isinstance(extra, dict) else None
+        if not isinstance(vpt, dict) or {"tokens", "depth"} - set(vpt):
+            raise DefectlabError(f"{folder / SIDECAR} does not describe the prompts in {folder / PROMPTS} "
+                                 "(defectlab_prompts: tokens, depth)")
+        transformer = dit.DiT.adopt(transformer)
+        transformer.add_prompts(int(vpt["tokens"]), vpt["depth"])
+        weight = load_tensors(folder / PROMPTS).get("weight")
+        if weight is None or weight.shape != transformer.prompts.weight.shape:
+            raise DefectlabError(f"{folder / PROMPTS}: no prompt weight of shape {tuple(transformer.prompts.weight.shape)}")
+        with torch.no_grad():
+            transformer.prompts.weight.copy_(weight)
+    return _base(transformer, codec, spec, sched, index, extra)
 
 
 def _load_hub(repo: str, vae: str) -> Base:

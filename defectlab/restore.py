@@ -28,6 +28,9 @@ class ModelSettings:
     model_heads: int = 0           # attention heads of an original .pt (0 = from its shape)
     lora_rank: int = 8             # LoRA rank (method=lora)
     difffit_blocks: int = 0        # blocks with DiffFit scales (0 = all)
+    vpt_tokens: int = 8            # VPT prompt tokens (method=vpt)
+    vpt_depth: str = "shallow"     # VPT prompts at the input only (shallow) or at every block (deep)
+    vpt_bias: bool = False         # VPT also trains every bias
     mask_condition: bool = False   # defect mask as an extra input channel
     tie_embeddings: bool = False   # one timestep/class embedder for all blocks
     seed: int = 0                  # seeds the new class rows
@@ -68,7 +71,7 @@ def build(settings: dict | object, classes: list[str], device="cpu",
     if cfg.mask_condition:  # before apply (it sets requires_grad); zero init: step 0 is the base model
         methods.add_mask_channel(base.transformer)
     net = methods.apply(base.transformer, cfg.method, lora_rank=cfg.lora_rank, difffit_blocks=cfg.difffit_blocks,
-                        verbose=False)  # training prints the summary once, on the main process
+                        verbose=False, vpt_tokens=cfg.vpt_tokens, vpt_depth=cfg.vpt_depth, vpt_bias=cfg.vpt_bias)  # training prints the summary once, on the main process
     if cfg.mask_condition:  # the new channel must learn whatever the method freezes
         for p in methods.mask_parameters(net):
             p.requires_grad_(True)

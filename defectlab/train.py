@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from . import classes as classes_mod, data as data_mod, dataset, engine, masks, methods, model as model_mod, runs, tracking, viz
-from . import loop, product, resume, validation
+from . import dit, loop, product, resume, validation
 from .restore import build, restore  # noqa: F401  restore: the notebooks call train.restore
 from .codec import check_image_size
 from .diffusion import Objective
@@ -32,7 +32,7 @@ from .progress import tqdm
 class TrainConfig(data_mod.DataConfig):
     image_size: int = 0            # 0 = the model's preset (tiny 64 px, mini 32 px, DiT-XL 128 px)
     model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
-    method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora
+    method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora | vpt
     name: str = ""                 # run name ("" = <product>-<method>)
     lr: float = 0.0                # 0 = preset (1e-5 real model, 1e-3 tiny/mini)
     epochs: int = 0                # 0 = preset (100 real model, 60 tiny/mini)
@@ -50,6 +50,9 @@ class TrainConfig(data_mod.DataConfig):
     class_init_candidates: str = ""  # shortlist for nearest/topk, e.g. 990,783,0-99 ("" = all base classes)
     lora_rank: int = 8             # LoRA rank (method=lora)
     difffit_blocks: int = 0        # blocks with DiffFit scales (0 = all)
+    vpt_tokens: int = 8            # VPT: learnable prompt tokens (method=vpt)
+    vpt_depth: str = "shallow"     # VPT: prompts at the input only (shallow) or new ones at every block (deep)
+    vpt_bias: bool = False         # VPT: also train every bias
     val_per_class: int = 2         # training images per class held back for validation (0 = use train)
     val_timesteps: int = 8         # fixed timesteps of the validation loss
     val_every: int = 5             # validate (and checkpoint) every N epochs
@@ -103,6 +106,9 @@ def _check(cfg: TrainConfig) -> None:
         raise DefectlabError(f"lr must be a positive number (got {cfg.lr})")
     if not 0 <= cfg.label_dropout < 1:
         raise DefectlabError(f"label_dropout must be in [0, 1) (got {cfg.label_dropout})")
+    if cfg.method == "vpt" and (cfg.vpt_tokens < 1 or cfg.vpt_depth not in dit.DEPTHS):
+        raise DefectlabError(f"vpt_tokens must be ≥ 1 and vpt_depth shallow or deep (got {cfg.vpt_tokens}, "
+                             f"{cfg.vpt_depth!r})")
     if cfg.good_images < -1:
         raise DefectlabError(f"good_images must be -1 (all), 0 (none) or a count (got {cfg.good_images})")
     model_mod.check_numerics(cfg.numerics)

@@ -15,14 +15,14 @@
 # %% [markdown]
 # # 02 · Fine-tune a DiT on the defect classes
 #
-# One fine-tuning method (full, bitfit, difffit, bias_norm or LoRA) with the defect types as new
+# One fine-tuning method (full, bitfit, difffit, bias_norm, LoRA or VPT) with the defect types as new
 # classes. Writes a run folder (config, log, checkpoints, figures) that 03 and 04 read.
 
 # %% tags=["parameters"]
 data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder
 product: str = "hazelnut"  # product folder name
 model: str = "mini"  # base model: mini (pre-trained, shipped), tiny (random weights), facebook/DiT-XL-2-256, a diffusers folder or a DiT .pt
-method: str = "difffit"  # fine-tuning method: full, bitfit, difffit, bias_norm or lora
+method: str = "difffit"  # fine-tuning method: full, bitfit, difffit, bias_norm, lora or vpt
 image_size: int = 0  # training image side in px (0 means the model's default: mini 32, tiny 64, DiT-XL 128)
 lr: float = 0.0  # learning rate (0 means the preset: 1e-5 real model, 1e-3 tiny/mini)
 epochs: int = 0  # passes over the training images (0 means the preset: 100 real model, 60 tiny/mini)

@@ -145,7 +145,7 @@ def test_tie_refuses_different_copies_unless_adopted():
 
 
 # ----------------------------------------------------------------------------- training
-@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "difffit", "lora", "vpt"])
 def test_grad_checkpointing_gives_identical_gradients(method):
     loss, grads = step_grads(fresh(method).train())
     for blocks in (True, 1):
@@ -156,7 +156,7 @@ def test_grad_checkpointing_gives_identical_gradients(method):
         assert all(torch.equal(grads_c[n], g) for n, g in grads.items())
 
 
-@pytest.mark.parametrize("method", ["bitfit", "difffit", "bias_norm", "lora"])
+@pytest.mark.parametrize("method", ["bitfit", "difffit", "bias_norm", "lora", "vpt"])
 def test_bf16_frozen_step_close_to_fp32_and_trained_params_stay_fp32(method):
     loss, grads = step_grads(fresh(method).train())
     t = engine.prepare_for_training(fresh(method).train(), frozen_dtype=torch.bfloat16)
@@ -205,7 +205,7 @@ def test_a_difffit_model_compiled_after_another_model_runs_its_own_graph():
 
 
 # ----------------------------------------------------------------------------- sampling
-@pytest.mark.parametrize("method", ["difffit", "lora"])
+@pytest.mark.parametrize("method", ["difffit", "lora", "vpt"])
 def test_sampling_copy_equals_plain_model(method):
     t = fresh(method).eval()
     ref = forward(t)

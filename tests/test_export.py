@@ -95,6 +95,26 @@ def test_pixel_export_loads_in_defectlab_and_says_why_not_dit_pipeline(tmp_path)
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_vpt_export_loads_in_defectlab_with_its_prompts_and_no_pipeline_index(tmp_path, latent_base):
+    """DiTPipeline cannot give prompt tokens: the export has no model_index.json (DiTPipeline
+    refuses it instead of sampling without them); defectlab loads the prompts and samples the run."""
+    folder = train.run(tiny_cfg(tmp_path, model=str(latent_base), method="vpt", vpt_tokens=2, image_size=16,
+                                epochs=1, lr=2e-2, report_to="none"))
+    restored = restore.restore(folder)
+    out = export.run(export.ExportConfig(run=str(folder), out=str(tmp_path / "export")))
+    assert {p.name for p in out.iterdir()} == {"transformer", "vae", "scheduler", model.SIDECAR, model.PROMPTS,
+                                               "README.md"}
+    assert json.loads((out / model.SIDECAR).read_text())["defectlab_prompts"] == {"tokens": 2, "depth": "shallow"}
+    assert "visual prompt tuning" in (out / "README.md").read_text()
+    with pytest.raises(Exception):
+        DiTPipeline.from_pretrained(out)
+    names = ["print", "crack"]
+    base = model.load(str(out))
+    assert torch.equal(base.transformer.prompts.weight, restored.model.prompts.weight)
+    again = _generate(base.transformer, base, restored.classes, names)
+    assert torch.allclose(again, _generate(restored.model, restored.base, restored.classes, names), atol=1e-5)
+
+
 def test_refusals_are_one_line(tmp_path):
     with pytest.raises(DefectlabError, match="not a hub repo id") as err:
         export.run(export.ExportConfig(run="no-such-run", push_to_hub="a/b/c"))

@@ -41,7 +41,8 @@ def expected(method, names):
             "bitfit": bias | table,
             "difffit": bias | table | {n for n in names if ".difffit_gamma_" in n},  # DiT's norms: no affine
             "bias_norm": bias | table | {n for n in names if "norm" in n.rsplit(".", 1)[0]},
-            "lora": table | {n for n in names if ".lora_A." in n or ".lora_B." in n}}[method]
+            "lora": table | {n for n in names if ".lora_A." in n or ".lora_B." in n},
+            "vpt": table | {n for n in names if n.startswith("prompts.")}}[method]
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
@@ -101,7 +102,8 @@ STABLE_KEYS = {"full": "transformer_blocks.1.attn1.to_q.weight",
                "bitfit": "transformer_blocks.1.ff.net.2.bias",
                "difffit": "transformer_blocks.1.difffit_gamma_ff",
                "bias_norm": "transformer_blocks.1.norm1.linear.weight",
-               "lora": "transformer_blocks.1.attn1.to_out.0.lora_B.default.weight"}
+               "lora": "transformer_blocks.1.attn1.to_out.0.lora_B.default.weight",
+               "vpt": "prompts.weight"}
 
 
 @pytest.mark.parametrize("method", methods.METHODS)
@@ -165,7 +167,7 @@ def test_cast_frozen_bf16_with_autocast(method):
 def test_dit_xl_trainable_shares():
     """Counted on the meta device (no memory); numbers go into the report."""
     shares = {}
-    for k, names in ((1000, methods.METHODS), (5, ("bitfit", "difffit", "bias_norm", "lora"))):
+    for k, names in ((1000, methods.METHODS), (5, ("bitfit", "difffit", "bias_norm", "lora", "vpt"))):
         for method in names:
             with torch.device("meta"):
                 t = dit.DiT(**XL)
@@ -177,5 +179,28 @@ def test_dit_xl_trainable_shares():
             if (k, method) == (1000, "full"):
                 assert total == 749_826_464   # diffusers' XL: 675M + per-block timestep/class copies
     assert 0.395 < shares[1000, "bias_norm"] < 0.41          # the original experiments' ~40%
+    assert shares[5, "vpt"] < 0.005                            # VPT: prompts + class tables, < 0.5 %
     assert 0.37 < shares[5, "bias_norm"] < 0.38
     assert shares[5, "bitfit"] < shares[5, "difffit"] < 0.002 and shares[5, "lora"] < 0.01
+
+
+@pytest.mark.parametrize("depth", ["shallow", "deep"])
+def test_vpt_prompts_change_the_output_and_nothing_else_trains(depth):
+    """Prompt tokens join the sequence (the output keeps the image's 16 tokens), move the output,
+    and train with the class tables only (+ biases with vpt_bias); bad settings are one line."""
+    plain = run(fresh())
+    t = fresh("vpt", vpt_tokens=3, vpt_depth=depth)
+    assert t.prompts.weight.shape == ((2 if depth == "deep" else 1), 3, 64)
+    out = run(t)
+    assert out.shape == plain.shape and not torch.allclose(out, plain)
+    with torch.no_grad():
+        t.prompts.weight.mul_(2)
+    assert not torch.allclose(run(t), out)  # the prompts are what moved it
+    assert {n for n, p in t.named_parameters() if p.requires_grad and "embedding_table" not in n} == {"prompts.weight"}
+    biased = fresh("vpt", vpt_bias=True)
+    assert {n for n, p in biased.named_parameters() if p.requires_grad} == expected("bitfit", [
+        n for n, _ in biased.named_parameters()]) | {"prompts.weight"}
+    with pytest.raises(DefectlabError, match="vpt_tokens must be"):
+        fresh("vpt", vpt_tokens=0)
+    with pytest.raises(DefectlabError, match="vpt_depth must be"):
+        fresh("vpt", vpt_depth="middle")

@@ -54,6 +54,24 @@ def test_resume_with_more_max_steps_trains_on_and_matches_a_straight_run(tmp_pat
         train.run(train.TrainConfig(resume=str(short), batch_size=2, progress=False))
 
 
+def test_vpt_resumes_bit_for_bit(tmp_path):
+    """Deep prompts (new tokens at every block) + EMA, stopped mid-epoch and resumed."""
+    kw = dict(method="vpt", vpt_tokens=3, vpt_depth="deep", lr=2e-2)
+    straight = train.run(tiny(tmp_path, max_steps=5, name="straight", **kw))
+    short = train.run(tiny(tmp_path, max_steps=2, name="short", **kw))
+    train.run(train.TrainConfig(resume=str(short), max_steps=5, progress=False))
+    assert _same_weights(straight, short) and _steps(short) == _steps(straight)
+    state = runs.load_tensors(runs.find_checkpoint(short, "latest") / runs.STATE_FILE)
+    assert state["prompts.weight"].shape[:2] == (4, 3) and "ema.prompts.weight" in state  # tiny: 4 blocks
+    with pytest.raises(DefectlabError, match="--vpt-tokens may not change on --resume"):
+        train.run(train.TrainConfig(resume=str(short), max_steps=6, vpt_tokens=4, progress=False))
+    before = sorted(tmp_path.iterdir())
+    for bad in ({"vpt_tokens": 0}, {"vpt_tokens": -2}, {"vpt_depth": "middle"}):
+        with pytest.raises(DefectlabError, match="vpt_tokens must be ≥ 1 and vpt_depth shallow or deep"):
+            train.run(tiny(tmp_path, **{**kw, **bad}, name="bad"))
+    assert sorted(tmp_path.iterdir()) == before  # no run folder
+
+
 def test_two_trainers_of_one_run_folder_are_refused(tmp_path):
     folder = train.run(tiny(tmp_path, epochs=1))
     held = runs.lock(folder)  # another process is training it
