@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-outputs
+.PHONY: demo test install lab explore clean-outputs
 
 install: $(STAMP)
 
@@ -18,7 +18,13 @@ demo: $(STAMP)
 	$(BIN)/defectlab demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+lab: $(STAMP)  # JupyterLab on the notebooks: the paired .py files open as notebooks (jupytext)
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 notebooks
+
+explore: $(STAMP)  # the newest run's explorer as a web page (Voila) on 127.0.0.1
+	$(BIN)/defectlab explore --run latest
 
 clean-outputs:
 	rm -rf outputs/runs outputs/demo outputs/models

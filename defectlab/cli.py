@@ -31,6 +31,8 @@ STAGES = {
     # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
     "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
+    "explore": ("explore", "ExploreConfig", "the explorer of a run (class, sampler, steps, seed, guidance) as a web "
+                "page on 127.0.0.1, served by Voilà"),
     "export": ("export", "ExportConfig", "write a run as a diffusers folder (DiTPipeline for latent bases) with a "
                "model card; --push-to-hub uploads it"),
     "pretrain-mini": ("pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),

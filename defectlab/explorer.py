@@ -5,9 +5,9 @@ samples, with per-image generators (``sampler.generators(seed, class, range(n))`
 gives exactly the images ``sample.run`` exports for the same settings. Images are cached per
 (checkpoint, sampler settings, seed, size, class): a setting seen before shows at once, and
 more images of it sample only the new ones. The sampler is fast by default (``FAST``:
-DPM-Solver++, 25 steps). ``widget()`` builds the ipywidgets UI, displayed with a PNG of its
-grid beside it, so a saved notebook shows the grid where the widget cannot run; ``render`` is
-the same thing without a browser.
+DPM-Solver++, 25 steps). ``widget()`` builds the ipywidgets UI, displayed after a static copy of
+its grid that a saved notebook shows where the widget cannot run (a live widget hides it);
+``render`` is the same thing without a browser. ``defectlab explore`` serves it as a web page.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 
 import ipywidgets as w
-from IPython.display import Image, display
+from IPython.display import display
 import torch
 from matplotlib.figure import Figure
 
@@ -123,7 +123,8 @@ class Explorer:
             "run": w.Button(description="Run", button_style="primary", icon="play"),
             "status": w.HTML(value="press Run to sample"),
             "progress": w.Output(),
-            "image": w.Image(value=figure_png(self.last_figure), format="png"),
+            "image": _image(figure_png(self.last_figure)),
+            "hide_static": w.HTML(f"<style>img.{STATIC} {{display: none !important}}</style>"),
         }
 
         def on_run(_button=None):
@@ -134,7 +135,8 @@ class Explorer:
                 with c["progress"]:  # the sampler's progress bar, one per Run
                     fig = self.render(c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value,
                                       c["n"].value, c["scheduler"].value, progress=True)
-                c["image"].value = figure_png(fig)
+                png = figure_png(fig)
+                c["image"].value, c["image"].layout.width = png, f"{_width(png)}px"
                 c["status"].value = f"done in {time.time() - t0:.1f} s"
             except DefectlabError as err:
                 c["status"].value = f"<span style='color:#b00020'>{html.escape(str(err))}</span>"
@@ -142,23 +144,38 @@ class Explorer:
                 c["run"].disabled = False
 
         c["run"].on_click(on_run)
-        return ExplorerBox([w.HBox([c["class"], c["scheduler"]]), w.HBox([c["steps"], c["seed"]]),
+        return ExplorerBox([c["hide_static"], w.HBox([c["class"], c["scheduler"]]), w.HBox([c["steps"], c["seed"]]),
                             w.HBox([c["guidance"], c["n"]]), w.HBox([c["run"], c["status"]]), c["progress"],
                             c["image"]])
 
 
-class ExplorerBox(w.VBox):
-    """The explorer's controls, displayed after a static PNG of the grid they start from: a saved
-    notebook (nbconvert, GitHub, papermill output), where no widget can run, still shows the
-    grid; the live widget below updates on Run. The widget output also carries the PNG, for
-    frontends that pick one representation of it."""
+STATIC = "defectlab-static-grid"  # the saved notebook's copy of the grid; a live widget hides it
 
-    def _repr_mimebundle_(self, **kwargs):
+
+class ExplorerBox(w.VBox):
+    """The explorer's controls, displayed after a static copy of the grid they start from: a saved
+    notebook (nbconvert, GitHub, papermill output), where no widget can run, still shows the
+    grid. The live widget carries a style that hides that copy, so a frontend that runs it
+    (JupyterLab, Voilà) shows one grid, the live one, which Run updates."""
+
+    def _repr_mimebundle_(self, **kwargs):  # the PNG too, for frontends that pick one representation
         data = super()._repr_mimebundle_(**kwargs) or {}
         image = self.children[-1].value
         return {**data, "image/png": base64.b64encode(image).decode("ascii")} if image else data
 
     def _ipython_display_(self):
-        if self.children[-1].value:  # the static twin: its own output, which every renderer shows
-            display(Image(data=self.children[-1].value, format="png"))
+        png = self.children[-1].value
+        if png:  # the static twin: an <img> a live widget's style hides, PNG for renderers without HTML
+            data = base64.b64encode(png).decode("ascii")
+            display({"text/html": f'<img class="{STATIC}" src="data:image/png;base64,{data}">',
+                     "image/png": data, "text/plain": "<the explorer's grid>"}, raw=True)
         display(self._repr_mimebundle_(), raw=True)
+
+
+def _image(png: bytes) -> w.Image:
+    """The grid at its own pixel size (not stretched to the page: stretching blurs it)."""
+    return w.Image(value=png, format="png", layout=w.Layout(width=f"{_width(png)}px", max_width="100%"))
+
+
+def _width(png: bytes) -> int:
+    return int.from_bytes(png[16:20], "big")  # the PNG header's IHDR width

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import report, sampler, viz
+from defectlab import explorer as explorer_mod, report, sampler, viz
 from defectlab.errors import DefectlabError
 from defectlab.explorer import ALL_CLASSES, Explorer
 
@@ -180,6 +180,8 @@ def test_explorer_widget_runs_on_click(explorer):
     bundle = ui._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert base64.b64decode(bundle["image/png"]) == first
+    assert explorer_mod.STATIC in c["hide_static"].value  # a live widget hides the saved copy of the grid
+    assert c["image"].layout.width == f"{explorer_mod._width(first)}px"  # shown at its own size, not stretched
     c["class"].value, c["steps"].value, c["seed"].value, c["guidance"].value, c["n"].value = "cut", 2, 3, 1.0, 2
     c["scheduler"].value = "ddim"
     c["run"].click()
