@@ -30,6 +30,8 @@ STAGES = {
              "too): the settings that differ and the results, Markdown or CSV, and a figure"),
     # evaluate: report.cli runs evaluate.run and writes its report (metrics.md / .csv, figures)
     "evaluate": ("report", "EvalConfig", "FID/KID/IS, diversity and downstream-classifier gain"),
+    "report": ("page", "PageConfig", "one self-contained HTML page of a run, a sweep or a notebook batch (the demo's): "
+               "figures, tables, settings, links"),
     "classes": ("classes", "RankConfig", "rank ImageNet classes by the base model's denoising error"),
     "explore": ("explore", "ExploreConfig", "the explorer of a run (class, sampler, steps, seed, guidance) as a web "
                 "page on 127.0.0.1, served by Voilà"),

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batch, benchmark, evaluate, paths, presets, report, runs, sample, synth, synthesize, train
+from . import batch, benchmark, evaluate, page, paths, presets, report, runs, sample, synth, synthesize, train
 
 
 @dataclass
@@ -103,6 +103,8 @@ def run(cfg: DemoConfig) -> Path:
     _report(run_folder)
     if cfg.benchmark and runs.load_config(run_folder).get("zoom", 1) > 1:  # pairs: what the copy baseline compares
         _benchmark(cfg, p, run_folder, out)
+    page_ = page.run(page.PageConfig(target=str(result)))  # the batch folder (or the run): one HTML page of it all
+    print(f"\nreport: {page_}")
     print(f"\nnext: defectlab sample --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}"
           f"\n      defectlab synthesize --run {run_folder} --scheduler ddim --steps {p['steps']} --guidance {p['guidance']:g}")
     print(f"demo finished in {time.time() - t0:.0f} s on {os.cpu_count()} CPU cores "

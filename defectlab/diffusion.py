@@ -118,3 +118,22 @@ def _discretized_gaussian_loglik(x: torch.Tensor, means: torch.Tensor, log_scale
     log_1m_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_1m_cdf_min, log_delta))
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # those DDPM, DDIM and DPM-Solver all build
+
+
+def schedule_problem(s: dict) -> str | None:
+    """What keeps diffusers' schedulers from building the training schedule ``s`` (None: nothing)."""
+    def unit(*values) -> bool:  # numbers strictly between 0 and 1
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)
+    n, betas, kind, pred = (s.get(k) for k in ("num_train_timesteps", "trained_betas", "beta_schedule", "prediction_type"))
+    return next((says for bad, says in (
+        (type(n) is not int or n < 1, f"num_train_timesteps {n!r} is not a positive integer"),
+        (betas is not None and not (isinstance(betas, list) and len(betas) == n and unit(*betas)),
+         f"trained_betas must be {n} numbers in (0, 1)"),
+        (betas is None and kind not in BETA_SCHEDULES, f"beta_schedule {kind!r} is not one of {', '.join(BETA_SCHEDULES)}"),
+        (betas is None and not unit(s["beta_start"], s["beta_end"]),
+         f"beta_start {s['beta_start']!r} and beta_end {s['beta_end']!r} must be numbers in (0, 1)"),
+        (pred not in ("epsilon", "v_prediction", "sample"), f"prediction_type {pred!r} is not epsilon, v_prediction or sample"),
+    ) if bad), None)

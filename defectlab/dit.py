@@ -129,6 +129,18 @@ class DiT(DiTTransformer2DModel):
         self.prompts = Prompts(tokens, self.inner_dim, len(self.transformer_blocks), depth == "deep").to(ref.device)
         return self.prompts
 
+    def load_prompts(self, weight: torch.Tensor | None, settings: dict | None, where) -> "DiT":
+        """An export's prompts (``weight`` and its ``{"tokens", "depth"}``) back into this model."""
+        if not isinstance(settings, dict) or {"tokens", "depth"} - set(settings):
+            raise DefectlabError(f"{where}: its defectlab.json does not describe the prompts (defectlab_prompts: "
+                                 "tokens, depth)")
+        prompts = self.add_prompts(int(settings["tokens"]), settings["depth"])
+        if weight is None or weight.shape != prompts.weight.shape:
+            raise DefectlabError(f"{where}: no prompt weight of shape {tuple(prompts.weight.shape)}")
+        with torch.no_grad():
+            prompts.weight.copy_(weight)
+        return self
+
     @classmethod
     def adopt(cls, model: DiTTransformer2DModel) -> "DiT":
         """``model`` as a DiT: the same tensors (assigned, not copied), config and mode."""

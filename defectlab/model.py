@@ -21,7 +21,7 @@ from filelock import FileLock
 from huggingface_hub import constants as hub_constants, errors as hub, hf_hub_download
 from torch import nn
 
-from . import corpus, data, dit, fetch, folders, methods, paths
+from . import corpus, data, diffusion, dit, fetch, folders, methods, paths
 from .codec import PixelCodec, VAECodec
 from .convert import DIT_ARCH, convert_original_state_dict, heads_beside, original_config
 from .errors import DefectlabError, first_line
@@ -32,7 +32,6 @@ DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"   # what DiT trained with; `-mse` also
 VAE_ENV = "DEFECTLAB_VAE"                   # hub id or folder of the VAE for .pt / bare transformers
 SIDECAR = "defectlab.json"  # an export's own settings (numerics, image size, classes): DiTPipeline never reads it
 PROMPTS = "prompts.safetensors"  # a VPT export's prompt tokens (SIDECAR's defectlab_prompts says how many, where)
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # those DDPM, DDIM and DPM-Solver all build
 TINY_SEED = 0
 TINY_CONFIG = dict(  # pixel-space DiT, 1.9M parameters (0.5M in the class tables): fast on a CPU
     DIT_ARCH, sample_size=64, patch_size=4, in_channels=3, out_channels=6,  # 6 = eps + learned sigma, as DiT
@@ -285,17 +284,8 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
     sched, index, extra = (folder / name for name in ("scheduler/scheduler_config.json", "model_index.json", SIDECAR))
     sched, index, extra = (read_json(f) if f.is_file() else None for f in (sched, index, extra))
     if (folder / PROMPTS).is_file():  # a VPT export: its prompt tokens are part of the model
-        vpt = (extra or {}).get("defectlab_prompts") if isinstance(extra, dict) else None
-        if not isinstance(vpt, dict) or {"tokens", "depth"} - set(vpt):
-            raise DefectlabError(f"{folder / SIDECAR} does not describe the prompts in {folder / PROMPTS} "
-                                 "(defectlab_prompts: tokens, depth)")
-        transformer = dit.DiT.adopt(transformer)
-        transformer.add_prompts(int(vpt["tokens"]), vpt["depth"])
-        weight = load_tensors(folder / PROMPTS).get("weight")
-        if weight is None or weight.shape != transformer.prompts.weight.shape:
-            raise DefectlabError(f"{folder / PROMPTS}: no prompt weight of shape {tuple(transformer.prompts.weight.shape)}")
-        with torch.no_grad():
-            transformer.prompts.weight.copy_(weight)
+        transformer.load_prompts(load_tensors(folder / PROMPTS).get("weight"), (extra or {}).get("defectlab_prompts"),
+                                 folder / PROMPTS)
     return _base(transformer, codec, spec, sched, index, extra)
 
 
@@ -332,7 +322,7 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, extr
     schedule = dit_schedule(cfg.out_channels == 2 * cfg.in_channels, clip_sample=codec.clip_sample)
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas", "prediction_type")
     schedule.update({k: v for k, v in (sched or {}).items() if k in keys})
-    if problem := schedule_problem(schedule):
+    if problem := diffusion.schedule_problem(schedule):
         raise DefectlabError(f"scheduler/scheduler_config.json of model {spec}: {problem}: fix or remove it")
     labels = index.get("id2label")
     k = methods.num_classes(transformer)  # an export names its run's classes, the first of its 1000 rows
@@ -341,22 +331,6 @@ def _base(transformer, codec, spec, sched: dict | None, index: dict | None, extr
     size = index.get("defectlab_image_size") or cfg.sample_size * codec.downsample  # export: the run's
     return Base(transformer, codec, schedule, spec, size, names, index.get("defectlab_anchors"),
                 default_numerics(index, original_pt))
-
-
-def schedule_problem(s: dict) -> str | None:
-    """What keeps diffusers' schedulers from building the training schedule ``s`` (None: nothing)."""
-    def unit(*values) -> bool:  # numbers strictly between 0 and 1
-        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in values)
-    n, betas, kind, pred = (s.get(k) for k in ("num_train_timesteps", "trained_betas", "beta_schedule", "prediction_type"))
-    return next((says for bad, says in (
-        (type(n) is not int or n < 1, f"num_train_timesteps {n!r} is not a positive integer"),
-        (betas is not None and not (isinstance(betas, list) and len(betas) == n and unit(*betas)),
-         f"trained_betas must be {n} numbers in (0, 1)"),
-        (betas is None and kind not in BETA_SCHEDULES, f"beta_schedule {kind!r} is not one of {', '.join(BETA_SCHEDULES)}"),
-        (betas is None and not unit(s["beta_start"], s["beta_end"]),
-         f"beta_start {s['beta_start']!r} and beta_end {s['beta_end']!r} must be numbers in (0, 1)"),
-        (pred not in ("epsilon", "v_prediction", "sample"), f"prediction_type {pred!r} is not epsilon, v_prediction or sample"),
-    ) if bad), None)
 
 
 def anchor_class(base: Base, product: str) -> int | None:

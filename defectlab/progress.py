@@ -3,7 +3,8 @@
 A live bar (``tqdm.auto``: a widget in a notebook, a redrawn line in a terminal) only where
 someone watches it. Elsewhere (notebooks executed by papermill, which sets no frontend; CI and
 log files, where stderr is no terminal) plain ``tqdm.std`` text at most every ``MININTERVAL``
-seconds, and nested bars (``leave=False``) stay silent. ``batch.py`` sets ``PLAIN`` for the
+seconds, and nested bars (``leave=False``) stay silent; in a kernel on stdout, so a notebook does
+not show progress in the pink of an error. ``batch.py`` sets ``PLAIN`` for the
 kernels it starts. A bar closed after a normal end shows 100 %: an early stop (patience, a
 step limit) shortens the total to the work done, so a saved notebook never ends on 40 %.
 """
@@ -19,14 +20,18 @@ PLAIN = "DEFECTLAB_PLAIN_PROGRESS"   # "1": plain text bars (batch.py sets it fo
 MININTERVAL = 30.0                   # seconds between plain-text updates
 
 
+def _in_kernel() -> bool:
+    ipython = sys.modules.get("IPython")  # imported by any kernel; not imported here for nothing
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def interactive() -> bool:
     """Whether a live bar has a viewer: an IPython kernel with a frontend (not papermill: batch.py
     sets ``PLAIN``), or a terminal on stderr."""
     if os.environ.get(PLAIN) == "1":
         return False
-    ipython = sys.modules.get("IPython")  # imported by any kernel; not imported here for nothing
-    shell = ipython.get_ipython() if ipython is not None else None
-    return getattr(shell, "kernel", None) is not None or sys.stderr.isatty()
+    return _in_kernel() or sys.stderr.isatty()
 
 
 class _EndsAtTotal:
@@ -68,5 +73,7 @@ def tqdm(iterable=None, *, disable: bool = False, leave: bool = True, **kwargs):
     """A ``tqdm(iterable, **kwargs)`` of the kind this process should show (see module doc)."""
     if interactive():
         return LiveBar(iterable, disable=disable, leave=leave, **kwargs)
+    if "file" not in kwargs and _in_kernel():  # a notebook shows stderr as an error (pink): progress is not one
+        kwargs["file"] = sys.stdout
     return PlainBar(iterable, disable=disable or not leave, leave=leave, mininterval=MININTERVAL, ascii=True,
                     **kwargs)

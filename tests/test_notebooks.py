@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import batch, cli, demo, images, params, paths, report, restore, runs, sample
+from defectlab import batch, cli, demo, images, page, params, paths, report, restore, runs, sample
 from defectlab.errors import DefectlabError
 from defectlab.explorer import Explorer
 
@@ -95,6 +95,32 @@ def test_executed_notebooks_show_figures_and_the_widget(executed):
     assert "Offline proxy numbers" in text and "Downstream defect-type classifier" in text
 
 
+def test_report_page_of_a_batch_is_one_self_contained_file(executed, tmp_path):
+    """``defectlab report BATCH``: the notebooks, figures, the run's tables and settings in one HTML
+    file with every figure embedded; rendered in headless Chromium where there is one (screenshot)."""
+    out = page.run(page.PageConfig(target=str(executed), out=str(tmp_path / "report.html")))
+    text = out.read_text()
+    figures = sorted(p.name for p in (executed / "figures").glob("*.png"))
+    assert figures and text.count("data:image/png;base64,") >= len(figures)
+    assert all(name in text for name in params.NOTEBOOKS) and "<h2>Run " in text and "config.json" in text
+    assert "Offline proxy numbers" in text and "src='http" not in text  # nothing fetched when opened
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine for the screenshot (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
+                                                                     "--disable-background-networking"])
+        view = browser.new_page(viewport={"width": 1200, "height": 900})
+        view.goto(out.as_uri())
+        widths = view.evaluate("[...document.images].map(i => i.naturalWidth)")
+        view.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert len(widths) >= len(figures) and min(widths) > 100  # every embedded figure decodes
+    with Image.open(tmp_path / "report.png") as shot:
+        assert shot.size[1] > 2000 and len(shot.convert("L").getcolors(1 << 16) or []) > 50  # a page, not blank
+
+
 def _shown_lines(text: str) -> list[str]:
     """What a notebook viewer shows of a stream: each line after its last carriage return."""
     return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
@@ -113,6 +139,9 @@ def test_saved_progress_ends_at_100_percent_and_no_warnings(executed, name):
     assert not any(a["output_type"] == b["output_type"] == "stream" and a["name"] == b["name"]
                    for cell in outs for a, b in zip(cell, cell[1:]))
     assert "Warning" not in streams and "Clipping input data" not in streams, streams[-2000:]
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "stream" and o["name"] == "stderr"
+              and re.search(r"\d+%\|", o.get("text", ""))]
+    assert not errors, errors[:1]  # progress on stdout: a notebook renders stderr as an error
     views = [o for c in nb.cells for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json"
              in o.get("data", {}) and "image/png" not in o.get("data", {})]
     assert not views  # a widget bar (tqdm.notebook) would be saved as a dead widget
@@ -310,6 +339,8 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
     rows = [runs.read_json(p / "done.json") for p in points]
     assert all(math.isfinite(r["best_val_loss"]) and math.isfinite(r["acc[real+gen]"]) for r in rows)
     assert (points[0] / "03_sample.ipynb").is_file() and not (points[0] / "01_explore_data.ipynb").exists()
+    sheet = page.run(page.PageConfig(target=str(out))).read_text()  # defectlab report SWEEP: one page
+    assert sheet.count("<h3>Run ") == 2 and "sweep-summary" in sheet and "<table>" in sheet
 
     calls = []
 
