@@ -86,3 +86,37 @@ def test_the_explorer_page_updates_its_grid_in_a_headless_browser(tiny_run):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_jupyterlab_opens_the_paired_py_notebooks_as_notebooks(tmp_path):
+    """``make lab``: the jupytext contents manager of the installed JupyterLab serves
+    ``notebooks/02_finetune.py`` as a notebook (what the Lab UI opens)."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    port, token = _free_port(), "defectlab-test"
+    root = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    server = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
+                               "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", *root],
+                              cwd=notebooks, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)})
+    try:
+        deadline, got = time.time() + 60, None
+        url = f"http://127.0.0.1:{port}/api/contents/02_finetune.py?type=notebook&token={token}"
+        while got is None:
+            try:
+                got = json.loads(urllib.request.urlopen(url, timeout=5).read())
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("JupyterLab did not start")
+                time.sleep(0.5)
+        assert got["type"] == "notebook"
+        cells = got["content"]["cells"]
+        assert any("parameters" in c["metadata"].get("tags", []) for c in cells)
+        assert any("train.run" in "".join(c["source"]) or "finetune" in "".join(c["source"]) for c in cells)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
