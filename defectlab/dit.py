@@ -172,7 +172,7 @@ class DiT(DiTTransformer2DModel):
         e, blocks = self.engine, self.transformer_blocks
         x = self.pos_embed(x)
         tokens = x.shape[1]
-        tied = cond = None
+        tied = None
         if is_tied(self):  # once, in the dtype the blocks see
             tied = blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
         prompts = getattr(self, "prompts", None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,11 +50,13 @@ class Stepper:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0] if self.sched is not None else self.opt.param_groups[0]["lr"]
 
-    def __call__(self, loss: torch.Tensor, where: str = "", hint: str = "lower --lr") -> float | None:
+    def __call__(self, loss: torch.Tensor, where: str = "", hint: str | Callable[[], str] = "lower --lr") -> float | None:
         """One micro-batch: refuse a non-finite ``loss`` (one line: ``where`` it happened and the
-        ``hint``), backward, and on a whole step clip, step, schedule and update the EMA. Returns
-        the gradient norm before clipping (None mid-accumulation)."""
+        ``hint``, a callable when it costs something to say, e.g. looks at the disk), backward, and
+        on a whole step clip, step, schedule and update the EMA. Returns the gradient norm before
+        clipping (None mid-accumulation)."""
         if not torch.isfinite(loss):
+            hint = hint() if callable(hint) else hint
             raise DefectlabError(f"loss became {loss.item()} {where}; {hint}".replace(" ;", ";"))
         if self.acc is not None:
             self.acc.backward(loss)

@@ -187,9 +187,9 @@ def deform(mask: torch.Tensor, rng: np.random.Generator, elastic: float = 0.08,
     out = out if bent_ok else moved.float()
     if pixels is None:
         return out
-    bx, by = (lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2))(bbox(mask))  # transform_mask's centre
+    mx0, my0, mx1, my1 = bbox(mask)  # transform_mask turned the mask about this box's centre
     turned = TF.affine(pixels.float(), angle=-angle, translate=[0.0, 0.0], scale=scale, shear=[0.0, 0.0],
-                       interpolation=InterpolationMode.BILINEAR, center=[bx, by])
+                       interpolation=InterpolationMode.BILINEAR, center=[(mx0 + mx1) / 2, (my0 + my1) / 2])
     bent = F.grid_sample(turned[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     return out, (bent if bent_ok else turned)
 

@@ -180,7 +180,8 @@ def run(cfg: MaskSampleConfig) -> Path:
            + (f"-deform{cfg.deform:g}" if cfg.deform else ""))
     out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
     resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
-                "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out)}
+                "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out),
+                "strength": cfg.strength if cfg.source == "refine" else None}  # only refine's pixels depend on it
     manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
     done = set(manifest.read_records(out, NEEDS))
     work = []  # (class, index, seed, mask, mask source, window corner, copied pixels): every mask is checked first
@@ -217,7 +218,7 @@ def run(cfg: MaskSampleConfig) -> Path:
             start = torch.stack([paste(good_of(w[1]), w[6], w[3]) for w in chunk]) if cfg.source == "refine" else None
             drawn = inpaint(r.model, r.base.codec, cut(good), cut(batch_masks), labels, gens, steps, cfg.guidance,
                             cfg.scheduler, cfg.resample, **kw, init=None if start is None else cut(start),
-                            strength=cfg.strength if start is not None else 1.0)
+                            strength=cfg.strength)  # inpaint uses it only with an init
             images = good.float().clone()
             for img, d, (y, x) in zip(images, drawn, corners):  # the window back into the full image (zoom 1: all of it)
                 img[:, y:y + size, x:x + size] = d

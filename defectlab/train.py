@@ -269,7 +269,8 @@ def _fit(cfg, acc, folder, data, dcfg, base, net, train_samples, val_samples, st
                 mse, vb = objective.loss(out, x0, xt, noise, t, weight)
                 loss = (mse + vb).mean()
                 grad_norm = stepper(loss, f"at step {step} (epoch {epoch})",  # None mid-accumulation
-                                    f"last good checkpoint: {runs.latest_checkpoint(folder) or 'none'}; try a lower --lr")
+                                    lambda: f"last good checkpoint: {runs.latest_checkpoint(folder) or 'none'}; "
+                                            "try a lower --lr")
             if stepper.whole:
                 step += 1
                 rec = {"step": step, "epoch": epoch, "loss": loss.item(), "mse": mse.mean().item(),

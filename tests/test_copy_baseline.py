@@ -118,6 +118,8 @@ def test_refine_redraws_the_pasted_defect_and_strength_sets_how_far(adapted, tmp
                 assert torch.equal(img, images.load_png(drawn / m["file"]))
         dist[strength] = np.mean(diffs)
     assert dist[0.25] < dist[1.0]
+    # strength only decides refine's pixels: the model's finished folder is reused under another one
+    assert synthesize.run(synthesize.MaskSampleConfig(**common, strength=0.9, out=str(tmp_path / "model"))) == drawn
     with pytest.raises(DefectlabError, match="strength must be in"):
         synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=0))
 
