@@ -37,7 +37,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from . import evaluate, paths, progress, report, runs
 from .errors import DefectlabError
-from .params import NOTEBOOKS, check_names, coerce, declared, for_notebook, kinds, load_yaml, notebook_path
+from .params import DISTILL, NOTEBOOKS, RUN_ORDER, check_names, coerce, declared, for_notebook, kinds, load_yaml, notebook_path
 
 KERNEL = "defectlab"   # registered into sys.prefix only if "python3" would start another interpreter
 STAGES = ("02", "03", "04")  # what one sweep point runs
@@ -79,17 +79,19 @@ def run(cfg: NotebooksConfig | SweepConfig, params: dict | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------- notebooks
-def _select(only: str) -> list[str]:
+def _select(only: str, given: dict | None = None) -> list[str]:
+    """The notebooks to run, in ``RUN_ORDER``: those ``only`` names, else 01-04, and 05 when the
+    parameters ask for a distillation (``distill: steps|size``)."""
     wanted = [w.strip() for w in re.split(r"[,\s]+", only) if w.strip()]
     if not wanted:
-        return list(NOTEBOOKS)
+        return [n for n in RUN_ORDER if n != "05_distill" or (given or {}).get(DISTILL)]
     out = []
     for w in wanted:
         match = [n for n in NOTEBOOKS if n == w or n.split("_")[0] == w.zfill(2)]
         if not match:
             raise DefectlabError(f"unknown notebook {w!r} in --only; use {', '.join(n[:2] for n in NOTEBOOKS)}")
         out += match
-    return [n for n in NOTEBOOKS if n in out]
+    return [n for n in RUN_ORDER if n in out]
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -191,16 +193,16 @@ def settle_streams(path: Path) -> None:
 def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
     """Execute the chosen notebooks with ``params`` (over the YAML file's); returns the out folder."""
     t0 = time.time()
-    chosen = _select(cfg.only)
     source = cfg.params or "the given parameters"
     given = {**(load_yaml(cfg.params) if cfg.params else {}), **(params or {})}
+    chosen = _select(cfg.only, given)
     specs = {name: declared(name) for name in NOTEBOOKS}  # all four: one params file serves any --only
     check_names(given, specs, source)
     out = Path(cfg.out).expanduser() if cfg.out else paths.OUTPUTS / "notebooks" / time.strftime("%Y%m%d-%H%M%S")
     if out.is_dir() and any(out.iterdir()) and not (out / "batch.json").is_file():
         raise DefectlabError(f"out folder {out} is not empty and holds no batch.json: choose another --out")
     figures, kernel = out / "figures", kernel_name(cfg.kernel)
-    if chosen == list(NOTEBOOKS) and figures.is_dir():
+    if not cfg.only and figures.is_dir():
         shutil.rmtree(figures)  # a full batch replaces the previous batch's figures
     figures.mkdir(parents=True, exist_ok=True)
     record: dict = {"notebooks": {}, "run": None, "kernel": kernel, "python": sys.executable}
@@ -225,10 +227,12 @@ def run_notebooks(cfg: NotebooksConfig, params: dict | None = None) -> Path:
             runs.write_json(out / "batch.json", {**record, "failed": name})
             raise
         print(f"[{i}/{len(chosen)}] {name} done in {seconds:.0f} s", flush=True)
-        if name == "02_finetune":
+        if name in ("02_finetune", "05_distill"):  # 03 and 04 take the run 02 trained, or 05's student of it
             new = sorted(set(runs.numbered(runs_dir)) - before, key=lambda f: int(f.name.split("-")[0]))
             if not new:
-                raise DefectlabError(f"notebook 02_finetune made no run folder under {runs_dir}")
+                raise DefectlabError(f"notebook {name} made no run folder under {runs_dir}")
+            if name == "05_distill":
+                record["teacher"] = str(run_folder)
             run_folder = new[-1]
         record["notebooks"][name] = {"parameters": p, "seconds": round(seconds, 1), "output": f"{name}.ipynb"}
         record["run"] = str(run_folder) if run_folder else None
@@ -291,7 +295,7 @@ def run_sweep(cfg: SweepConfig) -> Path:
         raise DefectlabError("a sweep needs its YAML file: defectlab sweep SPEC.yaml (examples in defectlab/configs/)")
     spec = load_yaml(cfg.spec)
     shard, shards = parse_shard(cfg.shard)
-    specs = {name: declared(name) for name in NOTEBOOKS if name[:2] in STAGES}
+    specs = {name: declared(name) for name in NOTEBOOKS if name[:2] in (*STAGES, "05")}
     points = expand(spec, cfg.spec, specs)
     keys = grid_keys(spec)
     out = Path(cfg.out).expanduser() if cfg.out else paths.OUTPUTS / "sweeps" / Path(cfg.spec).stem
@@ -330,7 +334,8 @@ def run_sweep(cfg: SweepConfig) -> Path:
         folder.mkdir(parents=True)
         print(f"[{i}/{len(points)}] {name}", flush=True)
         try:
-            batch = run_notebooks(NotebooksConfig(out=str(folder), only=",".join(STAGES), kernel=kernel), point)
+            stages = STAGES + (("05",) if point.get(DISTILL) else ())  # the point's student is sampled and evaluated
+            batch = run_notebooks(NotebooksConfig(out=str(folder), only=",".join(stages), kernel=kernel), point)
         except DefectlabError as err:
             failed.append(f"{name}: {err}")
             rows[i - 1] = {"point": name, "params": point, "status": "failed", "error": str(err)}

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import classifier, data as data_mod, dataset, realism, runs, synthesize, viz
+from . import classifier, data as data_mod, dataset, realism, runs, sampler, synthesize, viz
 from .errors import DefectlabError
 from .gain import nested_interval
 from .judge import fit, json_fields
@@ -129,6 +129,7 @@ def run(cfg: BenchmarkConfig) -> Path:
     views = _check(cfg)
     folder = runs.resolve(cfg.run)
     saved = runs.load_config(folder)
+    cfg = sampler.distilled(cfg, saved)
     classes = runs.read_json(folder / "classes.json")
     dcfg = data_mod.from_settings(saved)
     dd = data_mod.load(dcfg, manifest=folder / "split.json")

@@ -21,6 +21,8 @@ from .errors import DefectlabError
 # subcommand → (module, settings class, one-line help)
 STAGES = {
     "finetune": ("train", "TrainConfig", "fine-tune a DiT on a defect dataset (writes a run folder)"),
+    "distill": ("distill", "DistillConfig", "distil a run into a student that samples in a few steps (progressive "
+                "distillation, guidance distilled in) or with fewer blocks (writes a run folder)"),
     "sample": ("sample", "SampleConfig", "generate images from a run (grids, bulk export, manifest)"),
     "synthesize": ("synthesize", "MaskSampleConfig", "image + mask pairs: defects inside given masks (mask-conditioned "
                    "run) or inpainted onto good images"),

@@ -91,8 +91,16 @@ def rows(cfg: RunsConfig) -> tuple[list[dict], list[str]]:
     keys = sorted({k for r in table for k in r["_settings"]} - IGNORED)
     differ = [k for k in keys if k in ALWAYS or len({json.dumps(r["_settings"].get(k), sort_keys=True) for r in table}) > 1]
     for r in table:
-        r.update({k: r["_settings"].get(k, "") for k in differ})
+        r.update({k: _shown(k, r["_settings"].get(k, "")) for k in differ})
     return table, differ
+
+
+def _shown(key: str, value):
+    """A setting as a table cell: a distilled student's record in a few words, not its JSON."""
+    if key == "distilled" and isinstance(value, dict):
+        return (f"{value.get('mode')} of {value.get('teacher')}: {value.get('steps')} steps, "
+                f"{value.get('student_layers')}/{value.get('teacher_layers')} blocks, g {value.get('teacher_guidance')}")
+    return value
 
 
 def format_table(table: list[dict], settings: list[str], fmt: str = "md") -> str:

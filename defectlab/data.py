@@ -51,7 +51,7 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 @dataclass
 class DataConfig:
-    data: str = "synthetic"        # "synthetic" (embedded default) or a dataset root folder
+    data: str = "synthetic"        # "synthetic" (embedded default) or a dataset root folder (MVTec AD or DS-MVTec)
     product: str = "hazelnut"      # product folder name
     image_size: int = 64           # square side after crop+resize
     crop: int = 0                  # centre crop (px, before resize); 0 = none

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batch, benchmark, evaluate, page, paths, presets, report, runs, sample, synth, synthesize, train
+from . import batch, benchmark, data, evaluate, page, paths, presets, report, runs, sample, synth, synthesize, train
 
 
 @dataclass
@@ -101,7 +101,7 @@ def run(cfg: DemoConfig) -> Path:
     else:
         result = run_folder = _stages(cfg, out)
     _report(run_folder)
-    if cfg.benchmark and runs.load_config(run_folder).get("zoom", 1) > 1:  # pairs: what the copy baseline compares
+    if cfg.benchmark and data.from_settings(runs.load_config(run_folder)).zoom > 1:  # pairs: what the copy baseline compares
         _benchmark(cfg, p, run_folder, out)
     page_ = page.run(page.PageConfig(target=str(result)))  # the batch folder (or the run): one HTML page of it all
     print(f"\nreport: {page_}")

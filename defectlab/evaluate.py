@@ -24,19 +24,19 @@ METRICS = ("downstream", "judge", "gain", *metrics.FIDELITY)
 
 @dataclass
 class EvalConfig:
-    run: str = "latest"            # run folder, name or number; latest = the newest run
-    samples: str = ""              # generated images (<samples>/<product>/test/<class>/*.png); "" = newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized = newest synthesize output
+    run: str = "latest"            # run folder, name or number; latest means the newest run
+    samples: str = ""              # generated images (<samples>/<product>/test/<class>/*.png); "" means the newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized means the newest synthesize output
     metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
-    feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" = torch hub cache or download
+    feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" means the torch hub cache or a download
     feature_weights_note: str = ""  # label stored with the numbers, e.g. "random weights — numbers meaningless"
     kid_subset_size: int = 0       # KID subset size (0 = min(n_real, n_gen, 1000); capped at that)
-    bootstrap: int = 0             # bootstrap resamples for FID/KID intervals (2.5-97.5 percentiles; 0 = none)
+    bootstrap: int = 0             # bootstrap resamples for FID/KID intervals (2.5-97.5 percentiles; 0 means none)
     seeds: int = 3                 # downstream classifier seeds (mean ± std over them)
-    conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen (gen = classification accuracy score)
+    conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen (gen: classification accuracy score)
     classifier_steps: int = 40     # optimizer steps per classifier, the same for every condition (~12 CPU-s at 64 px)
     classifier_batch: int = 8      # classifier batch size
     classifier_size: int = 64      # classifier input side (px)
-    classifier_weights: str = ""   # local torchvision resnet18 ImageNet weights ("" = from scratch)
+    classifier_weights: str = ""   # local torchvision resnet18 ImageNet weights ("" means from scratch)
     device: str = "auto"           # auto | cpu | cuda
     runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
     formats: str = "png"           # figure formats (png, pdf, svg)
@@ -108,7 +108,7 @@ def samples_folder(folder: Path, samples: str = "") -> Path:
     ``<run>/synthesized/``; ``""``: the newest sampler output under ``<run>/samples/``. A run
     trained on ``--zoom`` windows is evaluated on its synthesized full images only (its free
     samples are close-ups of defects, not pictures of products)."""
-    zoom = int(runs.load_config(folder).get("zoom", 1))
+    zoom = data.from_settings(runs.load_config(folder)).zoom
     if samples and samples != "synthesized":
         path = Path(samples).expanduser()
         if not path.is_dir():

@@ -34,7 +34,7 @@ CACHE_ENTRIES = 256           # (settings, class) entries kept, least recently u
 class Explorer:
     """``steps`` 0 = the scheduler's default (``sampler.DEFAULT_STEPS``), as in ``sample.SampleConfig``."""
 
-    def __init__(self, restored, steps: int = 0, guidance: float = 1.5, seed: int = 0, n: int = 4,
+    def __init__(self, restored, steps: int = 0, guidance: float = sampler.GUIDANCE, seed: int = 0, n: int = 4,
                  scheduler: str = FAST[0], cfg_channels: str = "all", image_size: int = 0, max_steps: int = 250,
                  guidance_interval: tuple[float, float] | None = None, timestep_spacing: str = "auto"):
         self.restored, self.classes = restored, list(restored.classes)

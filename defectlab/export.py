@@ -24,7 +24,6 @@ What DiTPipeline fixes, and what the export does about it:
 """
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import sys
@@ -34,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiTPipeline, DiTTransformer2DModel
+from diffusers import DiTPipeline
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from . import engine, evaluate, fetch, folders, methods, report, restore, runs, sampler
+from . import evaluate, fetch, folders, report, restore, runs, sampler
 from .errors import DefectlabError, first_line
 from .model import PROMPTS, SIDECAR
 
@@ -67,7 +66,7 @@ def run(cfg: ExportConfig) -> Path:
         raise DefectlabError(f"run {folder.name} is mask-conditioned: DiTPipeline has no mask input, so it cannot "
                              "be exported (sample it with defectlab synthesize)")
     restored = restore.restore(folder, cfg.checkpoint, device="cpu")
-    net = plain_transformer(restored.model)
+    net = restore.plain(restored.model, NULL)
     numerics, latent = restored.config["numerics"], hasattr(restored.base.codec, "vae")
     size = restored.config.get("image_size") or restored.base.default_image_size
     scheduler = sampler.make_scheduler("ddim", restored.base.scheduler_config,
@@ -129,35 +128,6 @@ def _staging(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plain_transformer(model: torch.nn.Module) -> DiTTransformer2DModel:
-    """A plain ``DiTTransformer2DModel`` that computes what ``model`` (a restored run) computes: a
-    copy with LoRA merged, tied embeddings untied, DiffFit's γ folded (γ·(Wx + b) = (γW)x + γb,
-    into ``attn1.to_out.0`` and ``ff.net.2``, the layers whose output it scales) and the class
-    table padded to DiTPipeline's null id ``NULL``. Numerics: diffusers' (the config has no switch)."""
-    if methods.has_mask_channel(model):
-        raise DefectlabError("a mask-conditioned model has an input DiTPipeline cannot give it: not exportable")
-    net = copy.deepcopy(model)
-    if getattr(net, "prompts", None) is not None:  # VPT's prompts are an input: the export writes them beside
-        del net.prompts
-    engine.untie_embeddings(net)
-    engine.merge_lora(net)
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    for i in range(len(net.transformer_blocks)):
-        for branch, layer in (("attn", "attn1.to_out.0"), ("ff", "ff.net.2")):
-            gamma = state.pop(f"transformer_blocks.{i}.difffit_gamma_{branch}", None)
-            for kind, scale in (() if gamma is None else (("weight", gamma[:, None]), ("bias", gamma))):
-                key = f"transformer_blocks.{i}.{layer}.{kind}"
-                state[key] = state[key] * scale
-    k = methods.num_classes(net)
-    if k > NULL:
-        raise DefectlabError(f"{k} classes: DiTPipeline's null class is {NULL}, so at most {NULL} can be exported")
-    for key in [key for key in state if key.endswith("class_embedder.embedding_table.weight")]:
-        state[key] = torch.cat([state[key][:k], state[key][k:k + 1].expand(NULL + 1 - k, -1)])
-    plain = DiTTransformer2DModel.from_config({**net.config, "num_embeds_ada_norm": NULL})
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
-
-
 # ----------------------------------------------------------------------------- the model card
 def model_card(restored: restore.Restored, latent: bool, size: int, native: int, checkpoint: str) -> str:
     """README.md: what was trained, how to sample it (and where DiTPipeline differs), metrics."""
@@ -193,6 +163,11 @@ def model_card(restored: restore.Restored, latent: bool, size: int, native: int,
                   "Sample it with defectlab installed:", "",
                   "```bash", "defectlab sample --run base --model THIS_FOLDER --classes 0,1 --per-class 8 "
                   "--scheduler ddim", "```", ""]
+    if how := cfg.get("distilled"):  # a student: its sampler is part of what it learned
+        lines += [f"**Distilled.** A {how['mode']} student of `{how['teacher']}` (defectlab distill): it samples with "
+                  f"DDIM, {how['steps']} steps, `{how['timestep_spacing']}` spacing, guidance 1 — the teacher's "
+                  f"guidance {how['teacher_guidance']:g} is inside it; `num_inference_steps={how['steps']}, "
+                  "guidance_scale=1` in DiTPipeline.", ""]
     if cfg["numerics"] == "original":
         lines += ["**Numerics.** This model was trained with the original DiT's timestep frequencies "
                   "(divided by half); DiTPipeline's DiT always divides by half − 1, so its samples of this model "

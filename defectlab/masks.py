@@ -229,7 +229,7 @@ def load_mask_png(path: Path, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- generation
 @torch.no_grad()
 def inpaint(model, codec, good: torch.Tensor, mask: torch.Tensor, labels: list[int], gens: list, steps=None,
-            guidance: float = 1.5, scheduler: str = "ddpm", resample: int = 1, scheduler_config: dict | None = None,
+            guidance: float = sampler.GUIDANCE, scheduler: str = "ddpm", resample: int = 1, scheduler_config: dict | None = None,
             batch_size: int = 16, progress: bool = False, init: torch.Tensor | None = None,
             strength: float = 1.0) -> torch.Tensor:
     """Class ``labels[i]`` generated inside ``mask[i]`` on ``good[i]`` ([N,3,S,S] in [-1, 1]);

@@ -20,14 +20,19 @@ from pathlib import Path
 import papermill
 import yaml
 
-from . import data, evaluate, paths, sample, train
+from . import data, distill, evaluate, paths, sample, train
 from .errors import DefectlabError
 
-NOTEBOOKS = ("01_explore_data", "02_finetune", "03_sample", "04_evaluate")
+NOTEBOOKS = ("01_explore_data", "02_finetune", "03_sample", "04_evaluate", "05_distill")
+# 05 runs right after 02 when a batch sets ``distill`` (steps | size): 03 and 04 then take the student
+RUN_ORDER = ("01_explore_data", "02_finetune", "05_distill", "03_sample", "04_evaluate")
+DISTILL = "distill"   # the parameter that asks a batch for 05
 # The settings dataclass each notebook fills, and the notebook parameters named otherwise than its field.
 CONFIGS = {"01_explore_data": data.DataConfig, "02_finetune": train.TrainConfig, "03_sample": sample.SampleConfig,
-           "04_evaluate": evaluate.EvalConfig}
-RENAMED = {"03_sample": {"sample_seed": "seed"}}
+           "04_evaluate": evaluate.EvalConfig, "05_distill": distill.DistillConfig}
+RENAMED = {"03_sample": {"sample_seed": "seed"},
+           "05_distill": {DISTILL: "mode", "teacher_guidance": "guidance", "distill_batch_size": "batch_size",
+                          "distill_seed": "seed"}}
 SETTINGS = "settings"  # the parameter that carries the dataclass's other fields, as JSON
 
 

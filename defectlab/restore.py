@@ -8,14 +8,17 @@ finished run through ``restore`` without importing the training stage.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers import DiTTransformer2DModel
 
 from . import engine, methods, model as model_mod, runs
+from .errors import DefectlabError
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,34 @@ def restore(run: str | Path, checkpoint: str = "best", device="auto", numerics: 
     methods.load_trainable_state(net, ema or trained)  # EMA weights when the run kept them
     net.eval()
     return Restored(base, net, classes, {**saved, **dataclasses.asdict(cfg)}, ckpt, folder)
+
+
+def plain(model: torch.nn.Module, null: int | None = None) -> DiTTransformer2DModel:
+    """A plain ``DiTTransformer2DModel`` that computes what ``model`` (a restored run) computes: a
+    copy with LoRA merged, tied embeddings untied, DiffFit's γ folded (γ·(Wx + b) = (γW)x + γb,
+    into ``attn1.to_out.0`` and ``ff.net.2``, the layers whose output it scales) and the class
+    table padded so that its null row is ``null`` (``export.NULL``: DiTPipeline's 1000; None: the
+    run's own K classes and null K). Numerics: diffusers' (the config has no switch)."""
+    if methods.has_mask_channel(model):
+        raise DefectlabError("a mask-conditioned model has an input DiTPipeline cannot give it: not exportable")
+    net = copy.deepcopy(model)
+    if getattr(net, "prompts", None) is not None:  # VPT's prompts are an input: the export writes them beside
+        del net.prompts
+    engine.untie_embeddings(net)
+    engine.merge_lora(net)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    for i in range(len(net.transformer_blocks)):
+        for branch, layer in (("attn", "attn1.to_out.0"), ("ff", "ff.net.2")):
+            gamma = state.pop(f"transformer_blocks.{i}.difffit_gamma_{branch}", None)
+            for kind, scale in (() if gamma is None else (("weight", gamma[:, None]), ("bias", gamma))):
+                key = f"transformer_blocks.{i}.{layer}.{kind}"
+                state[key] = state[key] * scale
+    k = methods.num_classes(net)
+    null = k if null is None else null
+    if k > null:
+        raise DefectlabError(f"{k} classes: DiTPipeline's null class is {null}, so at most {null} can be exported")
+    for key in [key for key in state if key.endswith("class_embedder.embedding_table.weight")]:
+        state[key] = torch.cat([state[key][:k], state[key][k:k + 1].expand(null + 1 - k, -1)])
+    plain = DiTTransformer2DModel.from_config({**net.config, "num_embeds_ada_norm": null})
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()

@@ -27,10 +27,10 @@ GRID_ROWS, GRID_CLASSES = 8, 16    # the saved grid figure shows at most this ma
 class SampleConfig:
     run: str = "latest"            # run folder/name/number, latest, or base (the pre-trained model, its own class ids)
     model: str = "mini"            # base model sampled when run=base (mini | tiny | hub id | folder | .pt)
-    classes: str = ""              # comma-separated class names ("" = all); for run=base: class ids
+    classes: str = ""              # comma-separated class names ("" means all); class ids when run is base
     per_class: int = 8             # images per class
-    steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
-    guidance: float = 1.5          # classifier-free guidance scale (1 = off: one forward per step)
+    steps: int = 0                 # denoising steps (0 means the scheduler default: ddpm 250, ddim 50, dpmsolver 25)
+    guidance: float = sampler.GUIDANCE  # classifier-free guidance scale (1 means off: one forward per step)
     cfg_channels: str = "all"      # all (diffusers DiTPipeline) | first3 (original DiT: latent channels 0-2)
     guidance_lo: float = 0.0       # guide only at timesteps t ≥ this (0..1000 scale)
     guidance_hi: float = 1000.0    # ... and t ≤ this
@@ -69,6 +69,7 @@ class _Source:
     spec: str
     image_size: int
     greyscale: bool = False   # the run trained on greyscale images: write grey PNGs
+    config: dict = dataclasses.field(default_factory=dict)  # the run's config.json settings (base: none)
 
 
 def guidance_interval(cfg: SampleConfig) -> tuple[float, float] | None:
@@ -111,7 +112,7 @@ def _from_restored(cfg: SampleConfig, r: restore.Restored) -> _Source:
         names, labels = names + [product.GOOD], labels + [len(names)]
     return _Source(r.model, r.base.codec, r.base.scheduler_config, names, labels,
                    names, r.config.get("product", "product"), r.folder, r.folder.name,
-                   Path(r.checkpoint).name, r.base.spec, size, bool(r.config.get("greyscale")))
+                   Path(r.checkpoint).name, r.base.spec, size, bool(r.config.get("greyscale")), r.config)
 
 
 def _pick(cfg: SampleConfig, src: _Source) -> list[int]:
@@ -143,6 +144,8 @@ def run(cfg: SampleConfig, restored: restore.Restored | None = None) -> Path:
     # several processes without CUDA (torchrun on a CPU box) need accelerate's gloo backend
     state = PartialState(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
     src = _load_source(cfg, str(state.device)) if restored is None else _from_restored(cfg, restored)
+    cfg = sampler.distilled(cfg, src.config)  # a distilled run samples as distilled unless told otherwise
+    steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
     check_image_size(src.image_size, src.codec, src.model.config.patch_size, src.spec)
     chosen = _pick(cfg, src)
     interval = guidance_interval(cfg)

@@ -23,6 +23,7 @@ from .progress import tqdm
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 # ddpm: the original experiments found 100-500 steps best for the fine-tuned model (1000 worse)
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpmsolver": 25}
+GUIDANCE = 1.5  # DiT's classifier-free guidance scale (its FID-best): every default guidance in the package is this one
 CFG_CHANNELS = ("all", "first3")
 # DiT's training schedule, used when the caller has none (model.Base.scheduler_config normally)
 TRAINING_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
@@ -103,7 +104,7 @@ class Sampling:
     """How to denoise: the settings the CLI's sampling flags fill (the rest of ``generate``'s
     arguments are the data and how to run it)."""
     steps: int | None = None                           # None = DEFAULT_STEPS[scheduler]
-    guidance: float = 1.5                              # classifier-free guidance scale (1 = off)
+    guidance: float = GUIDANCE                         # classifier-free guidance scale (1 = off)
     scheduler: str = "ddpm"                            # ddpm | ddim | dpmsolver
     cfg_channels: str = "all"                          # all (DiTPipeline) | first3 (the original DiT)
     guidance_interval: tuple[float, float] | None = None  # guide only at lo ≤ t ≤ hi (None = every step)
@@ -125,6 +126,23 @@ class Sampling:
             raise DefectlabError(f"strength must be in (0, 1] (got {self.strength})")
         spacing = spacing_for(self.scheduler, model_mod.numerics_of(transformer), self.timestep_spacing)
         return dataclasses.replace(self, steps=steps, timestep_spacing=spacing)
+
+
+SAMPLING_FIELDS = ("scheduler", "steps", "guidance", "timestep_spacing")  # what a distilled run fixes
+
+
+def distilled(cfg, run_config: dict, say=print):
+    """A stage's settings (``SampleConfig``, ``MaskSampleConfig``, ``BenchmarkConfig``) for a run:
+    a distilled student (``run_config["distilled"]``, see ``distill.py``) samples as it was
+    distilled to — DDIM, its steps and spacing, guidance 1 — when every sampling field is left
+    at the stage's default; settings given explicitly are kept as given."""
+    how = run_config.get("distilled")
+    fields = [f for f in SAMPLING_FIELDS if hasattr(cfg, f)]
+    if not how or any(getattr(cfg, f) != getattr(type(cfg)(), f) for f in fields):
+        return cfg
+    say(f"distilled run: sampling as distilled, {how['scheduler']} {how['steps']} steps, guidance 1 "
+        f"(the teacher's {how['teacher_guidance']:g} is distilled in)")
+    return dataclasses.replace(cfg, **{f: how[f] for f in fields})
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ class MaskSampleConfig:
     place: str = "carry"           # inpaint, dataset masks: carry (moved with the product onto the good image: masks.carry) | keep (same pixels)
     steps: int = 0                 # denoising steps (0 = scheduler default: ddpm 250, ddim 50, dpmsolver 25)
     scheduler: str = "ddpm"        # ddpm | ddim | dpmsolver
-    guidance: float = 1.5          # classifier-free guidance scale (on the class; both halves see the mask)
+    guidance: float = sampler.GUIDANCE  # classifier-free guidance scale (on the class; both halves see the mask)
     resample: int = 1              # inpaint: RePaint repeats per step (1 = plain latent blending; ddpm/ddim)
     seed: int = 0                  # pair i of class c is seeded from (seed, c, i): noise, drawn mask shape and place, deformation; it uses good image i + seed
     image_size: int = 0            # side in px (0 = the run's training size)
@@ -150,11 +150,12 @@ def _sources(cfg: MaskSampleConfig, dd, names: list[str], size: int, crop: int, 
 def run(cfg: MaskSampleConfig) -> Path:
     """Write ``per_class`` image + mask pairs per class (see module doc); returns the out folder."""
     _check(cfg)
-    steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
-    sampler.check(steps, cfg.guidance, cfg.scheduler, "all")
     folder = runs.resolve(cfg.run)
     saved = runs.load_config(folder)
-    if (zoom := int(saved.get("zoom", 1))) > 1 and cfg.mode != "inpaint":
+    cfg = sampler.distilled(cfg, saved)
+    steps = cfg.steps or sampler.DEFAULT_STEPS.get(cfg.scheduler, 1)
+    sampler.check(steps, cfg.guidance, cfg.scheduler, "all")
+    if (zoom := data_mod.from_settings(saved).zoom) > 1 and cfg.mode != "inpaint":
         raise DefectlabError(f"run {folder.name} was trained on --zoom {zoom} windows: synthesize it with --mode inpaint")
     if cfg.mode == "condition" and not saved.get("mask_condition"):
         raise DefectlabError(f"run {folder.name} was trained without mask conditioning: --mode condition needs a run "

@@ -26,7 +26,7 @@ REPORT_TO = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_availabl
 SCALARS = {"loss": "train/loss", "mse": "train/mse", "vb": "train/vb", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "val_loss": "val/loss", "best": "val/best"}
 GRID_TAG = "val/samples"
-GRID = sampler.Sampling(steps=25, guidance=1.5, scheduler="ddim")       # the validation sample grid
+GRID = sampler.Sampling(steps=25, scheduler="ddim")       # the validation sample grid
 
 
 def accelerator_args(cfg) -> dict:

@@ -30,13 +30,13 @@ from .progress import tqdm
 
 @dataclass
 class TrainConfig(data_mod.DataConfig):
-    image_size: int = 0            # 0 = the model's preset (tiny 64 px, mini 32 px, DiT-XL 128 px)
-    model: str = "mini"            # mini (pre-trained, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
+    image_size: int = 0            # 0 means the model's preset (tiny 64 px, mini 32 px, mini-latent 64 px, DiT-XL 128 px)
+    model: str = "mini"            # mini (pre-trained, shipped) | mini-latent (pre-trained latent, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
     method: str = "difffit"        # full | bitfit | difffit | bias_norm | lora | vpt
-    name: str = ""                 # run name ("" = <product>-<method>)
-    lr: float = 0.0                # 0 = preset (1e-5 real model, 1e-3 tiny/mini)
-    epochs: int = 0                # 0 = preset (100 real model, 60 tiny/mini)
-    max_steps: int = 0             # stop after this many optimizer steps (0 = no limit)
+    name: str = ""                 # run name ("" means <product>-<method>)
+    lr: float = 0.0                # 0 means the preset (1e-5 real model, 1e-3 tiny/mini, 3e-3 mini-latent)
+    epochs: int = 0                # 0 means the preset (100 real model, 60 tiny/mini, 200 mini-latent)
+    max_steps: int = 0             # stop after this many optimizer steps (0 means no limit)
     batch_size: int = 4            # images per micro-batch (per process)
     grad_accum: int = 2            # micro-batches per optimizer step
     lr_schedule: str = "constant"  # constant | constant_with_warmup | cosine | linear
@@ -44,25 +44,25 @@ class TrainConfig(data_mod.DataConfig):
     weight_decay: float = 0.0      # AdamW weight decay
     grad_clip: float = 1.0         # max gradient norm (0 = off)
     mixed_precision: str = "no"    # no | fp16 | bf16
-    ema: float = 0.0               # EMA decay of the trained parameters (0 = off)
+    ema: float = 0.0               # EMA decay of the trained parameters (0 means off)
     label_dropout: float = 0.1     # class-label dropout, so guidance works after fine-tuning
     class_init: str = "anchor"     # anchor | nearest | topk (mean of 5 best) | mean | random | <class id>
     class_init_candidates: str = ""  # shortlist for nearest/topk, e.g. 990,783,0-99 ("" = all base classes)
-    lora_rank: int = 8             # LoRA rank (method=lora)
+    lora_rank: int = 8             # LoRA rank (method lora)
     difffit_blocks: int = 0        # blocks with DiffFit scales (0 = all)
     vpt_tokens: int = 8            # VPT: learnable prompt tokens (method=vpt)
     vpt_depth: str = "shallow"     # VPT: prompts at the input only (shallow) or new ones at every block (deep)
     vpt_bias: bool = False         # VPT: also train every bias
-    val_per_class: int = 2         # training images per class held back for validation (0 = use train)
+    val_per_class: int = 2         # training images per class held back for validation (0 means none: the training images validate)
     val_timesteps: int = 8         # fixed timesteps of the validation loss
     val_every: int = 5             # validate (and checkpoint) every N epochs
-    patience: int = 0              # stop after N validations without improvement (0 = off)
+    patience: int = 0              # stop after N validations without improvement (0 means off)
     keep_checkpoints: int = 2      # newest checkpoints kept (plus the best)
     checkpoint_minutes: float = 10.0  # also checkpoint every N minutes, and on Ctrl-C / SIGTERM (0 = only at validation)
     greyscale: bool = False        # generated images grey (set by itself when every dataset image is greyscale)
     seed: int = 0                  # seeds data order, noise, dropout, new class rows
     resume: str = ""               # run folder/name/number to continue from its last checkpoint
-    runs_dir: str = ""             # parent of run folders ("" = outputs/runs)
+    runs_dir: str = ""             # parent of run folders ("" means outputs/runs)
     progress: bool = True          # tqdm progress bar
     mask_condition: bool = False   # defect mask as an extra zero-initialised input channel (masks.py); trains with any method
     good_images: int = 0           # product adaptation: defect-free images trained as the null class, the product's look (-1 = all, 0 = none; product.py)

@@ -19,30 +19,30 @@
 # classes. Writes a run folder (config, log, checkpoints, figures) that 03 and 04 read.
 
 # %% tags=["parameters"]
-data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder
+data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder (MVTec AD or DS-MVTec)
 product: str = "hazelnut"  # product folder name
-model: str = "mini"  # base model: mini (pre-trained, shipped), tiny (random weights), facebook/DiT-XL-2-256, a diffusers folder or a DiT .pt
-method: str = "difffit"  # fine-tuning method: full, bitfit, difffit, bias_norm, lora or vpt
-image_size: int = 0  # training image side in px (0 means the model's default: mini 32, tiny 64, DiT-XL 128)
-lr: float = 0.0  # learning rate (0 means the preset: 1e-5 real model, 1e-3 tiny/mini)
-epochs: int = 0  # passes over the training images (0 means the preset: 100 real model, 60 tiny/mini)
+model: str = "mini"  # mini (pre-trained, shipped) | mini-latent (pre-trained latent, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
+method: str = "difffit"  # full | bitfit | difffit | bias_norm | lora | vpt
+image_size: int = 0  # 0 means the model's preset (tiny 64 px, mini 32 px, mini-latent 64 px, DiT-XL 128 px)
+lr: float = 0.0  # 0 means the preset (1e-5 real model, 1e-3 tiny/mini, 3e-3 mini-latent)
+epochs: int = 0  # 0 means the preset (100 real model, 60 tiny/mini, 200 mini-latent)
 max_steps: int = 0  # stop after this many optimizer steps (0 means no limit)
-batch_size: int = 4  # images per micro-batch
+batch_size: int = 4  # images per micro-batch (per process)
 grad_accum: int = 2  # micro-batches per optimizer step
-mixed_precision: str = "no"  # no, fp16 or bf16 (bf16 on a GPU for DiT-XL)
+mixed_precision: str = "no"  # no | fp16 | bf16
 lora_rank: int = 8  # LoRA rank (method lora)
-class_init: str = "anchor"  # new class rows start from: anchor, nearest, mean, random or an ImageNet id
-label_dropout: float = 0.1  # class-label dropout, so that guidance works after fine-tuning
+class_init: str = "anchor"  # anchor | nearest | topk (mean of 5 best) | mean | random | <class id>
+label_dropout: float = 0.1  # class-label dropout, so guidance works after fine-tuning
 ema: float = 0.0  # EMA decay of the trained parameters (0 means off)
-val_per_class: int = 2  # training images per class held back for the validation loss
+val_per_class: int = 2  # training images per class held back for validation (0 means none: the training images validate)
 val_timesteps: int = 8  # fixed timesteps of the validation loss
-val_every: int = 5  # validate and checkpoint every N epochs
+val_every: int = 5  # validate (and checkpoint) every N epochs
 patience: int = 0  # stop after N validations without improvement (0 means off)
-seed: int = 0  # seeds data order, noise, label dropout and new class rows
+seed: int = 0  # seeds data order, noise, dropout, new class rows
 name: str = ""  # run name ("" means <product>-<method>)
 runs_dir: str = ""  # parent of run folders ("" means outputs/runs)
-progress: bool = True  # progress bar while training
-formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+progress: bool = True  # tqdm progress bar
+formats: str = "png"  # loss-curve figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batch runs put them here)
 
 # %%

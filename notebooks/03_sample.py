@@ -22,16 +22,16 @@
 
 # %% tags=["parameters"]
 run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
-checkpoint: str = "best"  # best, latest or a step number
+checkpoint: str = "best"  # best | latest | step number
 classes: str = ""  # comma-separated class names ("" means all)
-per_class: int = 8  # images per class (rows of the grid)
-scheduler: str = "ddpm"  # ddpm, ddim or dpmsolver
-steps: int = 0  # sampling steps (0 means the scheduler's default: ddpm 250, ddim 50, dpmsolver 25)
-guidance: float = 1.5  # classifier-free guidance scale (1 means off)
-sample_seed: int = 0  # image i of class c is seeded from (sample_seed, c, i)
+per_class: int = 8  # images per class
+scheduler: str = "ddpm"  # ddpm | ddim | dpmsolver (DPM-Solver++)
+steps: int = 0  # denoising steps (0 means the scheduler default: ddpm 250, ddim 50, dpmsolver 25)
+guidance: float = 1.5  # classifier-free guidance scale (1 means off: one forward per step)
+sample_seed: int = 0  # image i of class c is seeded from (seed, c, i)
 explorer_images: int = 4  # images per Run in the explorer
 pairs_per_class: int = 0  # image + mask pairs per class drawn inside training masks on defect-free images (0 means none; 04 evaluates them)
-formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+formats: str = "png"  # grid figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other SampleConfig fields as JSON, e.g. {"timestep_spacing": "leading"} (batch runs put them here)
 
 # %%

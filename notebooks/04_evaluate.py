@@ -23,20 +23,20 @@
 # samples, 95 % intervals over seeds, on a large procedural test set).
 
 # %% tags=["parameters"]
-run: str = "latest"  # run folder, name or number made by 02 (latest means the newest under outputs/runs)
-samples: str = ""  # generated images: a folder, "synthesized" (the newest image + mask pairs of 03) or "" (the newest samples; a --zoom run's pairs)
-metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (unavailable ones are skipped)
-conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen
-seeds: int = 3  # downstream classifier seeds (mean and std over them)
-classifier_steps: int = 40  # optimizer steps per classifier (300 or more on a GPU)
-classifier_size: int = 64  # classifier input side in px
+run: str = "latest"  # run folder, name or number; latest means the newest run
+samples: str = ""  # generated images (<samples>/<product>/test/<class>/*.png); "" means the newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized means the newest synthesize output
+metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
+conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen (gen: classification accuracy score)
+seeds: int = 3  # downstream classifier seeds (mean ± std over them)
+classifier_steps: int = 40  # optimizer steps per classifier, the same for every condition (~12 CPU-s at 64 px)
+classifier_size: int = 64  # classifier input side (px)
 classifier_weights: str = ""  # local torchvision resnet18 ImageNet weights ("" means from scratch)
-feature_weights: str = ""  # InceptionV3 weights file for FID/KID/IS ("" means the torch hub cache)
-bootstrap: int = 0  # bootstrap resamples for 95% FID/KID intervals (0 means none)
-gain_ks: str = "5,13"  # gain study: real images per class k the small classifier trains with
-gain_seeds: int = 5  # gain study: seeds per k (95% interval of the paired gain)
+feature_weights: str = ""  # InceptionV3 weights file (torch-fidelity format); "" means the torch hub cache or a download
+bootstrap: int = 0  # bootstrap resamples for FID/KID intervals (2.5-97.5 percentiles; 0 means none)
+gain_ks: str = "5,13"  # gain study (embedded dataset only): real images per class k the classifier trains with
+gain_seeds: int = 5  # gain study: seeds per k (95 % t-interval of the paired gain)
 compare_rows: int = 4  # real and generated images per class in the comparison figure
-formats: str = "png"  # figure formats, comma-separated: png, pdf, svg
+formats: str = "png"  # figure formats (png, pdf, svg)
 settings: str = ""  # other EvalConfig fields as JSON, e.g. {"kid_subset_size": 50} (batch runs put them here)
 
 # %%

@@ -25,6 +25,7 @@ TRAIN = dict(model="tiny", image_size=32, epochs=1, batch_size=4, grad_accum=1, 
              val_every=1)  # progress on: saved notebooks must show complete bars
 LATER = dict(guidance=1.5, per_class=2, scheduler="ddim", steps=4, explorer_images=2, metrics="downstream", seeds=1,
              classifier_steps=2, classifier_size=32, compare_rows=2)
+BATCH = [n for n in params.RUN_ORDER if n != "05_distill"]  # what a batch runs without `distill`
 TINY = dict(show_per_class=2, show_size=32, **TRAIN, **LATER)
 
 
@@ -52,8 +53,8 @@ def record(executed):
 # ----------------------------------------------------------------------------- the executed batch
 def test_batch_leaves_notebooks_metrics_and_figures(executed, record):
     run = executed / "runs" / next(p.name for p in (executed / "runs").iterdir())
-    assert record["run"] == str(run) and list(record["notebooks"]) == list(params.NOTEBOOKS)
-    for name in params.NOTEBOOKS:
+    assert record["run"] == str(run) and list(record["notebooks"]) == list(BATCH)
+    for name in BATCH:
         nb = nbformat.read(executed / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells for o in c.get("outputs", []) if o["output_type"] == "error"], name
     # 03 and 04 got the run 02 made, and only the parameters they declare
@@ -102,7 +103,7 @@ def test_report_page_of_a_batch_is_one_self_contained_file(executed, tmp_path):
     text = out.read_text()
     figures = sorted(p.name for p in (executed / "figures").glob("*.png"))
     assert figures and text.count("data:image/png;base64,") >= len(figures)
-    assert all(name in text for name in params.NOTEBOOKS) and "<h2>Run " in text and "config.json" in text
+    assert all(name in text for name in BATCH) and "<h2>Run " in text and "config.json" in text
     assert "Offline proxy numbers" in text and "src='http" not in text  # nothing fetched when opened
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -126,7 +127,7 @@ def _shown_lines(text: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
 
 
-@pytest.mark.parametrize("name", params.NOTEBOOKS)
+@pytest.mark.parametrize("name", BATCH)
 def test_saved_progress_ends_at_100_percent_and_no_warnings(executed, name):
     """papermill runs get plain-text bars (progress.PLAIN, set by batch.py): every bar the saved
     notebook shows is complete, none is a widget, and nothing warns."""
@@ -262,10 +263,15 @@ def test_values_are_converted_to_the_declared_type():
 
 
 def test_only_picks_notebooks():
-    assert batch._select("") == list(params.NOTEBOOKS)
+    assert batch._select("") == list(BATCH) == ["01_explore_data", "02_finetune", "03_sample", "04_evaluate"]
     assert batch._select("3, 02") == ["02_finetune", "03_sample"]
-    with pytest.raises(DefectlabError, match="unknown notebook '05'"):
-        batch._select("05")
+    # a batch asked for a distillation runs 05 after 02: 03 and 04 take the student
+    assert batch._select("", {"distill": "steps"}) == ["01_explore_data", "02_finetune", "05_distill", "03_sample",
+                                                       "04_evaluate"]
+    assert batch._select("", {"distill": ""}) == list(BATCH)
+    assert batch._select("5,3") == ["05_distill", "03_sample"]
+    with pytest.raises(DefectlabError, match="unknown notebook '06'"):
+        batch._select("06")
 
 
 def test_kernel_runs_this_python_and_is_registered_when_shadowed(tmp_path, monkeypatch):
@@ -319,28 +325,43 @@ def test_demo_and_shipped_configs_use_declared_parameters():
 
 
 # ----------------------------------------------------------------------------- sweeps
+DISTIL = dict(iterations=2, phases=1, student_steps=2, distill_batch_size=2, compare_per_class=1)
+
+
 def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
+    """A sweep over a teacher and its distilled student: the student's point runs 05 after 02, and
+    03 / 04 sample and evaluate the student; summary, links, resume and a killed point's restart."""
     spec = tmp_path / "sweep.yaml"
-    base = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in {**TRAIN, **LATER}.items())
-    spec.write_text(f"base:\n{base}\ngrid:\n  method: [full, difffit]\n")
+    base = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in {**TRAIN, **LATER, **DISTIL}.items())
+    spec.write_text(f"base:\n{base}\ngrid:\n  distill: [steps, '']\n")
     cfg = batch.SweepConfig(spec=str(spec), out=str(tmp_path / "sweep"))
     out = batch.run(cfg)
     lines = (out / "summary.csv").read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("point,status,method,") and lines[0].endswith(",run_folder,notebooks")
+    assert len(lines) == 3 and lines[0].startswith("point,status,distill,") and lines[0].endswith(",run_folder,notebooks")
     summary = (out / "summary.md").read_text()
     assert summary.count("| done |") == 2 and "(2 of 2 points done)" in summary
     # each row links its run folder and executed notebooks, relative to the sweep folder
-    assert "[method=full](points/method=full/)" in summary and "[03](points/method=full/03_sample.ipynb)" in summary
+    assert "[distill=steps](points/distill=steps/)" in summary and "[03](points/distill=steps/03_sample.ipynb)" in summary
     run_link = summary.split("[run](")[1].split(")")[0]
     assert (out / run_link / "config.json").is_file()
     assert (out / "figures" / "sweep-summary.png").stat().st_size > 5000
     points = sorted((out / "points").iterdir())
-    assert [p.name for p in points] == ["method=difffit", "method=full"]
+    assert [p.name for p in points] == ["distill=", "distill=steps"]
     rows = [runs.read_json(p / "done.json") for p in points]
-    assert all(math.isfinite(r["best_val_loss"]) and math.isfinite(r["acc[real+gen]"]) for r in rows)
+    assert all(math.isfinite(r["acc[real+gen]"]) for r in rows) and math.isfinite(rows[0]["best_val_loss"])
     assert (points[0] / "03_sample.ipynb").is_file() and not (points[0] / "01_explore_data.ipynb").exists()
+    assert not (points[0] / "05_distill.ipynb").exists()
+    done = runs.read_json(points[1] / "batch.json")
+    student = Path(done["run"])
+    assert runs.load_config(student)["distilled"]["steps"] == 2 and done["teacher"] != str(student)
+    assert list(done["notebooks"]) == ["02_finetune", "05_distill", "03_sample", "04_evaluate"]
+    assert done["notebooks"]["04_evaluate"]["parameters"]["run"] == str(student)
+    assert (student / "figures" / "teacher-student.png").is_file()
+    nb = nbformat.read(points[1] / "05_distill.ipynb", as_version=4)
+    text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "forwards / image" in text and "teacher ÷ student" in text
     sheet = page.run(page.PageConfig(target=str(out))).read_text()  # defectlab report SWEEP: one page
-    assert sheet.count("<h3>Run ") == 2 and "sweep-summary" in sheet and "<table>" in sheet
+    assert sheet.count("<h3>Run ") == 3 and "sweep-summary" in sheet and "<table>" in sheet  # the student's teacher too
 
     calls = []
 
@@ -354,7 +375,7 @@ def test_sweep_runs_resumes_and_restarts_a_killed_point(tmp_path, monkeypatch):
     (points[1] / "stale.txt").write_text("half a point")
     with pytest.raises(KeyboardInterrupt):
         batch.run(cfg)
-    assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["method"] == "full"
+    assert [c[0] for c in calls] == [str(points[1])] and calls[0][1]["distill"] == "steps"
     assert points[1].is_dir() and not list(points[1].iterdir())  # restarted from an empty folder
     assert "(1 of 2 points done)" in (out / "summary.md").read_text()  # the killed sweep left its summary
 

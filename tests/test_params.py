@@ -5,9 +5,10 @@ import dataclasses
 import json
 import typing
 
+import jupytext
 import pytest
 
-from defectlab import batch, evaluate, params, train
+from defectlab import batch, cli, evaluate, params, paths, train
 from defectlab.errors import DefectlabError
 
 
@@ -33,6 +34,44 @@ def test_notebook_defaults_are_the_dataclass_defaults(name, specs):
         assert (default, p["inferred_type_name"]) == (field.default, hints[field.name].__name__), (name, key)
         matched.append(key)
     assert len(matched) >= 2, (name, matched)
+
+
+def parameter_comments(name: str) -> dict[str, str]:
+    """The parameters cell of ``notebooks/<name>.py``: parameter → the ``# comment`` after it, as
+    written (papermill's own parse drops a line with a second ``=``, comment included)."""
+    nb = jupytext.read(paths.NOTEBOOKS / f"{name}.py")
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    lines = cell.source.splitlines()
+    return {s.target.id: lines[s.lineno - 1].encode()[s.end_col_offset:].decode().strip().removeprefix("#").strip()
+            for s in ast.parse(cell.source).body}
+
+
+# parameters a notebook takes more narrowly than its stage: 03 samples a run, never the base model
+NARROWER = {"03_sample": {"run", "classes"}}
+
+
+@pytest.mark.parametrize("name", params.NOTEBOOKS)
+def test_notebook_parameter_comments_are_the_dataclass_comments(name):
+    """The ``# comment`` after a parameter is its help (``papermill --help-notebook``), as the one
+    after the field is the CLI's (``cli._field_help``): the same words for the same setting.
+    Parameters that are not fields (figures_dir, explorer_images, settings, …) are the notebook's own.
+    papermill skips a parameter line holding two ``=``, so these comments say "0 means off", not "0 = off"."""
+    cls = params.CONFIGS[name]
+    helps = cli._field_help(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    renamed = params.RENAMED.get(name, {})
+    drifted = []
+    for key, comment in parameter_comments(name).items():
+        field = renamed.get(key, key)
+        if field not in fields or key in NARROWER.get(name, ()):
+            continue
+        wanted = helps.get(field, "")
+        if comment != wanted or "=" in wanted:
+            drifted.append(f"notebooks/{name}.py: parameter {key!r} (field {cls.__name__}.{field}) has\n"
+                           f"    notebook:  # {comment}\n    dataclass: # {wanted}"
+                           + ("\n    (papermill cannot read a parameter line with two '=': reword the dataclass "
+                              "comment without '=')" if "=" in wanted else ""))
+    assert not drifted, "parameter comments differ from the dataclass's:\n" + "\n".join(drifted)
 
 
 def test_every_train_parameter_is_a_field():
