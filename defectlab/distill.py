@@ -100,7 +100,7 @@ def grids(scheduler_config: dict, spacing: str, steps: int, phases: int) -> list
     sched = sampler.make_scheduler("ddim", scheduler_config, spacing=spacing)
     sched.set_timesteps(steps)
     jump = sched.config.num_train_timesteps // steps
-    levels = [[(int(t), int(t) - jump) for t in sched.timesteps]]
+    levels = [[(int(t), max(int(t) - jump, -1)) for t in sched.timesteps]]  # before 0: the clean end
     for _ in range(phases):
         finer = []
         for t, s in levels[-1]:
@@ -240,6 +240,9 @@ def run(cfg: DistillConfig) -> Path:
         raise DefectlabError(f"--student-layers {layers}: the student must be smaller than its teacher "
                              f"({depth} blocks)")
     spacing = sampler.spacing_for("ddim", teacher.config["numerics"])
+    if cfg.mode == "steps" and spacing != "trailing":  # leading DDIM ends on t = 0, a step no grid can halve
+        raise DefectlabError(f"--mode steps needs DDIM's trailing timestep spacing, and run {teacher_folder.name} "
+                             f"computes with the original DiT's numerics (DDIM {spacing}): use --mode size")
     levels = grids(teacher.base.scheduler_config, spacing, cfg.student_steps, cfg.phases) if cfg.mode == "steps" else None
     cfg = dataclasses.replace(cfg, run=str(teacher_folder), lr=cfg.lr or saved["lr"],
                               label_dropout=saved.get("label_dropout", 0.1) if cfg.label_dropout < 0 else cfg.label_dropout,

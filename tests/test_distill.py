@@ -130,6 +130,16 @@ def test_bad_input_is_one_line_and_leaves_no_run_folder(teacher, tmp_path, capsy
     assert not any(tmp_path.iterdir())
 
 
+def test_a_teacher_on_leading_ddim_spacing_gets_a_size_student_only(tmp_path):
+    original = train.run(train.TrainConfig(model="tiny", image_size=16, epochs=1, max_steps=1, batch_size=2, grad_accum=1,
+                                           val_every=1, val_per_class=1, val_timesteps=1, log_samples=0, progress=False,
+                                           report_to="none", numerics="original", runs_dir=str(tmp_path / "t")))
+    with pytest.raises(DefectlabError, match="needs DDIM's trailing timestep spacing.*use --mode size"):
+        distill.run(_cfg(original, tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+    assert distill.grids(model_mod.dit_schedule(), "leading", 4, 0)[0][-1] == (0, -1)  # never an index below the end
+
+
 def test_a_teacher_without_checkpoint_is_refused(teacher, tmp_path):
     bare = tmp_path / "000-bare"
     shutil.copytree(teacher, bare, ignore=shutil.ignore_patterns("checkpoints"))
