@@ -294,8 +294,8 @@ def mfu(images_per_s: float, forwards_per_image: float, device: str, gf: float) 
 
 
 def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict:
-    from defectlab import dit, engine, methods, model
-    from defectlab.diffusion import Objective
+    from defectlab.core import dit, engine, methods, model
+    from defectlab.core.diffusion import Objective
 
     dev, cfg = args.device, (TINY if args.tiny else XL)
     torch.compiler.reset()  # each case compiles afresh: no recompile limit reached, no graph of another case
@@ -353,7 +353,7 @@ def engine_train(args, method: str, batch: int, variant: str, gf: float) -> dict
 def engine_sampling(args, batch: int, steps_list: list[int], variant: str, gf: float) -> list[dict]:
     from diffusers import AutoencoderKL
 
-    from defectlab import dit, engine, model, sampler
+    from defectlab.core import dit, engine, model, sampler
 
     dev = args.device
     torch.compiler.reset()
@@ -480,7 +480,7 @@ def main(argv=None) -> list[dict]:
     OUT.clear()
     import diffusers
 
-    from defectlab import engine
+    from defectlab.core import engine
 
     dev = args.device
     torch.backends.cuda.matmul.allow_tf32 = True  # as the stock script sets at import (fp32 parts)

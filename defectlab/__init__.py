@@ -1,9 +1,11 @@
 """defectlab: few-shot generation of product-defect images with a fine-tuned class-conditional DiT.
 
-Read top-down: base (paths, errors, runs, images, manifest) → data (data, dataset, synth,
-corpus, fetch) → core (model, methods, sampler, diffusion, masks, metrics, engine, viz, …) →
-stages (train, sample, synthesize, evaluate, classes, pretrain, each one ``run(cfg)``) →
-reports (report, explorer) → batch / cli / demo. Notebooks and the ``defectlab`` CLI call the
-same ``run(cfg)`` functions; ``docs/interfaces.md`` has the contracts.
+One folder per layer, read bottom-up: ``base`` (paths, errors, runs, images, manifest) →
+``data`` (sources, dataset, product, synth, corpus, fetch) → ``core`` (dit, model, methods,
+sampler, diffusion, masks, loop, restore, metrics, …) → ``stages`` (train, distill, sample,
+synthesize, evaluate, benchmark, classes, pretrain, autoencoder: one ``run(cfg)`` each) →
+``reports`` (report, compare, page, explorer, export) → ``app`` (cli, batch, demo, params).
+A module imports from its own folder or the ones below it. Notebooks and the ``defectlab`` CLI
+call the same ``run(cfg)`` functions; ``docs/interfaces.md`` has the contracts.
 """
 __version__ = "0.1.0"

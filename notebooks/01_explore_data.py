@@ -32,8 +32,10 @@ settings: str = ""  # other DataConfig fields as JSON, e.g. {"test_fraction": 0.
 # %%
 from pathlib import Path
 
-from defectlab import data as datasets
-from defectlab import params, paths, viz
+from defectlab.data import sources as datasets
+from defectlab.base import paths
+from defectlab.core import viz
+from defectlab.app import params
 
 figures = Path(figures_dir) if figures_dir else paths.OUTPUTS / "figures"
 config = params.with_settings(datasets.DataConfig(data=data, product=product), settings)

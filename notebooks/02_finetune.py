@@ -48,7 +48,10 @@ settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batc
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import params, report, restore, train, viz
+from defectlab.core import restore, viz
+from defectlab.stages import train
+from defectlab.reports import report
+from defectlab.app import params
 
 config = params.with_settings(train.TrainConfig(
     data=data, product=product, model=model, method=method, image_size=image_size, lr=lr, epochs=epochs,

@@ -35,8 +35,11 @@ formats: str = "png"  # grid figure formats, comma-separated: png, pdf, svg
 settings: str = ""  # other SampleConfig fields as JSON, e.g. {"timestep_spacing": "leading"} (batch runs put them here)
 
 # %%
-from defectlab import params, report, restore, sample, synthesize, viz
-from defectlab.explorer import Explorer
+from defectlab.core import restore, viz
+from defectlab.stages import sample, synthesize
+from defectlab.reports import report
+from defectlab.app import params
+from defectlab.reports.explorer import Explorer
 
 run_folder = report.resolve_run(run)
 config = params.with_settings(sample.SampleConfig(

@@ -42,7 +42,10 @@ settings: str = ""  # other EvalConfig fields as JSON, e.g. {"kid_subset_size": 
 # %%
 from IPython.display import Markdown, display
 
-from defectlab import benchmark, evaluate, params, report, viz
+from defectlab.core import viz
+from defectlab.stages import benchmark, evaluate
+from defectlab.reports import report
+from defectlab.app import params
 
 run_folder = report.resolve_run(run)
 config = params.with_settings(evaluate.EvalConfig(

@@ -39,7 +39,10 @@ settings: str = ""  # other DistillConfig fields as JSON, e.g. {"lr": 0.001} (ba
 # %%
 from IPython.display import Markdown
 
-from defectlab import distill as distill_stage, params, report, students, viz
+from defectlab.core import viz
+from defectlab.stages import distill as distill_stage
+from defectlab.reports import report, students
+from defectlab.app import params
 
 config = params.with_settings(distill_stage.DistillConfig(
     run=str(report.resolve_run(run)), mode=distill, student_steps=student_steps, phases=phases,

@@ -6,9 +6,12 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from defectlab import classes, data as data_mod, dataset, methods, model, runs, synth
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.data import dataset, sources as data_mod, synth
+from defectlab.core import methods, model
+from defectlab.stages import classes
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 
 SIZE = 16  # the tiny model at 16 px: 16 tokens, cheap enough for busy CPUs
 
@@ -78,7 +81,7 @@ def test_a_class_learned_from_the_images_ranks_first(tmp_path, root, hazelnuts, 
 
 
 def test_train_with_nearest_init_starts_from_the_best_base_rows(tmp_path, root, hazelnuts, monkeypatch):
-    from defectlab import train  # here: the other tests don't depend on the training module
+    from defectlab.stages import train  # here: the other tests don't depend on the training module
 
     # an 8-class tiny base keeps the ranking (every class is a candidate) fast
     folder = tmp_path / "base8"

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from defectlab import cli
+from defectlab.app import cli
 
 
 @dataclasses.dataclass
@@ -63,7 +63,9 @@ def _stage_config(*argv):
 
 
 def test_preset_demo_is_the_demos_recipe_and_given_flags_win(capsys):
-    from defectlab import demo, presets, sample, synthesize, train
+    from defectlab.stages import sample, synthesize, train
+    from defectlab.app import demo
+    from defectlab.stages import presets
 
     cfg = _stage_config("finetune", "--preset", "demo", "--epochs", "3")
     assert cfg.epochs == 3 and (cfg.model, cfg.method, cfg.zoom, cfg.mask_loss, cfg.lr) == ("mini-latent", "difffit", 4, 20.0, 3e-3)

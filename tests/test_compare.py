@@ -3,8 +3,10 @@ import json
 
 import pytest
 
-from defectlab import compare, demo, paths, runs
-from defectlab.cli import main as cli_main
+from defectlab.base import paths, runs
+from defectlab.reports import compare
+from defectlab.app import demo
+from defectlab.app.cli import main as cli_main
 
 
 def _fake_run(root, name, val_loss, **settings):

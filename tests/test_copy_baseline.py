@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab import benchmark, data, dataset, images, masks, product, realism, synth, synthesize, train
-from defectlab.cli import main as cli_main
-from defectlab.errors import DefectlabError
-from defectlab.gain import nested_interval
+from defectlab.base import images
+from defectlab.data import dataset, product, sources, synth
+from defectlab.core import masks, realism
+from defectlab.stages import benchmark, synthesize, train
+from defectlab.app.cli import main as cli_main
+from defectlab.base.errors import DefectlabError
+from defectlab.core.gain import nested_interval
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,10 @@ def test_product_adaptation_trains_good_images_as_the_null_class(adapted):
     k = len(json.loads((adapted / "classes.json").read_text()))
     assert record["used"] == 4 and record["label"] == k and len(record["files"]) == 4
     assert all(f.startswith("hazelnut/train/good/") for f in record["files"])
-    dd = data.load(data.DataConfig(product="hazelnut"))
+    dd = sources.load(sources.DataConfig(product="hazelnut"))
     goods, rec = product.good_samples(dd, -1, k)
     assert rec["used"] == len(dd.good) == len(goods) > 4 and {s.label for s in goods} == {k}
-    item = dataset.DefectDataset(goods[:1], data.DataConfig(product="hazelnut", image_size=16, zoom=2), seed=0)[0]
+    item = dataset.DefectDataset(goods[:1], sources.DataConfig(product="hazelnut", image_size=16, zoom=2), seed=0)[0]
     assert item["image"].shape == (3, 16, 16) and item["mask"].sum() == 0 and item["label"] == k
     assert (item["image"] > -0.9).any()
     none = dataclasses.replace(dd, good=[])
@@ -187,7 +190,7 @@ def test_benchmark_puts_generated_beside_copy_paste_on_new_images(adapted, tmp_p
 
 def test_benchmark_refuses_a_test_folder_it_cannot_trust(adapted, tmp_path, capsys):
     base = ["benchmark", "--run", str(adapted), "--out", str(tmp_path / "never")]
-    same = data.resolve_root("synthetic")  # the run's own data: every file is also a training file
+    same = sources.resolve_root("synthetic")  # the run's own data: every file is also a training file
     assert cli_main(base + ["--test-data", str(same)]) == 2
     assert "also in the run's data" in capsys.readouterr().err
     other = synth.generate(tmp_path / "other", seed=3, size=64, per_class=2, good=1, products=("hazelnut",))
@@ -204,7 +207,7 @@ def test_benchmark_refuses_a_test_folder_it_cannot_trust(adapted, tmp_path, caps
 
 
 def test_an_adapted_run_samples_the_defect_free_product_as_good(adapted, tmp_path):
-    from defectlab import sample
+    from defectlab.stages import sample
     out = sample.run(sample.SampleConfig(run=str(adapted), classes="good,hole", per_class=2, steps=2,
                                          scheduler="ddim", out=str(tmp_path / "s")))
     lines = [json.loads(t) for t in (out / "manifest.jsonl").read_text().splitlines()]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import data, dataset, paths, synth
-from defectlab.data import DataConfig
-from defectlab.dataset import DefectDataset
-from defectlab.errors import DefectlabError
+from defectlab.base import paths
+from defectlab.data import dataset, sources, synth
+from defectlab.data.sources import DataConfig
+from defectlab.data.dataset import DefectDataset
+from defectlab.base.errors import DefectlabError
 
 
 def _png(path, size=32, value=(120, 80, 40), mode="RGB", square=None):
@@ -68,8 +69,8 @@ def cfg_for(root, **kw):
 # ----------------------------------------------------------------------------- layouts
 def test_mvtec_layout(tmp_path):
     root = make_mvtec(tmp_path / "mv")
-    assert data.detect_layout(root) == ("mvtec", ["widget"])
-    d = data.load(cfg_for(root))
+    assert sources.detect_layout(root) == ("mvtec", ["widget"])
+    d = sources.load(cfg_for(root))
     assert d.layout == "mvtec" and d.product == "widget"
     assert d.classes == ["bent", "dent"]                       # sorted, "good" excluded
     assert len(d.good) == 3 and all("train" in g.parts for g in d.good)
@@ -81,8 +82,8 @@ def test_mvtec_layout(tmp_path):
 
 def test_ds_mvtec_layout_with_colour_mask_fallback(tmp_path):
     root = make_ds(tmp_path / "ds")
-    assert data.detect_layout(root) == ("ds-mvtec", ["widget"])
-    d = data.load(cfg_for(root))
+    assert sources.detect_layout(root) == ("ds-mvtec", ["widget"])
+    d = sources.load(cfg_for(root))
     assert d.layout == "ds-mvtec" and d.classes == ["crack", "scratch"]
     assert len(d.good) == 2
     by_stem = {(s.defect, s.image.stem): s for s in d.train + d.test}
@@ -94,12 +95,12 @@ def test_ds_mvtec_layout_with_colour_mask_fallback(tmp_path):
 
 def test_info_and_format(tmp_path):
     root = make_mvtec(tmp_path / "mv")
-    info = data.info(root)
+    info = sources.info(root)
     p = info["products"]["widget"]
     assert info["layout"] == "mvtec" and p["classes"] == {"bent": 5, "dent": 4}
     assert p["good"] == 3 and p["test_good"] == 1 and p["masks"] == 9
     assert p["sizes"] == {"32x32": 13} and p["modes"] == {"RGB": 13}
-    text = data.format_info(info)
+    text = sources.format_info(info)
     assert "MVTec AD" in text and "bent" in text and "32x32 x13" in text
 
 
@@ -110,22 +111,22 @@ def _names(samples):
 
 def test_split_deterministic_disjoint_per_class(tmp_path):
     root = make_mvtec(tmp_path / "mv", classes={"a": 2, "b": 8, "c": 12})
-    d1, d2 = data.load(cfg_for(root)), data.load(cfg_for(root))
+    d1, d2 = sources.load(cfg_for(root)), sources.load(cfg_for(root))
     assert _names(d1.train) == _names(d2.train) and _names(d1.test) == _names(d2.test)
     assert not set(_names(d1.train)) & set(_names(d1.test))
     for cls, n in {"a": 2, "b": 8, "c": 12}.items():
         n_test = sum(s.defect == cls for s in d1.test)
         assert n_test == max(1, round(n * 0.25)) and n - n_test >= 1
-    other = data.load(cfg_for(root, split_seed=1))
+    other = sources.load(cfg_for(root, split_seed=1))
     assert _names(other.test) != _names(d1.test)
-    half = data.load(cfg_for(root, test_fraction=0.5))
+    half = sources.load(cfg_for(root, test_fraction=0.5))
     assert sum(s.defect == "c" for s in half.test) == 6
 
 
 def test_manifest_written_then_reused(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     manifest = tmp_path / "run" / "split.json"
-    first = data.load(cfg_for(root), manifest=manifest)
+    first = sources.load(cfg_for(root), manifest=manifest)
     m = json.loads(manifest.read_text())
     assert m["layout"] == "mvtec" and m["split_seed"] == 0 and m["test_fraction"] == 0.25
     assert all(not e["image"].startswith("/") and e["image"].startswith("widget/test/") for e in m["train"])
@@ -133,36 +134,36 @@ def test_manifest_written_then_reused(tmp_path):
     moved = m["train"].pop(0)
     m["test"].append(moved)
     manifest.write_text(json.dumps(m))
-    again = data.load(cfg_for(root), manifest=manifest)
+    again = sources.load(cfg_for(root), manifest=manifest)
     assert str(root / moved["image"]) in _names(again.test)
     assert len(again.train) == len(first.train) - 1
     with pytest.raises(DefectlabError, match="split_seed"):
-        data.load(cfg_for(root, split_seed=3), manifest=manifest)
+        sources.load(cfg_for(root, split_seed=3), manifest=manifest)
     _png(root / "widget" / "test" / "dent" / "099.png")
     with pytest.raises(DefectlabError, match=r"does not match.*099\.png"):
-        data.load(cfg_for(root), manifest=manifest)
+        sources.load(cfg_for(root), manifest=manifest)
 
 
 def test_manifest_refuses_a_missing_file(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     manifest = tmp_path / "split.json"
-    data.load(cfg_for(root), manifest=manifest)
+    sources.load(cfg_for(root), manifest=manifest)
     (root / "widget" / "test" / "bent" / "004.png").unlink()
     with pytest.raises(DefectlabError, match="does not match"):
-        data.load(cfg_for(root), manifest=manifest)
+        sources.load(cfg_for(root), manifest=manifest)
 
 
 # ----------------------------------------------------------------------------- pixels + transforms
 def test_dataset_item_ranges(tmp_path):
     root = make_mvtec(tmp_path / "mv")
-    d = data.load(cfg_for(root))
+    d = sources.load(cfg_for(root))
     ds = DefectDataset(d.train, cfg_for(root))
     item = ds[0]
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
     assert -1 <= item["image"].min() and item["image"].max() <= 1
     assert item["mask"].shape == (1, 16, 16) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["label"] == d.train[0].label
-    no_mask = data.Sample(d.good[0], None, "good", -1, "widget")
+    no_mask = sources.Sample(d.good[0], None, "good", -1, "widget")
     assert DefectDataset([no_mask], cfg_for(root))[0]["mask"].sum() == 0
 
 
@@ -179,7 +180,7 @@ def test_augment_keeps_image_and_mask_aligned(tmp_path):
     img = _png(tmp_path / "x" / "test" / "d" / "000.png", size, value=(0, 0, 0), square=sq)
     msk = _mask(tmp_path / "x" / "ground_truth" / "d" / "000_mask.png", size, square=sq)
     cfg = DataConfig(image_size=size)
-    ds = DefectDataset([data.Sample(img, msk, "d", 0, "x")], cfg)
+    ds = DefectDataset([sources.Sample(img, msk, "d", 0, "x")], cfg)
     places = set()
     for seed in range(12):
         torch.manual_seed(seed)
@@ -196,7 +197,7 @@ def test_augment_keeps_image_and_mask_aligned(tmp_path):
 
 def test_augment_is_seedable(tmp_path):
     img = _png(tmp_path / "a.png", 24, square=(2, 14, 5))
-    ds = DefectDataset([data.Sample(img, None, "d", 0, "x")], DataConfig(image_size=24))
+    ds = DefectDataset([sources.Sample(img, None, "d", 0, "x")], DataConfig(image_size=24))
     torch.manual_seed(7)
     a = torch.stack([ds[0]["image"] for _ in range(6)])
     torch.manual_seed(7)
@@ -207,7 +208,7 @@ def test_augment_is_seedable(tmp_path):
 def test_rotation_fills_corners_with_border_colour(tmp_path):
     img = _png(tmp_path / "light.png", 32, value=(200, 200, 200))
     cfg = DataConfig(image_size=32, hflip=False, vflip=False, rotations=(45,))
-    ds = DefectDataset([data.Sample(img, None, "d", 0, "x")], cfg)
+    ds = DefectDataset([sources.Sample(img, None, "d", 0, "x")], cfg)
     for seed in range(6):
         torch.manual_seed(seed)
         assert ds[0]["image"][:, 0, 0].min() > 0.5            # not black corners
@@ -216,48 +217,48 @@ def test_rotation_fills_corners_with_border_colour(tmp_path):
 # ----------------------------------------------------------------------------- synthetic root
 def test_resolve_root_synthetic_generates_once(tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "SYNTHETIC", tmp_path / "data" / "synthetic")
-    monkeypatch.setattr(data, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
-    root = data.resolve_root("synthetic")
-    assert root == paths.SYNTHETIC and (root / data.STAMP).is_file()
-    assert data.detect_layout(root) == ("mvtec", ["hazelnut", "screw"])
+    monkeypatch.setattr(sources, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
+    root = sources.resolve_root("synthetic")
+    assert root == paths.SYNTHETIC and (root / sources.STAMP).is_file()
+    assert sources.detect_layout(root) == ("mvtec", ["hazelnut", "screw"])
     marker = root / "hazelnut" / "train" / "good" / "000.png"
     before = marker.stat().st_mtime_ns
-    data.resolve_root("synthetic")
+    sources.resolve_root("synthetic")
     assert marker.stat().st_mtime_ns == before                  # up to date: not regenerated
     monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
-    data.resolve_root("synthetic")
-    assert json.loads((root / data.STAMP).read_text())["generator_version"] == synth.GENERATOR_VERSION
+    sources.resolve_root("synthetic")
+    assert json.loads((root / sources.STAMP).read_text())["generator_version"] == synth.GENERATOR_VERSION
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
-    d = data.load(DataConfig(product="screw"))
+    d = sources.load(DataConfig(product="screw"))
     assert d.classes == sorted(synth.PRODUCTS["screw"].defects)
 
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_root(tmp_path):
     with pytest.raises(DefectlabError, match="not found.*nope"):
-        data.load(cfg_for(tmp_path / "nope"))
+        sources.load(cfg_for(tmp_path / "nope"))
 
 
 def test_neither_layout(tmp_path):
     (tmp_path / "junk" / "stuff").mkdir(parents=True)
     with pytest.raises(DefectlabError, match="neither known layout.*MVTec AD.*DS-MVTec"):
-        data.load(cfg_for(tmp_path / "junk"))
+        sources.load(cfg_for(tmp_path / "junk"))
     root = make_mvtec(tmp_path / "mv")
     with pytest.raises(DefectlabError, match="product folder: pass its parent"):
-        data.detect_layout(root / "widget")
+        sources.detect_layout(root / "widget")
 
 
 def test_unknown_product_lists_available(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     with pytest.raises(DefectlabError, match="'nut'.*available: widget"):
-        data.load(cfg_for(root, product="nut"))
+        sources.load(cfg_for(root, product="nut"))
 
 
 def test_empty_class(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     (root / "widget" / "test" / "hollow").mkdir()
     with pytest.raises(DefectlabError, match="no images.*hollow"):
-        data.load(cfg_for(root))
+        sources.load(cfg_for(root))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -267,7 +268,7 @@ def test_corrupt_image_found_by_load(tmp_path, damage):
     raw = bad.read_bytes()
     bad.write_bytes(b"not a png at all" if damage == "garbage" else raw[: len(raw) // 2])
     with pytest.raises(DefectlabError, match=r"corrupt image .*dent/002\.png"):
-        data.load(cfg_for(root))
+        sources.load(cfg_for(root))
     with pytest.raises(DefectlabError, match=r"002\.png"):
         dataset.load_image(bad, 16)
 
@@ -277,7 +278,7 @@ def test_non_image_file_is_skipped_with_warning(tmp_path):
     (root / "widget" / "test" / "dent" / "notes.txt").write_text("hi")
     (root / "widget" / "test" / "dent" / ".DS_Store").write_bytes(b"\0")
     with pytest.warns(UserWarning, match="notes.txt"):
-        d = data.load(cfg_for(root))
+        d = sources.load(cfg_for(root))
     assert sum(s.defect == "dent" for s in d.train + d.test) == 4
 
 
@@ -285,15 +286,15 @@ def test_mask_size_mismatch(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     _mask(root / "widget" / "ground_truth" / "bent" / "001_mask.png", size=30)
     with pytest.raises(DefectlabError, match=r"mask .*001_mask\.png is 30x30 but .* is 32x32"):
-        data.load(cfg_for(root))
+        sources.load(cfg_for(root))
 
 
 def test_crop_larger_than_image_and_tiny_size(tmp_path):
     root = make_mvtec(tmp_path / "mv")
     with pytest.raises(DefectlabError, match="crop 64 px is larger than image"):
-        data.load(cfg_for(root, crop=64))
+        sources.load(cfg_for(root, crop=64))
     with pytest.raises(DefectlabError, match="image_size must be at least 8"):
-        data.load(cfg_for(root, image_size=4))
+        sources.load(cfg_for(root, image_size=4))
     with pytest.raises(DefectlabError, match="crop 64"):
         dataset.load_image(root / "widget" / "train" / "good" / "000.png", 16, crop=64)
 
@@ -302,15 +303,15 @@ def test_single_image_class_goes_to_training(tmp_path):
     root = make_mvtec(tmp_path / "mv", classes={"rare": 1, "common": 4})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        d = data.load(cfg_for(root))
+        d = sources.load(cfg_for(root))
     assert any("single image" in str(w.message) for w in caught)
     assert [s.defect for s in d.train].count("rare") == 1 and "rare" not in {s.defect for s in d.test}
 
 
 # ----------------------------------------------------------------------------- the real MVTec sample
 def test_real_mvtec_screws(shared_screws):
-    assert data.detect_layout(shared_screws) == ("mvtec", ["screw"])
-    d = data.load(DataConfig(data=str(shared_screws), product="screw", image_size=32))
+    assert sources.detect_layout(shared_screws) == ("mvtec", ["screw"])
+    d = sources.load(DataConfig(data=str(shared_screws), product="screw", image_size=32))
     assert d.classes == ["manipulated_front", "scratch_head", "scratch_neck", "thread_side", "thread_top"]
     assert len(d.train) == 5 and len(d.test) == 5 and len(d.good) == 4   # 2 per class: 1 + 1
     for s in d.train + d.test:
@@ -321,7 +322,7 @@ def test_real_mvtec_screws(shared_screws):
     assert x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 and torch.equal(x[0], x[2])
     item = DefectDataset(d.train[:1], DataConfig(image_size=64), augment=False)[0]
     assert 0 < item["mask"].sum() < 64 * 64 / 4                # a small defect, kept at 64 px
-    info = data.info(shared_screws)["products"]["screw"]
+    info = sources.info(shared_screws)["products"]["screw"]
     assert info["sizes"] == {"1024x1024": 16} and info["modes"] == {"L": 16} and info["test_good"] == 2
 
 
@@ -370,12 +371,12 @@ def test_sixteen_bit_masks_and_images_resize_without_quantising(tmp_path):
 
 
 def test_greyscale_datasets_are_detected(tmp_path, shared_screws):
-    assert data.load(DataConfig(data=str(shared_screws), product="screw", image_size=32)).greyscale
-    assert not data.load(cfg_for(make_mvtec(tmp_path / "colour"))).greyscale
+    assert sources.load(DataConfig(data=str(shared_screws), product="screw", image_size=32)).greyscale
+    assert not sources.load(cfg_for(make_mvtec(tmp_path / "colour"))).greyscale
     grey = make_mvtec(tmp_path / "grey")
     for p in grey.rglob("*.png"):
         Image.open(p).convert("L").save(p)
-    assert data.load(cfg_for(grey)).greyscale
+    assert sources.load(cfg_for(grey)).greyscale
 
 
 def test_a_dataset_of_symlinks_reads_its_own_split_back(tmp_path):
@@ -390,8 +391,8 @@ def test_a_dataset_of_symlinks_reads_its_own_split_back(tmp_path):
         else:
             target.symlink_to(p)
     manifest = tmp_path / "split.json"
-    first = data.load(cfg_for(links), manifest=manifest)
-    again = data.load(cfg_for(links), manifest=manifest)
+    first = sources.load(cfg_for(links), manifest=manifest)
+    again = sources.load(cfg_for(links), manifest=manifest)
     assert [s.image for s in again.train] == [s.image for s in first.train]
     assert all(s.image.is_symlink() for s in again.train)
 
@@ -401,7 +402,7 @@ def test_crop_and_empty_masks_warn_before_training(tmp_path):
     _mask(root / "widget/ground_truth/dent/000_mask.png", 64, square=(0, 0, 6))     # cut away by crop 32
     _mask(root / "widget/ground_truth/dent/001_mask.png", 64, square=(12, 12, 10))  # half outside
     Image.new("L", (64, 64)).save(root / "widget/ground_truth/bent/000_mask.png")   # no defect pixel
-    d = data.load(cfg_for(root))
+    d = sources.load(cfg_for(root))
     samples = d.train + d.test
     with pytest.warns(UserWarning) as caught:
         dataset.check_masks(samples, crop=32)

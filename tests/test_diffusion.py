@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from defectlab import model
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.core import model
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 
 
 def draw(seed=0, n=6):
@@ -53,7 +53,7 @@ def test_unsupported_prediction_type_is_one_clear_line():
 
 
 def test_weighted_loss_is_a_weighted_mean_over_positions():
-    from defectlab import masks
+    from defectlab.core import masks
     obj = Objective({**model.dit_schedule(True), "prediction_type": "v_prediction"})
     x0, noise, t, var = draw(3)
     xt = obj.add_noise(x0, noise, t)
@@ -71,6 +71,6 @@ def test_weighted_loss_is_a_weighted_mean_over_positions():
     n_corner = 4 / 64
     expect = (21 * n_corner * corner + (rest - n_corner * corner)) / (21 * n_corner + 1 - n_corner)
     assert torch.allclose(weighted, expect, rtol=1e-5)
-    from defectlab import train
+    from defectlab.stages import train
     with pytest.raises(DefectlabError, match="mask_loss must be ≥ 0"):
         train._check(train.TrainConfig(epochs=1, lr=1e-3, mask_loss=-1))

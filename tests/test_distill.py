@@ -5,9 +5,13 @@ import shutil
 import pytest
 import torch
 
-from defectlab import cli, compare, distill, export, methods, model as model_mod, restore, runs, sample, sampler, train
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.core import methods, model as model_mod, restore, sampler
+from defectlab.stages import distill, sample, train
+from defectlab.reports import compare, export
+from defectlab.app import cli
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 
 
 @pytest.fixture(scope="module")

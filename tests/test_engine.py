@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from defectlab import data, dataset, dit, engine, methods, model, sampler
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.data import dataset, sources
+from defectlab.core import dit, engine, methods, model, sampler
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=3, num_attention_heads=2)  # 16 tokens, width 64
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -277,12 +278,12 @@ def _samples(tmp_path, n=3, size=24):
         mask = np.zeros((size, size), np.uint8)
         mask[2:9, 3 + i:12] = 255
         Image.fromarray(mask).save(tmp_path / f"mask{i}.png")
-        out.append(data.Sample(tmp_path / f"img{i}.png", tmp_path / f"mask{i}.png", "d", i % 2, "x"))
+        out.append(sources.Sample(tmp_path / f"img{i}.png", tmp_path / f"mask{i}.png", "d", i % 2, "x"))
     return out
 
 
 def test_views_are_drawn_and_applied_exactly_as_augment_pair(tmp_path):
-    cfg = data.DataConfig(image_size=24)
+    cfg = sources.DataConfig(image_size=24)
     item = dataset.DefectDataset(_samples(tmp_path, 1), cfg, augment=False)[0]
     assert len(dataset.views(cfg)) == 16
     for seed in range(12):
@@ -299,7 +300,7 @@ def test_views_are_drawn_and_applied_exactly_as_augment_pair(tmp_path):
 
 @pytest.mark.parametrize("codec_name", ["pixels", "vae"])
 def test_latent_cache_equals_encoding_on_the_fly(tmp_path, codec_name):
-    cfg = data.DataConfig(image_size=24, rotations=(45, 120))
+    cfg = sources.DataConfig(image_size=24, rotations=(45, 120))
     samples = _samples(tmp_path)
     if codec_name == "pixels":
         codec = model.PixelCodec()
@@ -330,7 +331,7 @@ def test_latent_cache_equals_encoding_on_the_fly(tmp_path, codec_name):
 def test_latent_cache_refuses_a_sampling_codec(tmp_path):
     vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, layers_per_block=1, latent_channels=4)
     with pytest.raises(DefectlabError, match="posterior mean"):
-        dataset.LatentCache(_samples(tmp_path, 1), data.DataConfig(image_size=24), model.VAECodec(vae, sample=True))
+        dataset.LatentCache(_samples(tmp_path, 1), sources.DataConfig(image_size=24), model.VAECodec(vae, sample=True))
 
 
 # ----------------------------------------------------------------------------- benchmark script

@@ -12,8 +12,12 @@ import torch.nn.functional as F
 import torch_fidelity
 from PIL import Image
 
-from defectlab import classifier, data, evaluate, images, judge, metrics, report, runs
-from defectlab.errors import DefectlabError
+from defectlab.base import images, runs
+from defectlab.data import sources
+from defectlab.core import classifier, judge, metrics
+from defectlab.stages import evaluate
+from defectlab.reports import report
+from defectlab.base.errors import DefectlabError
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -227,11 +231,11 @@ def run_folder(tmp_path):
     for k, (name, rgb) in enumerate(CLASSES.items()):
         for i in range(6):
             _png(root / "widget" / "test" / name / f"{i:03d}.png", rgb, 100 * k + i)
-    dcfg = data.DataConfig(data=str(root), product="widget", image_size=32, test_fraction=0.34)
+    dcfg = sources.DataConfig(data=str(root), product="widget", image_size=32, test_fraction=0.34)
     folder = tmp_path / "runs" / "000-widget-difffit"
     folder.mkdir(parents=True)
     runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "tiny", "method": "difffit"}})
-    data.load(dcfg, manifest=folder / "split.json")
+    sources.load(dcfg, manifest=folder / "split.json")
     out = folder / "samples" / "0000100-ddpm50-g1.5-all-s0-32px"
     lines = []
     for k, (name, rgb) in enumerate(CLASSES.items()):
@@ -303,7 +307,7 @@ def test_run_skips_unavailable_fid_by_default_and_refuses_when_asked(run_folder,
 def test_cli_flags_come_from_the_config():
     import argparse
 
-    from defectlab import cli
+    from defectlab.app import cli
 
     parser = argparse.ArgumentParser()
     cli.add_dataclass_args(parser, evaluate.EvalConfig)
@@ -316,11 +320,11 @@ def test_cli_flags_come_from_the_config():
 def test_judge_scores_samples_of_a_synthetic_run(tmp_path):
     """The judge section: procedural images of the right class are recognised, mislabelled ones
     not, and defect-free products filed under a defect are judged defect-free (``good``)."""
-    dcfg = data.DataConfig(data="synthetic", product="hazelnut", image_size=64)
+    dcfg = sources.DataConfig(data="synthetic", product="hazelnut", image_size=64)
     folder = tmp_path / "runs" / "000-hazelnut-difffit"
     folder.mkdir(parents=True)
     runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "mini", "method": "difffit"}})
-    dd = data.load(dcfg, manifest=folder / "split.json")
+    dd = sources.load(dcfg, manifest=folder / "split.json")
     pics, labels, classes = judge.procedural("hazelnut", "test", 6, 64, progress=False, good=True)
     out = folder / "samples" / "s"
     lines = []
@@ -347,11 +351,11 @@ def test_judge_scores_samples_of_a_synthetic_run(tmp_path):
 def test_gain_study_of_a_synthetic_run(tmp_path):
     """The gain section: k of the run's training images with and without the samples, per seed,
     the paired gain with its interval, the CAS ratio, the efficiency figure; bad k named."""
-    dcfg = data.DataConfig(data="synthetic", product="hazelnut", image_size=32)
+    dcfg = sources.DataConfig(data="synthetic", product="hazelnut", image_size=32)
     folder = tmp_path / "runs" / "000-hazelnut-difffit"
     folder.mkdir(parents=True)
     runs.write_json(folder / "config.json", {"config": {**vars(dcfg), "model": "mini", "method": "difffit"}})
-    data.load(dcfg, manifest=folder / "split.json")
+    sources.load(dcfg, manifest=folder / "split.json")
     pics, labels, classes = judge.procedural("hazelnut", "real", 4, 32, progress=False)  # a perfect generator
     out = folder / "samples" / "s"
     for i, (img, y) in enumerate(zip(pics, labels.tolist())):

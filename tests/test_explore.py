@@ -10,8 +10,9 @@ import urllib.request
 import nbformat
 import pytest
 
-from defectlab import explore, train
-from defectlab.cli import main as cli_main
+from defectlab.stages import train
+from defectlab.reports import explore
+from defectlab.app.cli import main as cli_main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

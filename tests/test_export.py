@@ -6,8 +6,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import export, images, model, restore, sample, sampler, train
-from defectlab.errors import DefectlabError
+from defectlab.base import images
+from defectlab.core import model, restore, sampler
+from defectlab.stages import sample, train
+from defectlab.reports import export
+from defectlab.base.errors import DefectlabError
 from test_train import tiny_cfg
 
 

@@ -16,7 +16,10 @@ import pytest
 from PIL import Image
 from safetensors import SafetensorError
 
-from defectlab import export, model, paths, runs, train
+from defectlab.base import paths, runs
+from defectlab.core import model
+from defectlab.stages import train
+from defectlab.reports import export
 from test_data import make_mvtec
 from test_export import latent_base  # noqa: F401  (a fixture: a tiny latent DiTPipeline folder)
 from test_reliability import assert_one_line_error, run_cli
@@ -201,7 +204,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_last_one_and_resumes(tmp
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
     """A failure inside the loop (here: the loss) before any checkpoint removes the new folder,
     and ``latest`` passes over folders without a checkpoint."""
-    from defectlab.errors import DefectlabError
+    from defectlab.base.errors import DefectlabError
 
     good = train.run(train.TrainConfig(model="tiny", method="bitfit", image_size=16, epochs=1, val_per_class=1,
                                        val_timesteps=2, runs_dir=str(tmp_path), progress=False))

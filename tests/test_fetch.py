@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import errors as hf_errors
 from PIL import Image
 
-from defectlab import data, fetch
-from defectlab.errors import DefectlabError
+from defectlab.data import fetch, sources
+from defectlab.base.errors import DefectlabError
 
 
 def _png_bytes(size=16, value=100):
@@ -57,7 +57,7 @@ def test_defectspectrum_downloads_one_product(tmp_path, monkeypatch):
     (kw,) = calls
     assert kw["repo_id"] == "DefectSpectrum/Defect_Spectrum" and kw["repo_type"] == "dataset"
     assert kw["allow_patterns"] and all(p.startswith("DS-MVTec/hazelnut/") for p in kw["allow_patterns"])
-    d = data.load(data.DataConfig(data=str(root), product="hazelnut", image_size=8))
+    d = sources.load(sources.DataConfig(data=str(root), product="hazelnut", image_size=8))
     assert d.layout == "ds-mvtec" and d.classes == ["crack"] and len(d.good) == 1
     assert {s.mask.parent.parent.name for s in d.train + d.test} == {"mask", "rgb_mask"}
 
@@ -94,9 +94,9 @@ def test_mvtec_archive_only_requested_product(tmp_path, suffix, mode):
     archive = _tar(tmp_path / f"mvtec.{suffix}", files, mode)
     root = fetch.fetch_mvtec(archive, tmp_path / "out", product="screw")
     assert root == tmp_path / "out"
-    assert data.detect_layout(root) == ("mvtec", ["screw"])
+    assert sources.detect_layout(root) == ("mvtec", ["screw"])
     assert not (root / "hazelnut").exists() and not list(root.glob(".extract-*"))
-    d = data.load(data.DataConfig(data=str(root), product="screw", image_size=8))
+    d = sources.load(sources.DataConfig(data=str(root), product="screw", image_size=8))
     assert d.classes == ["crack"] and len(d.train) == len(d.test) == 1
 
 
@@ -106,7 +106,7 @@ def test_mvtec_zip_with_wrapper_folder(tmp_path):
         for name, payload in _mvtec_files("hazelnut", prefix="mvtec_anomaly_detection/").items():
             zf.writestr(name, payload)
     root = fetch.fetch_mvtec(archive, tmp_path / "out")
-    assert data.detect_layout(root) == ("mvtec", ["hazelnut"])
+    assert sources.detect_layout(root) == ("mvtec", ["hazelnut"])
 
 
 @pytest.mark.parametrize("evil", ["../escape.png", "/tmp/abs.png", "hazelnut/../../escape.png"])
@@ -143,7 +143,7 @@ def test_refetch_never_deletes_what_it_did_not_write(tmp_path, capsys):
     """Fetching again into a product folder that holds files is refused without
     --force; with --force only the archive's files are replaced, the user's notes and extra class
     folder stay, and another product beside it is never touched."""
-    from defectlab import cli
+    from defectlab.app import cli
 
     archive = _tar(tmp_path / "mvtec.tar.gz", _mvtec_files("hazelnut"))
     root = fetch.fetch_mvtec(archive, tmp_path / "out")
@@ -163,7 +163,7 @@ def test_refetch_never_deletes_what_it_did_not_write(tmp_path, capsys):
     assert (root / "hazelnut/test/crack/000.png").read_bytes() == _png_bytes(value=30)  # the archive's file back
     other = _tar(tmp_path / "screw.tar.gz", _mvtec_files("screw"))
     fetch.fetch_mvtec(other, root)  # another product into the same root needs no --force
-    assert data.detect_layout(root) == ("mvtec", ["hazelnut", "screw"]) and notes.is_file()
+    assert sources.detect_layout(root) == ("mvtec", ["hazelnut", "screw"]) and notes.is_file()
     assert not list(root.glob(".extract-*"))
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from defectlab import dit, engine, methods, model, sampler
-from defectlab.diffusion import Objective
+from defectlab.core import dit, engine, methods, model, sampler
+from defectlab.core.diffusion import Objective
 
 # DEFECTLAB_GPU_DRY_RUN=1: the same code on the CPU with the small model and torch.compile's
 # "eager" backend, to catch mistakes before a device is spent on them (figures mean nothing there)
@@ -174,7 +174,7 @@ def test_sampler_copy_of_a_compiled_training_model_is_independent():
     with torch.no_grad():
         ref = plain(x0, timestep=ts, class_labels=y).sample
         assert torch.allclose(net(x0, timestep=ts, class_labels=y).sample, ref, atol=1e-4)
-    assert neengine.report(t)["compile"] == "off"
+    assert engine.report(t)["compile"] == "off"
 
 
 def test_attention_uses_a_fused_kernel_in_bf16():

@@ -3,7 +3,8 @@ samples from a fine-tune on them came out with colour casts."""
 import numpy as np
 from PIL import Image
 
-from defectlab import runs, sample, synthesize, train
+from defectlab.base import runs
+from defectlab.stages import sample, synthesize, train
 from test_data import make_mvtec
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from defectlab import data, dataset, gain, judge, runs, synth, viz
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.data import dataset, sources, synth
+from defectlab.core import gain, judge, viz
+from defectlab.base.errors import DefectlabError
 
 SMALL = judge.JudgeRecipe(per_class=30, steps=120, batch_size=16)  # ≈ 3 s at 32 px on one thread
 
@@ -44,16 +46,16 @@ def test_splits_never_meet_each_other_nor_the_few_shot_dataset(product):
     for a in judge.SPLITS:
         for b in judge.SPLITS:
             assert a == b or not splits[a] & splits[b], (a, b)
-    few_shot = data.load(data.DataConfig(product=product, image_size=size))  # the embedded dataset
+    few_shot = sources.load(sources.DataConfig(product=product, image_size=size))  # the embedded dataset
     images = [dataset.load_image(s.image, size) for s in few_shot.train + few_shot.test]
-    assert len(images) == 4 * data.SYNTHETIC["per_class"]
+    assert len(images) == 4 * sources.SYNTHETIC["per_class"]
     images += [dataset.load_image(p, size) for p in few_shot.good]  # the dataset's defect-free products too
-    assert len(images) > 4 * data.SYNTHETIC["per_class"]
+    assert len(images) > 4 * sources.SYNTHETIC["per_class"]
     for name, hashes in splits.items():
         assert not _hashes(torch.stack(images)) & hashes, name
     # same drawing code and resize as the dataset: synth's own seed reproduces its image exactly
     first = few_shot.train[0]
-    rng = synth._rng(data.SYNTHETIC["seed"], product, "test", first.defect, int(first.image.stem))
+    rng = synth._rng(sources.SYNTHETIC["seed"], product, "test", first.defect, int(first.image.stem))
     assert torch.equal(judge.draw(product, first.defect, rng, size), dataset.load_image(first.image, size))
 
 

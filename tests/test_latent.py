@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from defectlab import autoencoder, model, paths, pretrain, restore, runs, sampler, train
-from defectlab.codec import VAECodec
-from defectlab.errors import DefectlabError
+from defectlab.base import paths, runs
+from defectlab.core import model, restore, sampler
+from defectlab.stages import autoencoder, pretrain, train
+from defectlab.core.codec import VAECodec
+from defectlab.base.errors import DefectlabError
 
 AE = dict(image_size=32, channels="8,16", batch_size=4, progress=False)
 BASE = dict(image_size=32, patch_size=2, width=32, heads=2, depth=1, batch_size=4, preview=0, progress=False)

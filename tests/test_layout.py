@@ -11,34 +11,64 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "defectlab"
 CHECKOUT = PACKAGE.parent
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__main__")
+LAYERS = ("base", "data", "core", "stages", "reports", "app")  # bottom to top: docs/interfaces.md
+FILES = {f"{p.parent.name}.{p.stem}": p for layer in LAYERS for p in sorted((PACKAGE / layer).glob("*.py"))
+         if p.stem != "__init__"}
+MODULES = sorted(FILES)  # "layer.module"
 MAX_LINES = 400
 MAX_TRACKED_BYTES = 12_000_000  # the largest shipped asset (mini's weights) is 9.5 MB
 
 
 def _package_imports(tree: ast.AST, name: str):
-    """(imported defectlab module, node) for every ``from . import x`` / ``from .x import y`` /
-    ``import defectlab.x`` in a module, wherever it stands."""
+    """("layer.module" imported, node) for every relative import (``from . import x``,
+    ``from ..core import x``, ``from ..core.x import y``) and every absolute ``defectlab.…``
+    import in module ``name``, wherever it stands."""
+    layer = name.split(".")[0]
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("defectlab")):
-            base = (node.module or "").removeprefix("defectlab").lstrip(".")
-            if base:
-                yield base.split(".")[0], node
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("defectlab")):
+            if node.level:
+                parts = ([layer] if node.level == 1 else []) + (node.module or "").split(".")
+            else:
+                parts = node.module.split(".")[1:]
+            parts = [p for p in parts if p]
+            if len(parts) >= 2:
+                yield ".".join(parts[:2]), node
             else:
                 for alias in node.names:
-                    yield alias.name, node
+                    yield ".".join([*parts, alias.name]) if parts else alias.name, node
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("defectlab."):
-                    yield alias.name.split(".")[1], node
+                    yield ".".join(alias.name.split(".")[1:3]), node
 
 
 def _graph() -> dict[str, set[str]]:
     graph = {}
     for name in MODULES:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
-        graph[name] = {mod for mod, _ in _package_imports(tree, name) if mod in MODULES and mod != name}
+        tree = ast.parse(FILES[name].read_text())
+        graph[name] = {mod for mod, _ in _package_imports(tree, name) if mod != name}
     return graph
+
+
+def test_the_package_is_its_layers():
+    """``ls defectlab`` shows the layers: no module outside a layer folder but the entry point."""
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert not loose, f"modules outside the layer folders {LAYERS}: {loose}"
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py")))
+    assert sorted(folders) == sorted(LAYERS), folders
+
+
+def test_imports_go_down_the_layers():
+    """A module imports from its own layer folder or the ones below, never above, and only
+    modules that exist."""
+    graph, wrong = _graph(), []
+    for name, imported in graph.items():
+        for mod in imported:
+            if mod not in FILES:
+                wrong.append(f"{name} imports {mod}, which is no module of the layers")
+            elif LAYERS.index(mod.split(".")[0]) > LAYERS.index(name.split(".")[0]):
+                wrong.append(f"{name} imports {mod}, a layer above it")
+    assert not wrong, wrong
 
 
 def test_the_import_graph_has_no_cycle():
@@ -64,7 +94,7 @@ def test_the_import_graph_has_no_cycle():
 def test_no_package_import_inside_a_function():
     hidden = []
     for name in MODULES:
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        tree = ast.parse(FILES[name].read_text())
         for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             hidden += [f"{name}.{func.name} imports {mod}" for mod, _ in _package_imports(func, name)]
     assert not hidden, hidden
@@ -83,7 +113,7 @@ def test_every_module_imports_first():
 
 
 def test_no_module_over_the_line_budget():
-    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {name: n for name, p in FILES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 
 
@@ -111,6 +141,6 @@ def test_one_place_takes_optimizer_steps():
     """Fine-tuning, base pre-training, the autoencoder and the small classifiers all step through
     ``loop.Stepper``: clipping, EMA or precision change in one place."""
     pattern = re.compile(r"\.backward\(|\b(opt|optimizer)\.step\(|clip_grad_norm_\(")
-    found = [f"{p.name}:{n}" for p in sorted(PACKAGE.glob("*.py")) if p.stem != "loop"
+    found = [f"{name}:{n}" for name, p in FILES.items() if name != "core.loop"
              for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
-    assert not found, f"optimizer steps outside loop.py: {found}"
+    assert not found, f"optimizer steps outside core/loop.py: {found}"

@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import data, dataset, images, masks, methods, restore, runs, sampler, synthesize, train
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.base import images, runs
+from defectlab.data import dataset, sources
+from defectlab.core import masks, methods, restore, sampler
+from defectlab.stages import synthesize, train
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 
 
 def build(method="difffit", mask_condition=True):
@@ -20,7 +23,7 @@ def build(method="difffit", mask_condition=True):
 
 
 def good_images(n=2, size=32):
-    dd = data.load(data.DataConfig(product="hazelnut", image_size=size))
+    dd = sources.load(sources.DataConfig(product="hazelnut", image_size=size))
     return torch.stack([dataset.load_image(g, size) for g in dd.good[:n]])
 
 
@@ -88,7 +91,7 @@ def test_dataset_mask_transforms_move_rotate_and_scale():
 
 
 def _procedural(product, defect, seed, size=64):
-    from defectlab import synth
+    from defectlab.data import synth
     img, parts = synth.product_image(product, np.random.default_rng(seed), size)
     if defect:
         img, mask = synth.draw_defect(img, defect, np.random.default_rng(seed + 1), parts)
@@ -102,7 +105,7 @@ def _procedural(product, defect, seed, size=64):
 def test_carried_masks_land_on_the_same_part_of_another_product(defect, part):
     """A mask drawn on one screw's head lands on another screw's head, whatever the two poses; at
     its own pixels it mostly lands on the background (screws lie at any angle)."""
-    from defectlab import synth
+    from defectlab.data import synth
     part = {2: synth.HEAD, 3: synth.NECK}[part]
     on_part, kept_on_part = [], []
     for i in range(6):
@@ -160,7 +163,7 @@ def test_inpainting_keeps_the_outside_and_changes_only_inside(scheduler, resampl
 
 
 def test_defect_detector_finds_real_defects_inside_their_masks():
-    dd = data.load(data.DataConfig(product="hazelnut", image_size=32))
+    dd = sources.load(sources.DataConfig(product="hazelnut", image_size=32))
     picked = dd.train[::4]
     images = torch.stack([dataset.load_image(s.image, 32) for s in picked])
     truth = torch.stack([dataset.load_mask(s.mask, 32) for s in picked])
@@ -189,7 +192,7 @@ def test_mask_conditioned_run_restores_and_generates_pairs(trained, tmp_path):
     out = synthesize.run(cfg)
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["class"], r["index"]) for r in records] == [("crack", 0), ("crack", 1), ("hole", 0), ("hole", 1)]
-    back = data.load(data.DataConfig(data=str(out), product="hazelnut", image_size=16))
+    back = sources.load(sources.DataConfig(data=str(out), product="hazelnut", image_size=16))
     assert back.classes == ["crack", "hole"] and all(s.mask is not None for s in back.train + back.test)
     first = back.train[0]
     mask = dataset.load_mask(first.mask, 16)
@@ -250,9 +253,9 @@ def test_run_refuses_bad_input(trained, tmp_path):
 
 def test_cli_entry(monkeypatch, capsys):
     """cli.STAGES' synthesize entry: flags come from MaskSampleConfig."""
-    from defectlab import cli
+    from defectlab.app import cli
 
-    assert cli.STAGES["synthesize"][:2] == ("synthesize", "MaskSampleConfig")
+    assert cli.STAGES["synthesize"][:2] == ("stages.synthesize", "MaskSampleConfig")
     assert cli.main(["synthesize", "--cx", "-1", "--mask", "ellipse", "--mode", "paint"]) == 2
     assert "unknown mode 'paint'" in capsys.readouterr().err
     args = cli.build_parser("finetune").parse_args(["finetune", "--mask-condition"])
@@ -274,8 +277,8 @@ def test_window_is_centred_on_the_defect_and_stays_inside():
 
 
 def test_zoom_dataset_items_are_windows_that_hold_the_defect():
-    cfg = data.DataConfig(product="hazelnut", image_size=16, zoom=2)
-    dd = data.load(cfg)
+    cfg = sources.DataConfig(product="hazelnut", image_size=16, zoom=2)
+    dd = sources.load(cfg)
     items = [s for s in dd.train if s.mask is not None][:4]
     plain = dataset.DefectDataset(items, cfg, augment=False)
     full = [dataset.load_mask(s.mask, 32) for s in items]
@@ -289,7 +292,7 @@ def test_zoom_dataset_items_are_windows_that_hold_the_defect():
     a, b = jittered[0], jittered[0]
     assert torch.equal(a["image"], b["image"])  # seeded per item and epoch: the same window twice
     with pytest.raises(DefectlabError, match="zoom must be between 1"):
-        dataset.DefectDataset(items, data.DataConfig(product="hazelnut", zoom=0))
+        dataset.DefectDataset(items, sources.DataConfig(product="hazelnut", zoom=0))
 
 
 def test_zoom_run_synthesizes_full_size_images_changed_only_in_the_window(tmp_path):
@@ -310,7 +313,7 @@ def test_zoom_run_synthesizes_full_size_images_changed_only_in_the_window(tmp_pa
         outside = torch.ones(32, 32, dtype=torch.bool)
         outside[y:y + 16, x:x + 16] = False
         assert (img - images.quantised(good)).abs()[:, outside].max() <= 1 / 127.5 + 1e-6  # untouched outside the window
-    from defectlab import evaluate  # a zoom run is evaluated on its synthesized full images, found by default
+    from defectlab.stages import evaluate  # a zoom run is evaluated on its synthesized full images, found by default
     assert evaluate.samples_folder(folder) == out == evaluate.samples_folder(folder, "synthesized")
     (tmp_path / "free" / "hazelnut").mkdir(parents=True)
     with pytest.raises(DefectlabError, match="not synthesize output.*--zoom 2"):

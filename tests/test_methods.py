@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from defectlab import dit, methods, model, runs
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.core import dit, methods, model
+from defectlab.base.errors import DefectlabError
 
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=2, num_attention_heads=2)  # 16 tokens, width 64
 XL = dict(model.TINY_CONFIG, sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_layers=28,

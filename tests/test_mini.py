@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from defectlab import classifier, corpus, data, dataset, demo, methods, model, paths, pretrain, restore, runs, sampler, train
-from defectlab.errors import DefectlabError
+from defectlab.base import paths, runs
+from defectlab.data import corpus, dataset, sources
+from defectlab.core import classifier, methods, model, restore, sampler
+from defectlab.stages import pretrain, train
+from defectlab.app import demo
+from defectlab.base.errors import DefectlabError
 
 MINI = paths.ASSETS / "mini"
 needs_mini = pytest.mark.skipif(not (MINI / "config.json").is_file(), reason="defectlab/assets/mini not built")
@@ -28,7 +32,7 @@ def test_shipped_mini_loads_and_matches_its_card():
         x0, y = corpus.batch(10_000_000, 18, size=32)
         t_ = torch.full((18,), 300)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-        from defectlab.diffusion import Objective
+        from defectlab.core.diffusion import Objective
         obj = Objective(base.scheduler_config)
         assert obj.prediction_type == "v_prediction"  # from the shipped scheduler/scheduler_config.json
         pred = t(obj.add_noise(x0, noise, t_), timestep=t_, class_labels=y).sample[:, :3]
@@ -72,7 +76,7 @@ def test_corpus_is_deterministic_and_varied():
 
 
 def data_defects(product):
-    from defectlab import synth
+    from defectlab.data import synth
     return synth.PRODUCTS[product].defects
 
 
@@ -182,10 +186,10 @@ def test_short_finetune_from_mini_tells_the_new_classes_apart(short_finetune):
     fine-tune (210 steps), the class whose conditioning denoises a *held-out* real image best is its defect
     type far more often than chance (a diffusion classifier, ``classes.scores``). Measured 0.50
     on the 20 test images (chance 0.25); wrong labels or a class table that does not train give chance."""
-    from defectlab import classes
+    from defectlab.stages import classes
     r = short_finetune
-    dcfg = data.DataConfig(product="hazelnut", image_size=32)
-    dd = data.load(dcfg)
+    dcfg = sources.DataConfig(product="hazelnut", image_size=32)
+    dd = sources.load(dcfg)
     test = dataset.DefectDataset(dd.test, dcfg, augment=False)
     x0 = torch.stack([test[i]["image"] for i in range(len(test))])
     y = torch.tensor([test[i]["label"] for i in range(len(test))])
@@ -207,8 +211,8 @@ def test_short_finetune_from_mini_samples_the_intended_classes(short_finetune):
     recognises the class of images sampled after a brief DiffFit fine-tune of mini more often than
     chance (binomial p < 0.01). Measured 23/48 = 0.48 at guidance 6 (chance 0.25, p ≈ 0.0005); a
     base pre-trained on corpus v1 (one class per product, same budget) gave 16/48 (p ≈ 0.12)."""
-    dcfg = data.DataConfig(product="hazelnut", image_size=32)
-    dd = data.load(dcfg)
+    dcfg = sources.DataConfig(product="hazelnut", image_size=32)
+    dd = sources.load(dcfg)
     k = len(dd.classes)
     real = dataset.DefectDataset(dd.train + dd.test, dcfg, augment=False)
     xs = torch.stack([real[i]["image"] for i in range(len(real))])
@@ -250,7 +254,7 @@ def test_demo_finetune_keeps_the_judge_score_above_its_floor(demo_finetune):
     34/96). Chance is 24/96 and P(≥ 45 | chance) ≈ 3e-6; samples that all look alike score at
     most 24, and ones that show nothing are called good. What it guards is the class signal,
     not realism: the samples show their class mostly as a colour (README, "Measured")."""
-    from defectlab import judge
+    from defectlab.core import judge
     r = demo_finetune
     j = judge.judge_for("hazelnut", 32, progress=False)
     assert j.source == "shipped"

@@ -4,9 +4,13 @@ import re
 import pytest
 import torch
 
-from defectlab import corpus, dataset, demo, judge, methods, model, paths, pretrain, synthesize, train
-from defectlab.codec import VAECodec
-from defectlab.diffusion import Objective
+from defectlab.base import paths
+from defectlab.data import corpus, dataset
+from defectlab.core import judge, methods, model
+from defectlab.stages import pretrain, synthesize, train
+from defectlab.app import demo
+from defectlab.core.codec import VAECodec
+from defectlab.core.diffusion import Objective
 
 LATENT = paths.ASSETS / "mini-latent"
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
-from defectlab import convert, methods, model, paths
-from defectlab.errors import DefectlabError
+from defectlab.base import paths
+from defectlab.core import convert, methods, model
+from defectlab.base.errors import DefectlabError
 from dit_reference import RefDiT
 
 MICRO = dict(model.TINY_CONFIG, sample_size=16, num_layers=2, num_attention_heads=2)  # 16 tokens, width 64
@@ -279,7 +280,7 @@ def test_set_classes_averages_groups_of_base_rows():
     import torch
     from diffusers import DiTTransformer2DModel
 
-    from defectlab import methods as m
+    from defectlab.core import methods as m
 
     t = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=6,
                               num_layers=2, sample_size=8, patch_size=4, num_embeds_ada_norm=10)
@@ -294,7 +295,7 @@ def test_set_classes_averages_groups_of_base_rows():
 
 
 def test_anchor_class_uses_the_base_mapping_then_imagenet():
-    from defectlab import model as m
+    from defectlab.core import model as m
 
     tiny = m.load("tiny")
     assert m.anchor_class(tiny, "hazelnut") == 990 and m.anchor_class(tiny, "screw") == 783

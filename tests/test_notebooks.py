@@ -16,9 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import batch, cli, demo, images, page, params, paths, report, restore, runs, sample
-from defectlab.errors import DefectlabError
-from defectlab.explorer import Explorer
+from defectlab.base import images, paths, runs
+from defectlab.core import restore
+from defectlab.stages import sample
+from defectlab.reports import page, report
+from defectlab.app import batch, cli, demo, params
+from defectlab.base.errors import DefectlabError
+from defectlab.reports.explorer import Explorer
 
 # tiny model, 32 px, one epoch, 2 images per class, 4 sampling steps, 2 classifier steps
 TRAIN = dict(model="tiny", image_size=32, epochs=1, batch_size=4, grad_accum=1, val_per_class=1, val_timesteps=2,

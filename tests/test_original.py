@@ -9,9 +9,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import convert, model, restore, runs, sampler, train
-from defectlab.diffusion import Objective
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.core import convert, model, restore, sampler
+from defectlab.stages import train
+from defectlab.core.diffusion import Objective
+from defectlab.base.errors import DefectlabError
 from dit_reference import RefDiffusion, RefDiT, guided, space_timesteps
 
 RTOL = 1e-5

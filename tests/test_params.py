@@ -8,8 +8,10 @@ import typing
 import jupytext
 import pytest
 
-from defectlab import batch, cli, evaluate, params, paths, train
-from defectlab.errors import DefectlabError
+from defectlab.base import paths
+from defectlab.stages import evaluate, train
+from defectlab.app import batch, cli, params
+from defectlab.base.errors import DefectlabError
 
 
 @pytest.fixture(scope="module")

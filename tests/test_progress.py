@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from defectlab import progress
+from defectlab.base import progress
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import cli, runs
+from defectlab.base import runs
+from defectlab.app import cli
 from test_data import make_mvtec
 
 
@@ -79,7 +80,7 @@ def test_debug_flag_shows_the_traceback(broken):
 
 
 def test_out_of_memory_suggests_what_to_change(capsys, monkeypatch):
-    from defectlab import train
+    from defectlab.stages import train
 
     def oom(cfg):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -90,12 +91,12 @@ def test_out_of_memory_suggests_what_to_change(capsys, monkeypatch):
 
 
 def test_non_image_file_is_skipped_with_a_warning(tmp_path):
-    from defectlab import data
+    from defectlab.data import sources
 
     root = make_mvtec(tmp_path / "mv")
     (root / "widget/test/dent/notes.txt").write_text("not an image")
     with pytest.warns(UserWarning, match="notes.txt"):
-        d = data.load(data.DataConfig(data=str(root), product="widget", image_size=16))
+        d = sources.load(sources.DataConfig(data=str(root), product="widget", image_size=16))
     assert all(s.image.suffix == ".png" for s in d.train + d.test)
 
 
@@ -152,7 +153,7 @@ def test_kill_9_during_training_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 def test_same_config_and_seed_give_the_same_checkpoint(tmp_path):
-    from defectlab import train
+    from defectlab.stages import train
 
     cfg = dict(model="tiny", method="bitfit", image_size=16, epochs=1, val_per_class=1, val_timesteps=2,
                lr=2e-3, runs_dir=str(tmp_path), progress=False)

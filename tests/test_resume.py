@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectlab import data, runs, train
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.data import sources
+from defectlab.stages import train
+from defectlab.base.errors import DefectlabError
 from test_data import make_mvtec
 from test_reliability import _cli
 
@@ -163,5 +165,5 @@ def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
     assert saved["data"] == str(tmp_path / "mv")
     train.run(train.TrainConfig(resume=str(folder), data="mv", max_steps=2, progress=False))  # the same data
     monkeypatch.chdir("/")
-    d = data.load(data.from_settings(saved), manifest=folder / "split.json")
+    d = sources.load(sources.from_settings(saved), manifest=folder / "split.json")
     assert d.root == (tmp_path / "mv").resolve() and d.classes == ["bent", "dent"]

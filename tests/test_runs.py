@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from defectlab import runs
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.base.errors import DefectlabError
 
 
 def test_create_never_reuses_a_folder(tmp_path):

@@ -10,8 +10,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
-from defectlab import images, model, runs, sample, sampler
-from defectlab.errors import DefectlabError
+from defectlab.base import images, runs
+from defectlab.core import model, sampler
+from defectlab.stages import sample
+from defectlab.base.errors import DefectlabError
 
 
 def tiny_dit(classes: int = 1000, seed: int = 0) -> DiTTransformer2DModel:
@@ -313,7 +315,8 @@ def test_run_folder_without_checkpoint(tmp_path):
 
 def test_run_folder_end_to_end(tmp_path):
     """A real (very short) fine-tuning run: sample.run restores it and seeds images as documented."""
-    from defectlab import restore, train
+    from defectlab.core import restore
+    from defectlab.stages import train
 
     folder = train.run(train.TrainConfig(model="tiny", method="difffit", product="hazelnut", image_size=16,
                                          epochs=1, max_steps=1, batch_size=2, grad_accum=1, val_every=1,

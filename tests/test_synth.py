@@ -11,8 +11,10 @@ from PIL import Image
 
 import torch
 
-from defectlab import data, judge, paths, synth, synth_v2
-from defectlab.errors import DefectlabError
+from defectlab.base import paths
+from defectlab.data import sources, synth, synth_v2
+from defectlab.core import judge
+from defectlab.base.errors import DefectlabError
 
 SMALL = dict(size=64, per_class=3, good=3)
 
@@ -27,7 +29,7 @@ def small(tmp_path_factory):
 
 
 def test_layout_and_counts(small):
-    assert data.detect_layout(small) == ("mvtec", ["hazelnut", "screw"])
+    assert sources.detect_layout(small) == ("mvtec", ["hazelnut", "screw"])
     for product, spec in synth.PRODUCTS.items():
         assert len(list((small / product / "train" / "good").glob("*.png"))) == 3
         assert len(list((small / product / "test" / "good").glob("*.png"))) == 2
@@ -211,9 +213,9 @@ def test_version_plumbing(tmp_path, monkeypatch):
     rng = np.random.default_rng([0, judge.NAMESPACE, *(zlib.crc32(s.encode()) for s in ("screw", "test", "manipulated_front")), 0])
     assert torch.equal(x2[0], judge.draw("screw", "manipulated_front", rng, 32, version=2))
     monkeypatch.setattr(paths, "SYNTHETIC", tmp_path / "data" / "synthetic")
-    monkeypatch.setattr(data, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
-    root = data.resolve_root("synthetic", version=2)
+    monkeypatch.setattr(sources, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
+    root = sources.resolve_root("synthetic", version=2)
     assert root == tmp_path / "data" / "synthetic-v2" and not paths.SYNTHETIC.exists()   # the default is left alone
-    assert json.loads((root / data.STAMP).read_text())["generator_version"] == 2
-    assert data.resolve_root("synthetic") == paths.SYNTHETIC
-    assert json.loads((paths.SYNTHETIC / data.STAMP).read_text())["generator_version"] == 1
+    assert json.loads((root / sources.STAMP).read_text())["generator_version"] == 2
+    assert sources.resolve_root("synthetic") == paths.SYNTHETIC
+    assert json.loads((paths.SYNTHETIC / sources.STAMP).read_text())["generator_version"] == 1

@@ -4,8 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from defectlab import methods, restore, runs, train
-from defectlab.errors import DefectlabError
+from defectlab.base import runs
+from defectlab.core import methods, restore
+from defectlab.stages import train
+from defectlab.base.errors import DefectlabError
 
 
 def tiny_cfg(tmp_path, **kw):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from defectlab import explorer as explorer_mod, report, sampler, viz
-from defectlab.errors import DefectlabError
-from defectlab.explorer import ALL_CLASSES, Explorer
+from defectlab.core import sampler, viz
+from defectlab.reports import explorer as explorer_mod, report
+from defectlab.base.errors import DefectlabError
+from defectlab.reports.explorer import ALL_CLASSES, Explorer
 
 
 def images(n, size=16, seed=0):
@@ -88,9 +89,9 @@ def test_import_is_light():
 # ----------------------------------------------------------------------------- datasets, runs, explorer
 @pytest.fixture(scope="module")
 def hazelnut():
-    from defectlab import data
+    from defectlab.data import sources
 
-    return data.load(data.DataConfig(image_size=32))
+    return sources.load(sources.DataConfig(image_size=32))
 
 
 def test_dataset_figure_rows_are_classes_with_masks(hazelnut):
@@ -110,16 +111,17 @@ def test_dataset_figure_rows_are_classes_with_masks(hazelnut):
 
 
 def test_dataset_figure_on_a_real_mvtec_root(shared_screws):
-    from defectlab import data
+    from defectlab.data import sources
 
-    product = data.detect_layout(shared_screws)[1][0]
-    real = data.load(data.DataConfig(data=str(shared_screws), product=product))
+    product = sources.detect_layout(shared_screws)[1][0]
+    real = sources.load(sources.DataConfig(data=str(shared_screws), product=product))
     fig = viz.dataset_figure(real, per_class=2, size=48)
     assert len([ax for ax in fig.axes if ax.get_ylabel()]) == len(real.classes) + bool(real.good)
 
 
 def test_counts_figure_and_trainable_table(hazelnut):
-    from defectlab import methods, restore, train
+    from defectlab.core import methods, restore
+    from defectlab.stages import train
 
     fig = viz.counts_figure(hazelnut)
     ax = fig.axes[0]
@@ -141,7 +143,8 @@ def test_show_accepts_figures_files_and_pairs(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def explorer():
     """An untrained tiny model: enough to check what the explorer draws and that seeds work."""
-    from defectlab import restore, train
+    from defectlab.core import restore
+    from defectlab.stages import train
 
     classes = ["crack", "cut", "hole", "print"]
     cfg = train.TrainConfig(model="tiny", image_size=16)
@@ -206,7 +209,7 @@ def test_explorer_cache_hit_does_not_sample(explorer, monkeypatch):
 
 
 def test_explorer_is_fast_unless_the_settings_already_are(explorer):
-    from defectlab import sample
+    from defectlab.stages import sample
 
     slow = Explorer.from_config(explorer.restored, sample.SampleConfig(scheduler="ddpm", steps=250))
     assert (slow.scheduler, slow.steps) == ("dpmsolver", 25)
