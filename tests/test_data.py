@@ -280,6 +280,7 @@ def test_non_image_file_is_skipped_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="notes.txt"):
         d = sources.load(cfg_for(root))
     assert sum(s.defect == "dent" for s in d.train + d.test) == 4
+    assert all(s.image.suffix == ".png" for s in d.train + d.test)
 
 
 def test_mask_size_mismatch(tmp_path):

@@ -230,13 +230,20 @@ def test_unknown_parameter_is_one_line(tmp_path):
 
 
 def test_a_failing_cell_is_one_line_naming_notebook_and_error(tmp_path):
+    """Notebook 02 executed with ``crop`` larger than the images: one line naming the notebook, the
+    cell and the error; the batch record keeps it. The data check inside ``train.run`` names the
+    value, so ``crop`` (a TrainConfig field that is no notebook parameter) reached the TrainConfig
+    the notebook built, through its ``settings``."""
     out = tmp_path / "failed"
-    with pytest.raises(DefectlabError, match=r"notebook 01_explore_data failed in cell \d+: DefectlabError: "
-                                             r"unknown product 'nut' .*\(traceback in .*01_explore_data.ipynb\)") as err:
-        batch.run(batch.NotebooksConfig(out=str(out), only="01"), params={"product": "nut"})
+    with pytest.raises(DefectlabError, match=r"notebook 02_finetune failed in cell \d+: DefectlabError: "
+                                             r"crop 100000 px is larger than image.*"
+                                             r"\(traceback in .*02_finetune.ipynb\)") as err:
+        batch.run(batch.NotebooksConfig(out=str(out), only="02"),
+                  params={"model": "tiny", "epochs": 1, "progress": False, "crop": 100000})
     assert "\n" not in str(err.value)
     record = runs.read_json(out / "batch.json")
-    assert record["failed"] == "01_explore_data" and "unknown product" in record["notebooks"]["01_explore_data"]["error"]
+    assert record["failed"] == "02_finetune" and "crop 100000" in record["notebooks"]["02_finetune"]["error"]
+    assert json.loads(record["notebooks"]["02_finetune"]["parameters"][params.SETTINGS]) == {"crop": 100000}
 
 
 @pytest.mark.parametrize("text, line", [("epochs: 2\nlr: [1, 2\nmodel: tiny\n", 3), ("a: 1\n  b: 2\n", 2),

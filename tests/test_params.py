@@ -140,13 +140,20 @@ def test_a_swept_stage_field_reaches_the_notebook(tmp_path, monkeypatch):
     assert seen[1][1]["epochs"] == 1 and seen[1][1]["model"] == "tiny"
 
 
-def test_executed_notebook_builds_its_config_with_the_settings(tmp_path):
-    """Notebook 02 executed with ``crop`` larger than the images: the data check inside
-    ``train.run`` names it, so the value reached the TrainConfig the notebook built."""
-    out = tmp_path / "nb"
-    with pytest.raises(DefectlabError, match=r"notebook 02_finetune failed in cell \d+: DefectlabError: "
-                                             r"crop 100000 px is larger than image"):
-        batch.run(batch.NotebooksConfig(out=str(out), only="02"),
-                  params={"model": "tiny", "epochs": 1, "progress": False, "crop": 100000})
-    recorded = json.loads((out / "batch.json").read_text())["notebooks"]["02_finetune"]["parameters"]
-    assert json.loads(recorded[params.SETTINGS]) == {"crop": 100000}
+def test_the_demo_without_jupyter_builds_the_notebooks_configs(specs):
+    """``demo --no-notebooks`` runs each stage on the settings object its notebook would build from
+    the same parameters: the demo's recipe reaches TrainConfig (zoom, mask loss), 03 takes its own
+    seed (``sample_seed``), not 02's, and a field no notebook declares travels through ``settings``."""
+    from defectlab.app import demo
+    given = {**demo.params(demo.DemoConfig(model="mini-latent")), "seed": 7, "sample_seed": 3, "crop": 200,
+             "timestep_spacing": "leading"}
+    tc = params.stage_config("02_finetune", given, specs, "test")
+    recipe = demo.PRESETS["mini-latent"]
+    assert isinstance(tc, train.TrainConfig)
+    assert (tc.model, tc.zoom, tc.mask_loss, tc.lr, tc.seed, tc.crop) == (
+        "mini-latent", recipe["zoom"], recipe["mask_loss"], recipe["lr"], 7, 200)
+    sc = params.stage_config("03_sample", {**given, "run": "somewhere"}, specs, "test")
+    assert (sc.run, sc.seed, sc.guidance, sc.timestep_spacing) == ("somewhere", 3, recipe["guidance"], "leading")
+    assert sc.batch_size == type(sc)().batch_size  # 02's batch_size stays 02's
+    ec = params.stage_config("04_evaluate", given, specs, "test")
+    assert isinstance(ec, evaluate.EvalConfig) and ec.metrics == given["metrics"]

@@ -90,16 +90,6 @@ def test_out_of_memory_suggests_what_to_change(capsys, monkeypatch):
     assert_one_line_error(code, err, "out of GPU memory", "--batch-size", "--grad-accum")
 
 
-def test_non_image_file_is_skipped_with_a_warning(tmp_path):
-    from defectlab.data import sources
-
-    root = make_mvtec(tmp_path / "mv")
-    (root / "widget/test/dent/notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="notes.txt"):
-        d = sources.load(sources.DataConfig(data=str(root), product="widget", image_size=16))
-    assert all(s.image.suffix == ".png" for s in d.train + d.test)
-
-
 def test_malicious_pickle_is_refused(tmp_path, capsys):
     class Evil:
         def __reduce__(self):

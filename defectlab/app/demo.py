@@ -27,7 +27,7 @@ from ..base import paths, runs
 from ..data import sources, synth
 from ..stages import benchmark, evaluate, presets, sample, synthesize, train
 from ..reports import page, report
-from . import batch
+from . import batch, params as notebook_params
 
 
 @dataclass
@@ -124,20 +124,19 @@ def runs_dir(cfg: DemoConfig, out: Path) -> Path:
 
 
 def _stages(cfg: DemoConfig, out: Path) -> Path:
-    """The same steps as the notebooks, without Jupyter."""
-    p = params(cfg)
-    keys = ("model", "method", "product", "image_size", "epochs", "lr", "batch_size", "grad_accum",
-            "val_per_class", "val_timesteps", "val_every", "progress", "mask_loss", "zoom")
-    folder = train.run(train.TrainConfig(**{k: p[k] for k in keys}, runs_dir=str(runs_dir(cfg, out))))
-    sample.run(sample.SampleConfig(run=str(folder), per_class=p["per_class"], scheduler="ddim", steps=p["steps"],
-                                   guidance=p["guidance"]))
-    if p["pairs_per_class"]:
-        synthesize.run(synthesize.MaskSampleConfig(run=str(folder), per_class=p["pairs_per_class"], scheduler="ddim",
-                                                   steps=p["steps"], guidance=p["guidance"]))
-    report.evaluate_run(evaluate.EvalConfig(run=str(folder), samples=p["samples"], metrics=p["metrics"], seeds=p["seeds"],
-                                            classifier_steps=p["classifier_steps"],
-                                            classifier_size=p["classifier_size"], gain_ks=p["gain_ks"],
-                                            gain_seeds=p["gain_seeds"]))
+    """The same steps as the notebooks, without Jupyter: each stage gets the settings object its
+    notebook would build from the same parameters (``params.stage_config``)."""
+    given = {**params(cfg), "runs_dir": str(runs_dir(cfg, out))}
+    specs = {name: notebook_params.declared(name) for name in notebook_params.NOTEBOOKS}
+    config = lambda name, **extra: notebook_params.stage_config(name, {**given, **extra}, specs, "the demo")  # noqa: E731
+    folder = train.run(config("02_finetune"))
+    drawn = config("03_sample", run=str(folder))
+    sample.run(drawn)
+    if given["pairs_per_class"]:  # as notebook 03 draws its pairs
+        synthesize.run(synthesize.MaskSampleConfig(run=str(folder), checkpoint=drawn.checkpoint, classes=drawn.classes,
+                                                   per_class=given["pairs_per_class"], scheduler=drawn.scheduler,
+                                                   steps=drawn.steps, guidance=drawn.guidance, seed=drawn.seed))
+    report.evaluate_run(config("04_evaluate", run=str(folder)))
     return folder
 
 

@@ -148,6 +148,19 @@ def for_notebook(name: str, given: dict, specs: dict[str, dict], source: str) ->
     return p
 
 
+def stage_config(name: str, given: dict, specs: dict[str, dict], source: str):
+    """The settings dataclass notebook ``name`` builds from ``given`` (a flat mapping, as a params
+    file or the demo gives it): what the notebook receives (``for_notebook``), its parameters under
+    their field names (``RENAMED``; notebook-only ones such as ``explorer_images`` dropped), its
+    ``settings`` merged. Code that runs the stages without Jupyter gets the notebooks' own configs."""
+    received = for_notebook(name, given, specs, source)
+    settings = received.pop(SETTINGS, "")
+    renamed, cls = RENAMED.get(name, {}), CONFIGS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    config = cls(**{renamed.get(k, k): v for k, v in received.items() if renamed.get(k, k) in fields})
+    return with_settings(config, settings)
+
+
 def with_settings(config, settings: str):
     """``config`` (a stage dataclass) with the fields in a notebook's ``settings`` parameter, a
     JSON object such as ``{"crop": 200, "rotations": []}``, replaced."""

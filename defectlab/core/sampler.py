@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ..base.errors import DefectlabError
 from ..base.progress import tqdm
-from . import engine, model as model_mod
+from . import model as model_mod
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 # ddpm: the original experiments found 100-500 steps best for the fine-tuned model (1000 worse)
@@ -150,7 +150,7 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
              sampling: Sampling | None = None, *, scheduler_config: dict | None = None,
              image_size: int | None = None, batch_size: int = 16, progress: bool = True,
              cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-             init: torch.Tensor | None = None, fast: bool | dict = False, **settings) -> torch.Tensor:
+             init: torch.Tensor | None = None, **settings) -> torch.Tensor:
     """Images [N,3,H,W] in [-1, 1] (CPU, float32), image ``i`` of class ``labels[i]`` from ``generators[i]``.
 
     ``sampling`` (or its fields as keywords, e.g. ``steps=25, scheduler="ddim"``): how to denoise.
@@ -163,8 +163,8 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
     ``image_size`` None = the transformer's native latent size, else ``codec.latent_shape(size)``.
     ``scheduler_config`` None = DiT's training schedule, clipping x0 when ``codec.clip_sample``
     (pixel space; unclipped pixel samples saturate); pass ``Base.scheduler_config`` normally.
-    ``fast``: sample with ``engine.sampler(transformer)`` (bf16 on CUDA, fused q/k/v, tied
-    conditioning, LoRA merged); a dict passes options, e.g. ``{"compile": "reduce-overhead"}``.
+    The fast sampling copy (fused q/k/v, tied conditioning, LoRA merged, bf16 on CUDA) is a
+    transformer like any other: pass ``engine.sampler(transformer, **options)``.
 
     Masks (masks.py): ``cond`` [N,c,h,w] extra input channels (the defect mask of a mask-conditioned
     model; area-resized to the latent grid), concatenated at every step, the same for both guidance
@@ -184,8 +184,6 @@ def generate(transformer, codec, labels: list[int], generators: list[torch.Gener
         raise DefectlabError(f"batch_size must be ≥ 1 (got {batch_size})")
     if len(labels) != len(generators):
         raise DefectlabError(f"{len(labels)} labels but {len(generators)} generators (one per image)")
-    if fast:  # a cached copy with fused q/k/v, tied conditioning, merged LoRA (bf16 on CUDA)
-        transformer = engine.sampler(transformer, **(fast if isinstance(fast, dict) else {}))
     conf = _dit_config(transformer)
     null = conf.num_embeds_ada_norm  # the null ("unconditional") class row, K after class surgery
     bad = [y for y in labels if not 0 <= int(y) <= null]  # null itself: the unconditional sample (a run's "good")
