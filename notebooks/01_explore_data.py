@@ -20,7 +20,7 @@
 # generated on first use) and on an MVTec AD or DefectSpectrum DS-MVTec root folder.
 
 # %% tags=["parameters"]
-data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder (MVTec AD or DS-MVTec)
+data: str = "synthetic"  # "synthetic" (embedded default), "synthetic-v2" (drawn with version 2) or a dataset root folder (MVTec AD or DS-MVTec)
 product: str = "hazelnut"  # product folder name
 show_per_class: int = 6  # examples shown per defect class
 show_size: int = 96  # side in px of each example in the figure

@@ -19,7 +19,7 @@
 # classes. Writes a run folder (config, log, checkpoints, figures) that 03 and 04 read.
 
 # %% tags=["parameters"]
-data: str = "synthetic"  # "synthetic" (embedded default) or a dataset root folder (MVTec AD or DS-MVTec)
+data: str = "synthetic"  # "synthetic" (embedded default), "synthetic-v2" (drawn with version 2) or a dataset root folder (MVTec AD or DS-MVTec)
 product: str = "hazelnut"  # product folder name
 model: str = "mini"  # mini (pre-trained, shipped) | mini-latent (pre-trained latent, shipped) | tiny (random) | mini-scratch | facebook/DiT-XL-2-256 | local folder | original .pt
 method: str = "difffit"  # full | bitfit | difffit | bias_norm | lora | vpt

@@ -219,3 +219,20 @@ def test_version_plumbing(tmp_path, monkeypatch):
     assert json.loads((root / sources.STAMP).read_text())["generator_version"] == 2
     assert sources.resolve_root("synthetic") == paths.SYNTHETIC
     assert json.loads((paths.SYNTHETIC / sources.STAMP).read_text())["generator_version"] == 1
+
+
+def test_data_synthetic_v2_names_the_version_2_dataset(tmp_path, monkeypatch):
+    """``--data synthetic-v2`` is the embedded dataset drawn with version 2, generated on first use
+    beside the default (the folder ``data synth --version 2`` writes); a run keeps the name, not a
+    path; an unknown version is one line naming ``data``."""
+    from defectlab.stages import train
+    monkeypatch.setattr(paths, "SYNTHETIC", tmp_path / "data" / "synthetic")
+    monkeypatch.setattr(sources, "SYNTHETIC", {"seed": 0, "size": 32, "per_class": 2, "good": 2})
+    root = sources.resolve_root("synthetic-v2")
+    assert root == sources.resolve_root("synthetic", version=2) == tmp_path / "data" / "synthetic-v2"
+    assert json.loads((root / sources.STAMP).read_text())["generator_version"] == 2
+    assert sources.resolve_root("synthetic-v1") == paths.SYNTHETIC
+    assert train._absolute("synthetic-v2") == "synthetic-v2"
+    assert sources.load(sources.DataConfig(data="synthetic-v2", product="screw")).root == root
+    with pytest.raises(DefectlabError, match="^data: synthetic-v9 names no drawing version"):
+        sources.resolve_root("synthetic-v9")

@@ -52,7 +52,7 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 @dataclass
 class DataConfig:
-    data: str = "synthetic"        # "synthetic" (embedded default) or a dataset root folder (MVTec AD or DS-MVTec)
+    data: str = "synthetic"        # "synthetic" (embedded default), "synthetic-v2" (drawn with version 2) or a dataset root folder (MVTec AD or DS-MVTec)
     product: str = "hazelnut"      # product folder name
     image_size: int = 64           # square side after crop+resize
     crop: int = 0                  # centre crop (px, before resize); 0 = none
@@ -97,10 +97,11 @@ class DefectData:
 
 # ----------------------------------------------------------------------------- roots and layouts
 def resolve_root(data: str, version: int | None = None) -> Path:
-    """``"synthetic"`` → ``paths.SYNTHETIC`` (generated on first use), else an existing folder;
-    ``version``: synth's drawing version (``None``: the default; another lives in ``synthetic-v<N>``)."""
-    if str(data) == "synthetic":
-        return _ensure_synthetic(version)
+    """``"synthetic"`` → ``paths.SYNTHETIC`` (generated on first use), ``"synthetic-v<N>"`` → the
+    same drawn with version N (beside it, ``synthetic-v<N>``), else an existing folder;
+    ``version``: synth's drawing version for ``"synthetic"`` (``None``: the default)."""
+    if (drawn := synth.embedded(data, version)) is not None:  # synthetic, synthetic-v2
+        return _ensure_synthetic(drawn)
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DefectlabError(f"dataset folder not found: {root}")

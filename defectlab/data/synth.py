@@ -21,6 +21,7 @@ than by one colour each. Both use the same classes, parts, layout and per-image 
 """
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,18 @@ def version_of(version: int | None) -> int:
     if v not in VERSIONS:
         raise DefectlabError(f"version: synthetic generator version must be one of {', '.join(map(str, VERSIONS))} (got {v!r})")
     return int(v)
+
+
+def embedded(data: str, version: int | None = None) -> int | None:
+    """The drawing version a ``data`` setting names: ``synthetic`` → ``version`` (None: the
+    default), ``synthetic-v<N>`` → N (checked); None for anything else (a dataset folder)."""
+    named = re.fullmatch(r"synthetic(?:-v(\d+))?", str(data))
+    if named is None:
+        return None
+    if named.group(1) and int(named.group(1)) not in VERSIONS:
+        raise DefectlabError(f"data: {data} names no drawing version of the embedded dataset "
+                             f"(synthetic-v{' or synthetic-v'.join(map(str, VERSIONS))})")
+    return version_of(int(named.group(1)) if named.group(1) else version)
 
 
 def product_image(product: str, rng: np.random.Generator, size: int = 256,

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..base import runs
 from ..base.errors import DefectlabError
+from ..data import synth
 from ..core import classifier, gain, viz
 from ..core.model import SMALL_BASES
 from ..stages import evaluate
@@ -305,7 +306,7 @@ def caption(m: EvalResult) -> str:
     """What the numbers of an evaluation are worth, in one line for notebooks and summaries."""
     cfg = runs.load_config(Path(m.run))
     small = cfg.get("model") in SMALL_BASES
-    synthetic = cfg.get("data") == "synthetic"
+    synthetic = synth.embedded(cfg.get("data", "")) is not None
     down = (m.downstream or {}).get("setup", {})
     parts = ["Offline proxy numbers" if (small or synthetic or not down.get("pretrained", True)) else "Numbers"]
     if small or synthetic:

@@ -30,7 +30,7 @@ from ..core.diffusion import Objective
 # (ranking never augments). The data fields below keep DataConfig's names and defaults.
 @dataclass
 class RankConfig:
-    data: str = "synthetic"        # "synthetic" (embedded default) or a dataset root folder
+    data: str = "synthetic"        # "synthetic" (embedded default), "synthetic-v2" (drawn with version 2) or a dataset root folder
     product: str = "hazelnut"      # product folder name
     image_size: int = 0            # 0 = fine-tuning's default for the model (tiny/mini 64, DiT-XL 128)
     crop: int = 0                  # centre crop (px, before resize); 0 = none

@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from ..base import runs
 from ..base.errors import DefectlabError
 from ..base.progress import tqdm
-from ..data import dataset, product, sources as data_mod
+from ..data import dataset, product, sources as data_mod, synth
 from ..core import dit, engine, loop, masks, methods, model as model_mod, resume, tracking, validation, viz
 from ..core.codec import check_image_size
 from ..core.diffusion import Objective
@@ -95,7 +95,7 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 
 def _absolute(data: str) -> str:
-    return data if data == "synthetic" else os.path.abspath(os.path.expanduser(data))
+    return data if synth.embedded(data) is not None else os.path.abspath(os.path.expanduser(data))
 
 
 def _check(cfg: TrainConfig) -> None:
