@@ -141,10 +141,12 @@ def embedded(data: str, version: int | None = None) -> int | None:
     named = re.fullmatch(r"synthetic(?:-v(\d+))?", str(data))
     if named is None:
         return None
-    if named.group(1) and int(named.group(1)) not in VERSIONS:
+    if named.group(1) is None:
+        return version_of(version)
+    if int(named.group(1)) not in VERSIONS:
         raise DefectlabError(f"data: {data} names no drawing version of the embedded dataset "
                              f"(synthetic-v{' or synthetic-v'.join(map(str, VERSIONS))})")
-    return version_of(int(named.group(1)) if named.group(1) else version)
+    return int(named.group(1))
 
 
 def product_image(product: str, rng: np.random.Generator, size: int = 256,
