@@ -121,10 +121,18 @@ def test_refine_redraws_the_pasted_defect_and_strength_sets_how_far(adapted, tmp
                 assert torch.equal(img, images.load_png(drawn / m["file"]))
         dist[strength] = np.mean(diffs)
     assert dist[0.25] < dist[1.0]
+    # --detail gets a folder of its own and says so per pair; a pixel-space run's codec loses nothing
+    kept = synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=0.25, detail=True))
+    assert kept.name.startswith("refine0.25-detail-ddim4") and all(r["detail"] for r in _records(kept))
+    plain = synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=0.25))
+    assert all(torch.equal(images.load_png(kept / a["file"]), images.load_png(plain / b["file"]))
+               for a, b in zip(_records(kept), _records(plain)))
     # strength only decides refine's pixels: the model's finished folder is reused under another one
     assert synthesize.run(synthesize.MaskSampleConfig(**common, strength=0.9, out=str(tmp_path / "model"))) == drawn
     with pytest.raises(DefectlabError, match="strength must be in"):
         synthesize.run(synthesize.MaskSampleConfig(**common, source="refine", strength=0))
+    with pytest.raises(DefectlabError, match="detail .* needs --source refine"):
+        synthesize.run(synthesize.MaskSampleConfig(**common, source="cutpaste", detail=True))
 
 
 def test_deformed_copies_bend_the_defect_pixels_with_the_mask():
@@ -166,6 +174,19 @@ def test_nested_interval_covers_both_seed_levels():
     assert nested_interval(np.full((3, 5), 0.02)).low == pytest.approx(0.02)
     with pytest.raises(DefectlabError, match="sets, seeds"):
         nested_interval(np.zeros(4))
+    one = nested_interval(np.full((1, 1), 0.25))  # one set, one seed: a mean, no interval
+    assert one.mean == 0.25 and one.low != one.low
+
+
+def test_a_report_of_one_seed_prints_its_means_without_bounds():
+    """``benchmark --gen-seeds 1 --clf-seeds 1`` (a quick look): the JSON holds no bounds (null),
+    the Markdown prints a dash for them instead of failing."""
+    acc = {"mean": 0.5, "low": None, "high": None, "runs": [0.5]}
+    view = {"size": 64, "accuracy": {c: acc for c in benchmark.CONDITIONS},
+            "differences": {"gen - cutpaste": {"mean": 0.0, "low": None, "high": None}}}
+    text = benchmark.report({"run": "r", "n_test": 4, "test_data": "t", "n_real": 8, "n_pairs_per_set": 4,
+                             "views": {"image": view}})
+    assert "| real | 0.500 [–, –] |" in text and "| gen - cutpaste | +0.000 [–, –] |" in text
 
 
 def test_benchmark_puts_generated_beside_copy_paste_on_new_images(adapted, tmp_path, capsys):
@@ -203,6 +224,8 @@ def test_benchmark_refuses_a_test_folder_it_cannot_trust(adapted, tmp_path, caps
     assert cli_main(base + ["--test-data", str(other), "--views", "pixels"]) == 2
     assert cli_main(base + ["--test-data", str(other), "--real-per-class", "-1"]) == 2
     assert "real_per_class must be ≥ 0" in capsys.readouterr().err
+    assert cli_main(base + ["--test-data", str(other), "--detail"]) == 2  # --source model: nothing to keep
+    assert "detail keeps a pasted defect's fine structure" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()  # nothing written
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from defectlab.base import images, runs
 from defectlab.data import dataset, sources
 from defectlab.core import masks, methods, restore, sampler
 from defectlab.stages import synthesize, train
+from defectlab.core.codec import PixelCodec
 from defectlab.core.diffusion import Objective
 from defectlab.base.errors import DefectlabError
 
@@ -160,6 +162,33 @@ def test_inpainting_keeps_the_outside_and_changes_only_inside(scheduler, resampl
     assert metrics["change_in_mask_share"] > 0.95 and metrics["max_change_outside"] == 0.0
     again = masks.inpaint(net, base.codec, good, mask, [0, 1], gens(), steps=3, scheduler=scheduler, resample=resample)
     assert torch.equal(out, again)  # per-sample generators
+
+
+class _Blurry(PixelCodec):
+    """A codec that loses fine structure (a 3 x 3 box blur on decode), as a small VAE does."""
+
+    def decode(self, z):
+        return F.avg_pool2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), 3, 1).clamp(-1, 1)
+
+
+def test_refine_with_detail_keeps_what_the_codec_loses_of_the_copy():
+    """``detail``: the copy's structure that decoding loses is added back inside the mask, so at a
+    low strength the redrawn defect is far closer to the pasted one; outside the mask nothing
+    changes, and a codec that loses nothing makes ``detail`` a no-op."""
+    base, net = build(mask_condition=False)
+    good = good_images()
+    mask = torch.stack([masks.procedural_mask("blob", 32, 0.5, 0.5, 0.4, seed=s) for s in range(2)])
+    pasted = good.clone()
+    pasted[:, :, ::2] = torch.where(mask[:, :, ::2] > 0, -good[:, :, ::2], good[:, :, ::2])  # fine stripes inside
+    gens = lambda: sampler.generators(0, "a", [0, 1])  # noqa: E731
+    run = lambda codec, detail: masks.inpaint(net, codec, good, mask, [0, 1], gens(), steps=4, scheduler="ddim",  # noqa: E731
+                                              init=pasted, strength=0.25, detail=detail)
+    inside = mask.expand_as(good) > 0
+    lossy, kept = run(_Blurry(), False), run(_Blurry(), True)
+    for out in (lossy, kept):
+        assert torch.equal(out * (1 - mask), good * (1 - mask))
+    assert (kept - pasted).abs()[inside].mean() < 0.5 * (lossy - pasted).abs()[inside].mean()
+    assert torch.equal(run(base.codec, True), run(base.codec, False))  # pixel space: nothing lost
 
 
 def test_defect_detector_finds_real_defects_inside_their_masks():

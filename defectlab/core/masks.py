@@ -233,11 +233,14 @@ def load_mask_png(path: Path, size: int) -> torch.Tensor:
 def inpaint(model, codec, good: torch.Tensor, mask: torch.Tensor, labels: list[int], gens: list, steps=None,
             guidance: float = sampler.GUIDANCE, scheduler: str = "ddpm", resample: int = 1, scheduler_config: dict | None = None,
             batch_size: int = 16, progress: bool = False, init: torch.Tensor | None = None,
-            strength: float = 1.0) -> torch.Tensor:
+            strength: float = 1.0, detail: bool = False) -> torch.Tensor:
     """Class ``labels[i]`` generated inside ``mask[i]`` on ``good[i]`` ([N,3,S,S] in [-1, 1]);
     outside the mask the result *is* the good image (final composite in pixel space).
     ``init`` [N,3,S,S] and ``strength`` < 1: the mask's content starts from ``init`` (e.g. a pasted
-    defect) noised ``strength`` into the schedule and is redrawn from there (SDEdit)."""
+    defect) noised ``strength`` into the schedule and is redrawn from there (SDEdit). ``detail``
+    (with ``init``): what the codec loses of ``init`` (``init`` − decode(encode(``init``))) is added
+    back, so the model changes the copy's light and colour while the fine structure a small latent
+    cannot hold stays as copied (a pixel-space codec loses nothing: no change)."""
     size = good.shape[-1]
     mask = fit_mask(mask, size, "inpainting mask").cpu()
     for m in mask:
@@ -252,6 +255,9 @@ def inpaint(model, codec, good: torch.Tensor, mask: torch.Tensor, labels: list[i
                            scheduler_config=scheduler_config, batch_size=batch_size, image_size=size,
                            progress=progress, cond=cond, known=known, keep=1 - latent_mask(mask, hw, hard=True),
                            init=start)
+    if detail and start is not None:
+        lost = init.float().cpu() - codec.decode(start).float().cpu()
+        out = (out.float().cpu() + lost).clamp(-1, 1)
     return mask * out + (1 - mask) * good.float().cpu()
 
 

@@ -58,6 +58,7 @@ class BenchmarkConfig:
     per_class: int = 12            # pairs per class in each set
     source: str = "model"          # the generated pairs: model (drawn from noise in the mask) | refine (the pasted defect redrawn from strength: SDEdit) | cutpaste (an ablation: copies, e.g. deformed)
     strength: float = 0.6          # source refine: how far the pasted defect is noised before the run redraws it
+    detail: bool = False           # source refine: keep the fine structure the latent codec loses of the pasted defect (the model changes light and colour)
     deform: float = 0.0            # share of generated pairs on deformed (new) mask shapes; copy-paste keeps the training shapes
     scheduler: str = "ddim"        # sampler of the generated pairs: ddpm | ddim | dpmsolver
     steps: int = 20                # denoising steps (0 = the scheduler's default)
@@ -79,6 +80,8 @@ def _check(cfg: BenchmarkConfig) -> list[str]:
         raise DefectlabError(f"views: choose from {', '.join(VIEWS)} (got {cfg.views!r})")
     if cfg.source not in synthesize.SOURCES:
         raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(synthesize.SOURCES)}")
+    if cfg.detail and cfg.source != "refine":
+        raise DefectlabError(f"detail keeps a pasted defect's fine structure: it needs --source refine (got {cfg.source})")
     for key in ("gen_seeds", "clf_seeds", "per_class", "classifier_steps", "classifier_batch"):
         if getattr(cfg, key) < 1:
             raise DefectlabError(f"{key} must be ≥ 1 (got {getattr(cfg, key)})")
@@ -137,7 +140,7 @@ def run(cfg: BenchmarkConfig) -> Path:
     dcfg = data_mod.from_settings(saved)
     dd = data_mod.load(dcfg, manifest=folder / "split.json")
     tests = test_set(cfg.test_data, dcfg, classes, [s.image for s in dd.train + dd.test] + list(dd.good))
-    how = {"model": "", "refine": f"refine{cfg.strength:g}-", "cutpaste": "cutpaste-"}[cfg.source]
+    how = {"model": "", "refine": f"refine{cfg.strength:g}{'-detail' if cfg.detail else ''}-", "cutpaste": "cutpaste-"}[cfg.source]
     tag = f"{how}{cfg.scheduler}{cfg.steps}-g{cfg.guidance:g}-{cfg.gen_seeds}x{cfg.per_class}" + \
         (f"-deform{cfg.deform:g}" if cfg.deform else "") + (f"-k{cfg.real_per_class}" if cfg.real_per_class else "")
     out = Path(cfg.out) if cfg.out else folder / "benchmark" / tag
@@ -148,9 +151,10 @@ def run(cfg: BenchmarkConfig) -> Path:
     for seed in range(cfg.gen_seeds):
         for key, source, deform in (("model", cfg.source, cfg.deform), ("cutpaste", "cutpaste", 0.0)):
             pairs = synthesize.run(synthesize.MaskSampleConfig(
-                run=str(folder), mode="inpaint", source=source, strength=cfg.strength, seed=seed,
-                per_class=cfg.per_class, deform=deform, scheduler=cfg.scheduler, steps=cfg.steps,
-                guidance=cfg.guidance, checkpoint=cfg.checkpoint, out=str(out / "pairs" / f"{key}-s{seed}")))
+                run=str(folder), mode="inpaint", source=source, strength=cfg.strength,
+                detail=cfg.detail and source == "refine", seed=seed, per_class=cfg.per_class, deform=deform,
+                scheduler=cfg.scheduler, steps=cfg.steps, guidance=cfg.guidance, checkpoint=cfg.checkpoint,
+                out=str(out / "pairs" / f"{key}-s{seed}")))
             sets[key, seed] = _pairs(pairs)
 
     label = lambda items: torch.tensor([classes.index(c) for c, *_ in items])  # noqa: E731
@@ -159,7 +163,8 @@ def run(cfg: BenchmarkConfig) -> Path:
     result = {"run": folder.name, "test_data": str(Path(cfg.test_data).expanduser().resolve()),
               "classes": classes, "n_real": len(real_items), "real_per_class": cfg.real_per_class,
               "n_test": len(test_items), "generated": {"source": cfg.source, "deform": cfg.deform,
-                                                       **({"strength": cfg.strength} if cfg.source == "refine" else {})},
+                                                       **({"strength": cfg.strength, "detail": cfg.detail}
+                                                          if cfg.source == "refine" else {})},
               "n_pairs_per_set": cfg.per_class * len(classes), "views": {}}
     grids = {}
     for view in views:
@@ -249,14 +254,18 @@ def _subset(result: dict) -> str:
 def _generated(result: dict) -> str:
     g = result.get("generated", {"source": "model", "deform": 0.0})
     how = {"model": "drawn by the run inside the carried training masks",
-           "refine": f"the cut-paste pairs redrawn by the run from strength {g.get('strength', 0):g} (SDEdit)",
+           "refine": f"the cut-paste pairs redrawn by the run from strength {g.get('strength', 0):g} (SDEdit)"
+                     + (", the copy's fine structure kept (what the latent codec loses added back)" if g.get("detail") else ""),
            "cutpaste": "copies, no model (an ablation)"}[g["source"]]
     return how + (f", {g['deform']:.0%} of the masks deformed into new shapes" if g.get("deform") else ", training mask shapes")
 
 
-def interval_text(iv: dict) -> str:
-    """``+0.012 [-0.034, +0.056]``: a difference and its interval, as the reports print it."""
-    return f"{iv['mean']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]"
+def interval_text(iv: dict, sign: str = "+") -> str:
+    """``+0.012 [-0.034, +0.056]``: a difference and its interval, as the reports print it (``–``
+    for a bound one seed cannot give)."""
+    def num(x):
+        return "–" if x is None or x != x else f"{x:{sign}.3f}"
+    return f"{num(iv['mean'])} [{num(iv['low'])}, {num(iv['high'])}]"
 
 
 def report(result: dict) -> str:
@@ -269,7 +278,7 @@ def report(result: dict) -> str:
     for view, v in result["views"].items():
         acc = v["accuracy"]
         lines += [f"## {view} view ({v['size']} px)", "", "| condition | accuracy |", "|---|---|"]
-        lines += [f"| {c} | {a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}] |" for c, a in acc.items()]
+        lines += [f"| {c} | {interval_text(a, sign='')} |" for c, a in acc.items()]
         lines += ["", "| difference | mean [95 % interval] |", "|---|---|"]
         lines += [f"| {name} | {interval_text(iv)} |" for name, iv in v["differences"].items()] + [""]
     if "realism" in result:

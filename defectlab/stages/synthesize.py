@@ -42,6 +42,7 @@ class MaskSampleConfig:
     angle: float = 0.0             # rotation, degrees counter-clockwise (drawn masks placed at random also get a random angle)
     source: str = "model"          # model (the run draws each defect) | cutpaste (the training defect's own pixels under its carried mask, same poses and good images: the copy baseline, no model) | refine (the cut-paste pair, then the run redraws the mask's content from it noised by strength: SDEdit)
     strength: float = 0.6          # refine: how far into the schedule the pasted defect is noised before the run redraws it (0 = the copy, 1 = from noise)
+    detail: bool = False           # refine: add back what the latent codec loses of the pasted defect (its fine structure stays as copied; the model changes light and colour)
     deform: float = 0.0            # share of dataset masks deformed into new shapes (scale, rotation, elastic), the rest copied: 0 = all training shapes (cutpaste/refine: the defect's pixels bend with it)
     good: str = ""                 # inpaint: a defect-free image or folder of them ("" = the dataset's good images)
     place: str = "carry"           # inpaint, dataset masks: carry (moved with the product onto the good image: masks.carry) | keep (same pixels)
@@ -59,7 +60,7 @@ class MaskSampleConfig:
 PLACES = ("carry", "keep")
 SOURCES = ("model", "cutpaste", "refine")
 COPIED = ("cutpaste", "refine")  # sources that start from the training defect's own pixels
-PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "strength", "deform", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
+PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "strength", "detail", "deform", "mask", "cx", "cy", "scale", "angle", "good", "place", "steps", "scheduler",
                 "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
 
 
@@ -73,6 +74,8 @@ def _check(cfg: MaskSampleConfig) -> None:
                              "--mode inpaint and --mask dataset")
     if not 0 < cfg.strength <= 1:
         raise DefectlabError(f"strength must be in (0, 1] (got {cfg.strength})")
+    if cfg.detail and cfg.source != "refine":
+        raise DefectlabError(f"detail keeps a pasted defect's fine structure: it needs --source refine (got {cfg.source})")
     if not 0 <= cfg.deform <= 1:
         raise DefectlabError(f"deform is a share of the pairs, in [0, 1] (got {cfg.deform})")
     if cfg.place not in PLACES:
@@ -176,15 +179,16 @@ def run(cfg: MaskSampleConfig) -> Path:
     pools, goods = _sources(cfg, dd, names, full, dcfg.crop, folder.name)
 
     slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
-    how = {"cutpaste": "cutpaste", "refine": f"refine{cfg.strength:g}-{cfg.scheduler}{steps}"}.get(
+    how = {"cutpaste": "cutpaste", "refine": f"refine{cfg.strength:g}{'-detail' if cfg.detail else ''}-{cfg.scheduler}{steps}"}.get(
         cfg.source, f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}")
     tag = (f"{how}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
            + (f"-deform{cfg.deform:g}" if cfg.deform else ""))
     out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
     resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
                 "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out),
-                "strength": cfg.strength if cfg.source == "refine" else None}  # only refine's pixels depend on it
-    manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS)
+                "strength": cfg.strength if cfg.source == "refine" else None,  # only refine's pixels depend on them
+                "detail": cfg.detail and cfg.source == "refine"}
+    manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS, legacy={"detail": False})
     done = set(manifest.read_records(out, NEEDS))
     work = []  # (class, index, seed, mask, mask source, window corner, copied pixels): every mask is checked first
     good_path = lambda i: goods[(i + cfg.seed) % len(goods)]  # noqa: E731  another seed, other pairings
@@ -204,7 +208,7 @@ def run(cfg: MaskSampleConfig) -> Path:
     runs.write_json(out / "mask_config.json", resolved)
     common = {k: resolved[k] for k in ("mode", "steps", "scheduler", "guidance", "resample", "seed", "run", "checkpoint")}
     if cfg.source == "refine":
-        common["strength"] = cfg.strength
+        common.update(strength=cfg.strength, detail=cfg.detail)
     kw = dict(scheduler_config=r.base.scheduler_config, batch_size=cfg.batch_size, progress=False)
     for start in tqdm(range(0, len(work), cfg.batch_size), desc=f"image + mask pairs → {out.name}", unit="batch"):
         chunk = work[start:start + cfg.batch_size]
@@ -220,7 +224,7 @@ def run(cfg: MaskSampleConfig) -> Path:
             start = torch.stack([paste(good_of(w[1]), w[6], w[3]) for w in chunk]) if cfg.source == "refine" else None
             drawn = inpaint(r.model, r.base.codec, cut(good), cut(batch_masks), labels, gens, steps, cfg.guidance,
                             cfg.scheduler, cfg.resample, **kw, init=None if start is None else cut(start),
-                            strength=cfg.strength)  # inpaint uses it only with an init
+                            strength=cfg.strength, detail=cfg.detail)  # inpaint uses them only with an init
             images = good.float().clone()
             for img, d, (y, x) in zip(images, drawn, corners):  # the window back into the full image (zoom 1: all of it)
                 img[:, y:y + size, x:x + size] = d
