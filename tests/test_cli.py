@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from defectlab.app import cli
+from defectlab.base.errors import DefectlabError
 
 
 @dataclasses.dataclass
@@ -76,12 +77,22 @@ def test_preset_demo_is_the_demos_recipe_and_given_flags_win(capsys):
     assert isinstance(pairs, synthesize.MaskSampleConfig)
     bench = _stage_config("benchmark", "--preset", "demo", "--test-data", "x")
     assert (bench.real_per_class, bench.clf_seeds, bench.view_size) == (2, 3, 64)
-    # the demo's notebooks get the same recipe
+    assert (bench.source, bench.strength, bench.detail) == ("refine", 0.3, True) and cfg.data == "synthetic-v2"
+    # the demo's notebooks get the same recipe: drawing version 2, where the judge and gain study
+    # (drawn from version 1) do not apply; --data synthetic runs the version-1 demo with them
     p = demo.params(demo.DemoConfig(model="mini-latent"))
     assert {k: p[k] for k in presets.DEMO["finetune"] if k in p} == {k: v for k, v in presets.DEMO["finetune"].items() if k in p}
-    assert (p["scheduler"], p["steps"], p["guidance"]) == ("ddim", 20, 7.0)
+    assert (p["scheduler"], p["steps"], p["guidance"], p["metrics"]) == ("ddim", 20, 7.0, "downstream")
+    v1 = demo.params(demo.DemoConfig(model="mini-latent", data="synthetic"))
+    assert v1["data"] == "synthetic" and v1["metrics"] == "downstream,judge,gain"
+    assert demo.params(demo.DemoConfig(model="mini"))["data"] == "synthetic"
+    with pytest.raises(DefectlabError, match="data: the demo runs on the embedded dataset"):
+        demo.params(demo.DemoConfig(model="mini-latent", data="/some/folder"))
     with pytest.raises(SystemExit):
         cli.build_parser("sample").parse_args(["sample", "--help"])
     assert "demo: --scheduler ddim --steps 20 --guidance 7" in " ".join(capsys.readouterr().out.split())  # wrapped
+    with pytest.raises(SystemExit):
+        cli.build_parser("benchmark").parse_args(["benchmark", "--help"])
+    assert "--strength 0.3 --detail --gen-seeds 3" in " ".join(capsys.readouterr().out.split())  # a flag, not "True"
     assert cli.main(["sample", "--preset", "nope"]) == 2
     assert "--preset" in capsys.readouterr().err

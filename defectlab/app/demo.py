@@ -4,17 +4,19 @@
 embedded default (procedural hazelnut images; the shipped pre-trained ``mini-latent`` 64 px
 latent DiT when it is installed, else the 32 px ``mini``, else the random-weight ``tiny``) and
 leaves the executed notebooks, the run folder and every figure in ``outputs/demo/``. On
-mini-latent it fine-tunes on windows around the defects (``--zoom``), draws image + mask pairs
-(the training masks carried onto defect-free hazelnuts) and evaluates those. It is sized for
-at most 10 minutes on 2 CPU cores. ``--no-notebooks`` calls the same stage functions directly,
-without Jupyter.
+mini-latent it uses the embedded dataset's drawing version 2 (``--data``: per-image light and
+texture, so a pasted defect looks out of place), fine-tunes on windows around the defects
+(``--zoom``), draws image + mask pairs (the training masks carried onto defect-free hazelnuts)
+and benchmarks the refined copies against copy-paste and real-only on test images of another
+seed. It is sized for at most 10 minutes on 2 CPU cores. ``--no-notebooks`` calls the same stage
+functions directly, without Jupyter.
 
-Every number it prints is an offline proxy: the judge (share of samples a CNN trained on
-abundant procedural images recognises as their class), the gain study (k real images per class
-with and without the samples, 95 % intervals over seeds, 400 procedural test images) and a
-ResNet-18 on the run's 20 held-out images; no FID (a random-weight Inception would make it
-meaningless). It shows what the method does on the embedded default, not how DiT-XL does on
-real defects.
+Every number it prints is an offline proxy: the copy baseline (downstream accuracy with
+intervals over generation and classifier seeds, two-sample realism), a ResNet-18 on the run's 20
+held-out images, and on drawing version 1 the judge (share of samples a CNN trained on abundant
+procedural images recognises as their class) and the gain study; no FID (a random-weight
+Inception would make it meaningless). It shows what the method does on the embedded default, not
+how DiT-XL does on real defects.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import paths, runs
+from ..base.errors import DefectlabError
 from ..data import sources, synth
 from ..stages import benchmark, evaluate, presets, sample, synthesize, train
 from ..reports import page, report
@@ -35,6 +38,7 @@ class DemoConfig:
     model: str = "auto"            # base model: auto (mini-latent when shipped, else mini, else tiny), tiny, mini, mini-latent
     method: str = ""               # fine-tuning method ("" = difffit on a pre-trained base, full on random tiny)
     product: str = "hazelnut"      # product of the embedded dataset (hazelnut | screw)
+    data: str = ""                 # embedded dataset ("" = the preset's: synthetic-v2 for mini-latent, synthetic for mini and tiny)
     image_size: int = 0            # training and sampling size in px (0 = the preset: 64 for mini-latent, 32 for mini and tiny)
     epochs: int = 0                # fine-tuning epochs (0 = the preset: 100 for mini-latent and mini, 30 for tiny; batch 8)
     per_class: int = 12            # generated images per class (the downstream classifier trains on them)
@@ -60,7 +64,7 @@ class DemoConfig:
 # (synthesize: the training masks carried onto defect-free products) and evaluates those.
 PRESETS = {"tiny": {"method": "full", "image_size": 32, "epochs": 30, "lr": 3e-3, "guidance": 1.5, "mask_loss": 0.0},
            "mini": {"method": "difffit", "image_size": 32, "epochs": 100, "lr": 3e-3, "guidance": 4.0, "mask_loss": 5.0},
-           "mini-latent": {**{k: presets.DEMO["finetune"][k] for k in ("method", "image_size", "epochs", "lr",
+           "mini-latent": {**{k: presets.DEMO["finetune"][k] for k in ("data", "method", "image_size", "epochs", "lr",
                                                                         "mask_loss", "zoom")},
                            "guidance": presets.DEMO["synthesize"]["guidance"], "pairs": True}}  # = --preset demo
 
@@ -76,9 +80,12 @@ def params(cfg: DemoConfig) -> dict:
     model = base_model(cfg)
     preset = PRESETS.get(model, PRESETS["tiny"])
     epochs = cfg.epochs or preset["epochs"]
+    data = cfg.data or preset.get("data", "synthetic")
+    if synth.embedded(data) is None:
+        raise DefectlabError(f"data: the demo runs on the embedded dataset (synthetic or synthetic-v2), not {data!r}")
     return {
         # 01 explore
-        "data": "synthetic", "product": cfg.product, "show_per_class": 6, "show_size": 64,
+        "data": data, "product": cfg.product, "show_per_class": 6, "show_size": 64,
         # 02 fine-tune
         "model": model, "method": cfg.method or preset["method"], "image_size": cfg.image_size or preset["image_size"],
         "epochs": epochs, "lr": preset["lr"], "batch_size": 8, "grad_accum": 1, "val_per_class": 1,
@@ -88,9 +95,9 @@ def params(cfg: DemoConfig) -> dict:
         "per_class": cfg.per_class, "scheduler": "ddim", "steps": cfg.steps, "guidance": cfg.guidance or preset["guidance"],
         "explorer_images": 6, "pairs_per_class": cfg.per_class if preset.get("pairs") else 0,
         "samples": "synthesized" if preset.get("pairs") else "",
-        # 04 evaluate: downstream classifier + the procedural judge (offline: no Inception weights,
-        # and random ones make FID meaningless)
-        "metrics": "downstream,judge,gain", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
+        # 04 evaluate: downstream classifier + the procedural judge and gain study where they apply
+        # (drawing version 1; offline: no Inception weights, and random ones make FID meaningless)
+        "metrics": "downstream,judge,gain" if synth.embedded(data) == 1 else "downstream", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
         "classifier_size": 32, "compare_rows": 4, "gain_ks": cfg.gain_ks, "gain_seeds": cfg.gain_seeds,
     }
 
@@ -155,7 +162,8 @@ def _benchmark(cfg: DemoConfig, p: dict, run_folder: Path, out: Path) -> Path:
     """``benchmark.run`` on procedural images of another seed (never trained on): real-only,
     + generated pairs, + cut-paste pairs, and generated − cut-paste with its interval."""
     gen_seeds, clf_seeds = (int(v) for v in cfg.bench_seeds.split(","))
-    test = synth.generate(out / "test-data", seed=1, per_class=10, good=2, products=(cfg.product,))
+    test = synth.generate(out / "test-data", seed=1, per_class=10, good=2, products=(cfg.product,),
+                          version=synth.embedded(p["data"]))  # the run's drawing version
     folder = benchmark.run(benchmark.BenchmarkConfig(**{
         **presets.DEMO["benchmark"], "run": str(run_folder), "test_data": str(test), "gen_seeds": gen_seeds,
         "clf_seeds": clf_seeds, "per_class": p["per_class"], "steps": p["steps"], "guidance": p["guidance"],
