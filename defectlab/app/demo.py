@@ -81,7 +81,8 @@ def params(cfg: DemoConfig) -> dict:
     preset = PRESETS.get(model, PRESETS["tiny"])
     epochs = cfg.epochs or preset["epochs"]
     data = cfg.data or preset.get("data", "synthetic")
-    if synth.embedded(data) is None:
+    version = synth.embedded(data)
+    if version is None:
         raise DefectlabError(f"data: the demo runs on the embedded dataset (synthetic or synthetic-v2), not {data!r}")
     return {
         # 01 explore
@@ -97,7 +98,8 @@ def params(cfg: DemoConfig) -> dict:
         "samples": "synthesized" if preset.get("pairs") else "",
         # 04 evaluate: downstream classifier + the procedural judge and gain study where they apply
         # (drawing version 1; offline: no Inception weights, and random ones make FID meaningless)
-        "metrics": "downstream,judge,gain" if synth.embedded(data) == 1 else "downstream", "seeds": cfg.seeds, "classifier_steps": cfg.classifier_steps,
+        "metrics": "downstream,judge,gain" if version == 1 else "downstream", "seeds": cfg.seeds,
+        "classifier_steps": cfg.classifier_steps,
         "classifier_size": 32, "compare_rows": 4, "gain_ks": cfg.gain_ks, "gain_seeds": cfg.gain_seeds,
     }
 

@@ -78,10 +78,7 @@ def _check(cfg: BenchmarkConfig) -> list[str]:
     views = [v.strip() for v in cfg.views.split(",") if v.strip()]
     if not views or (bad := [v for v in views if v not in VIEWS]):
         raise DefectlabError(f"views: choose from {', '.join(VIEWS)} (got {cfg.views!r})")
-    if cfg.source not in synthesize.SOURCES:
-        raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(synthesize.SOURCES)}")
-    if cfg.detail and cfg.source != "refine":
-        raise DefectlabError(f"detail keeps a pasted defect's fine structure: it needs --source refine (got {cfg.source})")
+    synthesize.check_source(cfg.source, cfg.detail)
     for key in ("gen_seeds", "clf_seeds", "per_class", "classifier_steps", "classifier_batch"):
         if getattr(cfg, key) < 1:
             raise DefectlabError(f"{key} must be ≥ 1 (got {getattr(cfg, key)})")
@@ -140,8 +137,8 @@ def run(cfg: BenchmarkConfig) -> Path:
     dcfg = data_mod.from_settings(saved)
     dd = data_mod.load(dcfg, manifest=folder / "split.json")
     tests = test_set(cfg.test_data, dcfg, classes, [s.image for s in dd.train + dd.test] + list(dd.good))
-    how = {"model": "", "refine": f"refine{cfg.strength:g}{'-detail' if cfg.detail else ''}-", "cutpaste": "cutpaste-"}[cfg.source]
-    tag = f"{how}{cfg.scheduler}{cfg.steps}-g{cfg.guidance:g}-{cfg.gen_seeds}x{cfg.per_class}" + \
+    how = synthesize.source_tag(cfg.source, cfg.strength, cfg.detail)
+    tag = f"{how}{'-' if how else ''}{cfg.scheduler}{cfg.steps}-g{cfg.guidance:g}-{cfg.gen_seeds}x{cfg.per_class}" + \
         (f"-deform{cfg.deform:g}" if cfg.deform else "") + (f"-k{cfg.real_per_class}" if cfg.real_per_class else "")
     out = Path(cfg.out) if cfg.out else folder / "benchmark" / tag
     runs.ensure_dir(out, "--out")

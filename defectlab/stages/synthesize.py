@@ -64,18 +64,28 @@ PIXEL_FIELDS = ("run", "checkpoint", "mode", "source", "strength", "detail", "de
                 "guidance", "resample", "seed", "image_size")  # an out folder is reused only if these agree
 
 
+def check_source(source: str, detail: bool) -> None:
+    """A known source, and ``detail`` only where there is a pasted defect to keep (refine)."""
+    if source not in SOURCES:
+        raise DefectlabError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if detail and source != "refine":
+        raise DefectlabError(f"detail keeps a pasted defect's fine structure: it needs --source refine (got {source})")
+
+
+def source_tag(source: str, strength: float, detail: bool) -> str:
+    """How a source names its folders: ``cutpaste``, ``refine0.3``, ``refine0.3-detail``; "" for model."""
+    return {"cutpaste": "cutpaste", "refine": f"refine{strength:g}" + ("-detail" if detail else "")}.get(source, "")
+
+
 def _check(cfg: MaskSampleConfig) -> None:
     if cfg.mode not in MODES:
         raise DefectlabError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if cfg.source not in SOURCES:
-        raise DefectlabError(f"unknown source {cfg.source!r}; choose one of {', '.join(SOURCES)}")
+    check_source(cfg.source, cfg.detail)
     if cfg.source in COPIED and (cfg.mode != "inpaint" or cfg.mask != "dataset"):
         raise DefectlabError(f"--source {cfg.source} starts from the training defects' own pixels: it needs "
                              "--mode inpaint and --mask dataset")
     if not 0 < cfg.strength <= 1:
         raise DefectlabError(f"strength must be in (0, 1] (got {cfg.strength})")
-    if cfg.detail and cfg.source != "refine":
-        raise DefectlabError(f"detail keeps a pasted defect's fine structure: it needs --source refine (got {cfg.source})")
     if not 0 <= cfg.deform <= 1:
         raise DefectlabError(f"deform is a share of the pairs, in [0, 1] (got {cfg.deform})")
     if cfg.place not in PLACES:
@@ -179,15 +189,15 @@ def run(cfg: MaskSampleConfig) -> Path:
     pools, goods = _sources(cfg, dd, names, full, dcfg.crop, folder.name)
 
     slug = cfg.mask if cfg.mask in ("dataset", *KINDS) else Path(cfg.mask).stem
-    how = {"cutpaste": "cutpaste", "refine": f"refine{cfg.strength:g}{'-detail' if cfg.detail else ''}-{cfg.scheduler}{steps}"}.get(
-        cfg.source, f"{cfg.mode}-{slug}-{cfg.scheduler}{steps}")
+    how = source_tag(cfg.source, cfg.strength, cfg.detail) or f"{cfg.mode}-{slug}"
+    if cfg.source != "cutpaste":  # copies depend on no sampler
+        how += f"-{cfg.scheduler}{steps}"
     tag = (f"{how}-s{cfg.seed}-{size}px" + (f"-zoom{dcfg.zoom}" if dcfg.zoom > 1 else "")
            + (f"-deform{cfg.deform:g}" if cfg.deform else ""))
     out = Path(cfg.out) if cfg.out else folder / "synthesized" / tag
     resolved = {**dataclasses.asdict(cfg), "run": folder.name, "checkpoint": Path(r.checkpoint).name, "steps": steps,
                 "image_size": size, "zoom": dcfg.zoom, "crop": dcfg.crop, "product": dcfg.product, "out": str(out),
-                "strength": cfg.strength if cfg.source == "refine" else None,  # only refine's pixels depend on them
-                "detail": cfg.detail and cfg.source == "refine"}
+                "strength": cfg.strength if cfg.source == "refine" else None}  # only refine's pixels depend on it
     manifest.check_reuse(out, "mask_config.json", resolved, PIXEL_FIELDS, legacy={"detail": False})
     done = set(manifest.read_records(out, NEEDS))
     work = []  # (class, index, seed, mask, mask source, window corner, copied pixels): every mask is checked first
