@@ -48,7 +48,7 @@ settings: str = ""  # other TrainConfig fields as JSON, e.g. {"crop": 200} (batc
 # %%
 from IPython.display import Markdown, display
 
-from defectlab.core import restore, viz
+from defectlab.core import methods, restore, viz
 from defectlab.stages import train
 from defectlab.reports import report
 from defectlab.app import params
@@ -73,7 +73,7 @@ run_folder
 
 # %%
 restored = restore.restore(run_folder)
-display(Markdown(report.trainable_table(restored.model)))
+display(Markdown(methods.trainable_table(restored.model)))
 
 # %% [markdown]
 # ## Loss curve

@@ -25,7 +25,7 @@
 # %% tags=["parameters"]
 run: str = "latest"  # run folder, name or number; latest means the newest run
 samples: str = ""  # generated images (<samples>/<product>/test/<class>/*.png); "" means the newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized means the newest synthesize output
-metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
+metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, presence, fid, kid, is (default list: unavailable ones are skipped)
 conditions: str = "real,real+gen"  # downstream training sets: real, real+gen, gen (gen: classification accuracy score)
 seeds: int = 3  # downstream classifier seeds (mean ± std over them)
 classifier_steps: int = 40  # optimizer steps per classifier, the same for every condition (~12 CPU-s at 64 px)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from defectlab.core import sampler, viz
-from defectlab.reports import explorer as explorer_mod, report
+from defectlab.reports import explorer as explorer_mod
 from defectlab.base.errors import DefectlabError
 from defectlab.reports.explorer import ALL_CLASSES, Explorer
 
@@ -128,7 +128,7 @@ def test_counts_figure_and_trainable_table(hazelnut):
     assert [t.get_text() for t in ax.get_yticklabels()] == ["good", *hazelnut.classes]
     assert len(ax.patches) == 2 * len(hazelnut.classes) + 1  # train + test per class, one good bar
     _, net = restore.build(train.TrainConfig(model="tiny", method="bitfit"), hazelnut.classes)
-    table = report.trainable_table(net)
+    table = methods.trainable_table(net)
     trainable, total = methods.count(net)
     assert f"| **all** | {trainable:,} | {total:,} |" in table and "| class tables |" in table
 

@@ -113,7 +113,7 @@ def transform_mask(mask: torch.Tensor, cx: float | None = None, cy: float | None
                      interpolation=InterpolationMode.NEAREST, center=[bx, by])
 
 
-def _warp(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch.Tensor, mode: str) -> torch.Tensor:
+def warp_poses(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch.Tensor, mode: str) -> torch.Tensor:
     """[1,1,S,S] → [A,1,S,S]: pixel p of output a shows x at src_c + F_a R_a^-1 (p - dst_c)."""
     s = x.shape[-1]
     c = (torch.arange(s, dtype=torch.float32) + 0.5)
@@ -145,15 +145,15 @@ def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: 
     flips = torch.tensor([1.0, -1.0]).repeat_interleave(n)
     f = max(1, fs.shape[-1] // CARRY_SIDE)  # the pose search at ≤ CARRY_SIDE px: poses do not need more
     small = lambda m: F.avg_pool2d(m.float()[None, None], f)[0, 0] if f > 1 else m.float()  # noqa: E731
-    moved = _warp(small(fs)[None, None], [c / f for c in cs], [c / f for c in ct], angles, flips, "bilinear")[:, 0] > 0.5
+    moved = warp_poses(small(fs)[None, None], [c / f for c in cs], [c / f for c in ct], angles, flips, "bilinear")[:, 0] > 0.5
     ft = small(ft) > 0.5
     iou = (moved & ft).sum((-2, -1)) / (moved | ft).sum((-2, -1)).clamp(min=1)
     best = int((iou - 0.02 * (flips < 0)).argmax())  # mirrored only where it fits clearly better (symmetric products)
     pose = (cs, ct, angles[best:best + 1], flips[best:best + 1])
-    out = _warp(mask.reshape(1, 1, *mask.shape[-2:]), *pose, "nearest")[0].float()
+    out = warp_poses(mask.reshape(1, 1, *mask.shape[-2:]), *pose, "nearest")[0].float()
     if not pixels:
         return out
-    moved = torch.cat([_warp(c[None, None], *pose, "bilinear")[0] for c in source.float()])
+    moved = torch.cat([warp_poses(c[None, None], *pose, "bilinear")[0] for c in source.float()])
     return out, moved
 
 

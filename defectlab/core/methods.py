@@ -128,6 +128,33 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             p.copy_(state[name])
 
 
+def trainable_table(model: nn.Module) -> str:
+    """Markdown table: trainable / total parameters by kind (what a fine-tuning method touches)."""
+    def kind(name: str) -> str:
+        if "class_embedder.embedding_table" in name:
+            return "class tables"
+        if "difffit_gamma" in name:
+            return "DiffFit scales γ"
+        if ".lora_" in name:
+            return "LoRA adapters"
+        if name.endswith(".bias"):
+            return "biases"
+        if "norm" in name:
+            return "adaLN / norm weights"
+        return "other weights"
+
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        c = counts.setdefault(kind(name), [0, 0])
+        c[0] += p.numel() if p.requires_grad else 0
+        c[1] += p.numel()
+    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
+    lines = ["| parameters | trainable | total | share trained |", "|---|---:|---:|---:|"]
+    for k, (t, n) in [*sorted(counts.items()), ("**all**", total)]:
+        lines.append(f"| {k} | {t:,} | {n:,} | {100 * t / max(n, 1):.1f}% |")
+    return "\n".join(lines)
+
+
 def count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = trainable = 0

@@ -14,13 +14,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from ..base import runs
 from ..base.errors import DefectlabError
 from ..data import synth
-from ..core import classifier, gain, viz
+from ..core import classifier, gain, presence, viz
 from ..core.model import SMALL_BASES
 from ..stages import evaluate
 from ..stages.evaluate import EvalConfig, EvalResult
@@ -138,6 +137,7 @@ def format_table(m: EvalResult) -> str:
         for k, r in g["per_k"].items():
             out.append(f"| {k} (+{g['n_generated'][k]} gen.) | {iv(r['real'])} | {iv(r['real_gen'])} | "
                        f"{givs(r['gain'])} | {iv(r['gen'])} | {r['cas_ratio']:.2f} |")
+    out += presence.section(m.presence) if m.presence else []
     notes = list(m.skipped.values()) + m.warnings
     if m.config.bootstrap and m.distribution:
         notes.append("95% intervals: percentile bootstrap over images; at small n they are wide and may exclude the "
@@ -170,34 +170,9 @@ def rows(m: EvalResult) -> list[dict]:
     for cond, r in dn.get("diff", {}).items():
         for key, v in r.items():
             add("downstream", cond, "overall", key, v["mean"], v["std"], v["n"])
+    for cls, share in (m.presence or {}).get("per_class", {}).items():  # share of free samples showing the product
+        add("presence", "", cls, "share", share, None, None)
     return out
-
-
-def trainable_table(model: torch.nn.Module) -> str:
-    """Markdown table: trainable / total parameters by kind (what a fine-tuning method touches)."""
-    def kind(name: str) -> str:
-        if "class_embedder.embedding_table" in name:
-            return "class tables"
-        if "difffit_gamma" in name:
-            return "DiffFit scales γ"
-        if ".lora_" in name:
-            return "LoRA adapters"
-        if name.endswith(".bias"):
-            return "biases"
-        if "norm" in name:
-            return "adaLN / norm weights"
-        return "other weights"
-
-    counts: dict[str, list[int]] = {}
-    for name, p in model.named_parameters():
-        c = counts.setdefault(kind(name), [0, 0])
-        c[0] += p.numel() if p.requires_grad else 0
-        c[1] += p.numel()
-    total = [sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())]
-    lines = ["| parameters | trainable | total | share trained |", "|---|---:|---:|---:|"]
-    for k, (t, n) in [*sorted(counts.items()), ("**all**", total)]:
-        lines.append(f"| {k} | {t:,} | {n:,} | {100 * t / max(n, 1):.1f}% |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -342,6 +317,8 @@ def metrics_summary(m: EvalResult) -> dict:
         out[f"gain[k={k}]"] = r["gain"]["mean"]
         out[f"gain_low[k={k}]"] = r["gain"]["low"]
         out[f"cas_ratio[k={k}]"] = r["cas_ratio"]
+    if m.presence:  # share of free samples that show the product (classes weighted equally)
+        out["presence[gen]"] = m.presence["overall"]
     pooled = (m.distribution or {}).get("pooled", {})
     for key in ("fid", "kid"):
         if key in pooled:

@@ -18,17 +18,17 @@ import torch
 
 from ..base import runs
 from ..base.errors import DefectlabError
-from ..data import dataset, sources, synth
-from ..core import classifier, gain, judge, masks, metrics
+from ..data import dataset, product, sources, synth
+from ..core import classifier, gain, judge, masks, metrics, presence
 
-METRICS = ("downstream", "judge", "gain", *metrics.FIDELITY)
+METRICS = ("downstream", "judge", "gain", "presence", *metrics.FIDELITY)
 
 
 @dataclass
 class EvalConfig:
     run: str = "latest"            # run folder, name or number; latest means the newest run
     samples: str = ""              # generated images (<samples>/<product>/test/<class>/*.png); "" means the newest under <run>/samples/ (a --zoom run: under <run>/synthesized/); synthesized means the newest synthesize output
-    metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, fid, kid, is (default list: unavailable ones are skipped)
+    metrics: str = "downstream,judge,fid,kid,is"  # any of downstream, judge, gain, presence, fid, kid, is (default list: unavailable ones are skipped)
     feature_weights: str = ""      # InceptionV3 weights file (torch-fidelity format); "" means the torch hub cache or a download
     feature_weights_note: str = ""  # label stored with the numbers, e.g. "random weights — numbers meaningless"
     kid_subset_size: int = 0       # KID subset size (0 = min(n_real, n_gen, 1000); capped at that)
@@ -69,6 +69,7 @@ class EvalResult:
     masks: dict | None = None              # masks.summarize, for image + mask pairs
     judge: dict | None = None              # offline proxy: share of samples a procedural-image judge assigns their class
     gain: dict | None = None               # offline proxy: gain.gain_to_json — accuracy vs k, real vs real + generated
+    presence: dict | None = None           # presence.product_presence: share of free samples that show the product
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -228,11 +229,35 @@ def run(cfg: EvalConfig) -> EvalResult:
         if result.gain is None:
             result.skipped["gain"] = ("gain: skipped — its test set is drawn by the procedural generator, so it "
                                       "measures runs on the embedded synthetic dataset (hazelnut, screw) only")
+    if "presence" in wanted:
+        result.presence, why = _presence(dcfg, dd, samples, gen_img, train)
+        if result.presence is None:
+            result.skipped["presence"] = why
     if (samples / "mask_config.json").is_file():  # image + mask pairs: how well defects keep to their masks
         result.masks = masks.summarize(samples)
     result.seconds = round(time.time() - t0, 1)
     runs.write_json(folder / "metrics.json", result.to_json())
     return result
+
+
+def _presence(dcfg: sources.DataConfig, dd: sources.DefectData, samples: Path, gen_img: dict,
+              train: dict) -> tuple[dict | None, str]:
+    """``presence.product_presence`` of the free samples (each defect class, and ``good`` when the
+    run learned the product) against the run's own training images, defect-free ones included."""
+    if (samples / "mask_config.json").is_file():
+        return None, "presence: skipped — image + mask pairs keep the real image outside the mask"
+    size, crop = dcfg.image_size, dcfg.crop
+    refs = load_images([p for c in dd.classes for p in train[c]] + list(dd.good), size, crop)
+    gen = {c: x for c, x in gen_img.items() if len(x)}
+    good = sorted((samples / dd.product / "test" / product.GOOD).glob("*.png"))
+    if good:
+        gen[product.GOOD] = load_images(good, size)
+    if len(refs) < 3:
+        return None, f"presence: skipped — {len(refs)} real training images at hand, it needs at least 3"
+    p = presence.product_presence(refs, gen)
+    return {**dataclasses.asdict(p), "overall": presence.overall(p),
+            "note": "best-pose foreground IoU against the run's real training images; the pass mark is the "
+                    f"{p.quantile:.0%} quantile of the real images against each other"}, ""
 
 
 def _procedural(dcfg: sources.DataConfig, dd: sources.DefectData) -> bool:
