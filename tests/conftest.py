@@ -32,3 +32,42 @@ def shared_screws() -> Path:
     if not SHARED_SCREWS.is_dir():
         pytest.skip(f"real MVTec sample not present at {SHARED_SCREWS}")
     return SHARED_SCREWS
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs two workers (``-n 2 --dist loadgroup --no-loadscope-reorder``). Tests that
+    share a module-scoped fixture form one group, so one worker builds it once; groups holding a
+    ``slow`` test are handed out first, so the long ones start at once and the two workers finish
+    together (the order inside a group, and every group's tests together, are kept)."""
+    parent: dict[tuple, tuple] = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        names = sorted(n for n in getattr(item, "fixturenames", ())
+                       if defs and (d := defs.name2fixturedefs.get(n)) and d[-1].scope == "module")
+        keys = [(item.module.__name__, n) for n in names] if names else []
+        for a, b in zip(keys, keys[1:]):
+            parent[find(a)] = find(b)
+        shared[item] = keys
+    unit = {}
+    for item in items:
+        if shared[item]:
+            root = find(shared[item][0])
+            unit[item] = f"{root[0]}:{root[1]}"
+            item.add_marker(pytest.mark.xdist_group(unit[item]))
+        else:
+            unit[item] = item.nodeid
+    first, order, slow = {}, {}, set()
+    for i, item in enumerate(items):
+        first.setdefault(unit[item], i)
+        order[item] = i
+        if item.get_closest_marker("slow"):
+            slow.add(unit[item])
+    items.sort(key=lambda it: (unit[it] not in slow, first[unit[it]], order[it]))

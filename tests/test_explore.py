@@ -44,6 +44,7 @@ def test_explore_writes_the_run_notebook_and_refuses_bad_input(tiny_run, capsys)
     assert "images and steps must be ≥ 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_explorer_page_updates_its_grid_in_a_headless_browser(tiny_run):
     if CHROMIUM is None:
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")

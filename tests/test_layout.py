@@ -100,6 +100,7 @@ def test_no_package_import_inside_a_function():
     assert not hidden, hidden
 
 
+@pytest.mark.slow
 def test_every_module_imports_first():
     """Each module imported with no other defectlab module loaded before it (one interpreter,
     the package's own modules dropped between imports; torch & co. stay loaded, for speed)."""

@@ -39,13 +39,14 @@ def test_shipped_mini_latent_loads_through_the_vae_path_and_matches_its_card():
 @pytest.fixture(scope="module")
 def demo_pairs(tmp_path_factory):
     """The demo's fine-tune recipe on mini-latent (``demo.PRESETS["mini-latent"]``: DiffFit, 64 px
-    windows of 256 px hazelnuts (zoom 4), lr 3e-3, mask loss 20, 100 epochs of batch 8) on drawing
-    version 1 of the embedded set, the one the judge is trained on (the demo itself runs on
-    version 2), and 12 image + mask pairs per class at the demo's guidance (~2 min on one CPU thread)."""
+    windows of 256 px hazelnuts (zoom 4), lr 3e-3, mask loss 20, batch 8) at EPOCHS of its 100
+    epochs, on drawing version 1 of the embedded set, the one the judge is trained on (the demo
+    itself runs on version 2), and 12 image + mask pairs per class at the demo's guidance (~1 min
+    on one CPU thread)."""
     preset = demo.PRESETS["mini-latent"]
     tmp = tmp_path_factory.mktemp("latent")
     cfg = train.TrainConfig(data="synthetic", model="mini-latent", product="hazelnut", method=preset["method"], lr=preset["lr"],
-                            mask_loss=preset["mask_loss"], zoom=preset["zoom"], epochs=preset["epochs"], image_size=64,
+                            mask_loss=preset["mask_loss"], zoom=preset["zoom"], epochs=EPOCHS, image_size=64,
                             batch_size=8, grad_accum=1, val_per_class=1, val_every=1000, val_timesteps=1,
                             report_to="none", log_samples=0, runs_dir=str(tmp / "runs"), progress=False)
     folder = train.run(cfg)
@@ -74,4 +75,5 @@ def test_demo_pairs_keep_the_judge_score_above_its_floor(demo_pairs):
     assert score.overall.correct >= FLOOR, str(score)
 
 
-FLOOR = 36  # measured 44/48 (crack 10, cut 12, hole 10, print 12; 2 judged good), torch 2.x on the CPU
+EPOCHS = 30  # of the demo's 100: 41/48 (100 epochs: 44/48; 50: 46/48)
+FLOOR = 34  # measured 41/48 at 30 epochs (crack 12, cut 12, hole 5, print 12; 1 judged good), torch 2.14 on the CPU

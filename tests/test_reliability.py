@@ -1,10 +1,8 @@
 """Reliability at the command line: one-line errors with exit code 2 and no traceback,
 interrupted runs that resume to the same result, untrusted files refused, determinism."""
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -102,44 +100,11 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     assert "DiT-evil.pt" in err
 
 
-# ----------------------------------------------------------------------------- kill -9
-TRAIN_ARGS = ["finetune", "--model", "tiny", "--method", "difffit", "--image-size", "16", "--epochs", "6",
-              "--val-every", "1", "--val-per-class", "1", "--val-timesteps", "2", "--batch-size", "4",
-              "--lr", "0.002", "--no-progress"]
-
-
+# ----------------------------------------------------------------------------- a CLI process (test_resume: kill -9, SIGTERM)
 def _cli(home: Path, *args, **kw):
     env = {**os.environ, "DEFECTLAB_HOME": str(home), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "defectlab", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def test_kill_9_during_training_then_resume_gives_the_uninterrupted_result(tmp_path, home):
-    # the same synthetic dataset (DEFECTLAB_HOME's) for both runs; separate runs folders
-    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    p = _cli(home, *TRAIN_ARGS, "--runs-dir", straight_dir)
-    q = _cli(home, *TRAIN_ARGS, "--runs-dir", killed_dir)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill as soon as two complete checkpoints exist
-        cks = list(killed_dir.glob("*/checkpoints/*/meta.json"))
-        if len(cks) >= 2 or q.poll() is not None:
-            break
-        time.sleep(0.05)
-    os.kill(q.pid, signal.SIGKILL)
-    q.wait()
-    assert p.wait(timeout=600) == 0, p.stdout.read()
-    folder = next(killed_dir.iterdir())
-    done = runs.latest_checkpoint(folder)
-    assert done is not None
-    for ck in (folder / "checkpoints").iterdir():  # every visible checkpoint is complete
-        if ck.is_dir() and not ck.name.startswith("."):
-            assert {f.name for f in ck.iterdir()} >= {runs.STATE_FILE, runs.OPTIM_FILE, runs.META_FILE}
-    r = _cli(home, "finetune", "--resume", folder, "--runs-dir", killed_dir, "--no-progress")
-    out, _ = r.communicate(timeout=600)
-    assert r.returncode == 0, out
-    a = runs.load_tensors(runs.find_checkpoint(next(straight_dir.iterdir()), "latest") / runs.STATE_FILE)
-    b = runs.load_tensors(runs.find_checkpoint(folder, "latest") / runs.STATE_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_same_config_and_seed_give_the_same_checkpoint(tmp_path):

@@ -129,31 +129,46 @@ ARGS = ["finetune", "--model", "tiny", "--method", "difffit", "--image-size", "1
         "100", "--val-per-class", "1", "--val-timesteps", "2", "--batch-size", "4", "--lr", "0.002", "--no-progress"]
 
 
-def test_sigterm_checkpoints_then_resume_gives_the_uninterrupted_result(tmp_path, home):
-    """A run killed before its first validation kept nothing; now SIGTERM (or Ctrl-C) saves a
-    checkpoint at the next step and stops (exit 130)."""
-    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
-    p = _cli(home, *ARGS, "--runs-dir", straight_dir)
-    q = _cli(home, *ARGS, "--runs-dir", stopped_dir)
-    deadline = time.time() + 300
-    while time.time() < deadline and q.poll() is None:
-        logs = list(stopped_dir.glob("*/log.jsonl"))
-        if logs and len(logs[0].read_text().splitlines()) >= 3:
-            break
+def _wait_for(proc, ready, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_or_sigterm_then_resume_gives_the_uninterrupted_result(tmp_path, home):
+    """Three CLI runs of one config at once: one straight; one killed with SIGKILL as soon as two
+    checkpoints exist (every visible checkpoint is complete); one sent SIGTERM before its first
+    validation, which saves a checkpoint at the next step and stops (exit 130; before, such a run
+    kept nothing). Both resume to the straight run's weights and log. (Validation every epoch or
+    never: the same weights, so the killed run checkpoints each epoch.)"""
+    straight_dir, killed_dir, stopped_dir = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
+    p = _cli(home, *ARGS, "--runs-dir", straight_dir)
+    k = _cli(home, *ARGS, "--val-every", "1", "--runs-dir", killed_dir)
+    q = _cli(home, *ARGS, "--runs-dir", stopped_dir)
+    _wait_for(k, lambda: len(list(killed_dir.glob("*/checkpoints/*/meta.json"))) >= 2)
+    os.kill(k.pid, signal.SIGKILL)
+    k.wait()
+    _wait_for(q, lambda: any(len(f.read_text().splitlines()) >= 3 for f in stopped_dir.glob("*/log.jsonl")))
     os.kill(q.pid, signal.SIGTERM)
     out, _ = q.communicate(timeout=300)
     assert q.returncode == 130, out
     assert "checkpoint saved at step" in out and "--resume" in out
+    killed, stopped = next(killed_dir.iterdir()), next(stopped_dir.iterdir())
+    assert runs.latest_checkpoint(killed) is not None
+    for ck in (killed / "checkpoints").iterdir():  # every visible checkpoint is complete
+        if ck.is_dir() and not ck.name.startswith("."):
+            assert {f.name for f in ck.iterdir()} >= {runs.STATE_FILE, runs.OPTIM_FILE, runs.META_FILE}
+    meta = runs.read_json(runs.latest_checkpoint(stopped) / "meta.json")
+    assert 3 <= meta["step"] < 42 and not [r for r in runs.read_log(stopped) if "val_loss" in r]
+    resumed = [_cli(home, "finetune", "--resume", folder, "--no-progress") for folder in (killed, stopped)]
     assert p.wait(timeout=600) == 0, p.stdout.read()
-    folder = next(stopped_dir.iterdir())
-    meta = runs.read_json(runs.latest_checkpoint(folder) / "meta.json")
-    assert 3 <= meta["step"] < 42 and not [r for r in runs.read_log(folder) if "val_loss" in r]
-    r = _cli(home, "finetune", "--resume", folder, "--no-progress")
-    out, _ = r.communicate(timeout=600)
-    assert r.returncode == 0, out
+    for r in resumed:
+        out, _ = r.communicate(timeout=600)
+        assert r.returncode == 0, out
     straight = next(straight_dir.iterdir())
-    assert _same_weights(straight, folder) and _steps(folder) == _steps(straight)
+    for folder in (killed, stopped):
+        assert _same_weights(straight, folder) and _steps(folder) == _steps(straight), folder.name
 
 
 def test_a_relative_data_path_is_stored_absolute(tmp_path, monkeypatch):
