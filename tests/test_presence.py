@@ -35,6 +35,7 @@ def test_products_pass_and_non_products_fail(refs):
     assert 0.8 <= p.real <= 1.0 and 0.0 < p.threshold < 1.0 and p.n_refs == 24
     assert p.iou["held"] > p.iou["blobs"] and presence.overall(p) == pytest.approx(np.mean(list(p.per_class.values())))
     assert p.n["held"] == 12 and p.interval["empty"][0] == 0.0 and 0.1 < p.interval["empty"][1] < 0.3
+    assert p.iou_interval["held"][0] < p.iou["held"] < p.iou_interval["held"][1] and p.iou_interval["blobs"][1] < p.iou_interval["held"][0]
     lo, hi = presence.wilson(9, 12)
     assert lo < 0.75 < hi and presence.wilson(12, 12)[1] == 1.0
 
@@ -76,6 +77,7 @@ def test_evaluate_reports_presence_of_free_samples_and_skips_pairs(tmp_path):
     p = result.presence
     assert set(p["per_class"]) == {*result.classes, "good"} and all(0 <= v <= 1 for v in p["per_class"].values())
     assert p["real"] >= 0.8 and p["n_refs"] >= 3 and 0 <= p["overall"] <= 1
+    assert not result.warnings  # "good" is read, not ignored
     assert "### Product in the free samples" in (folder / "metrics.md").read_text()
     assert "presence,,good,share" in (folder / "metrics.csv").read_text()
     assert report.metrics_summary(result)["presence[gen]"] == p["overall"]

@@ -32,6 +32,7 @@ class Presence:
     quantile: float
     interval: dict[str, tuple[float, float]]  # 95 % Wilson score interval of each class's share
     n: dict[str, int]             # samples per class
+    iou_interval: dict[str, tuple[float, float]]  # mean best IoU ± 1.96 standard errors
 
 
 def poses(images: torch.Tensor, step: float = 6.0) -> torch.Tensor:
@@ -84,7 +85,7 @@ def product_presence(real: torch.Tensor, generated: dict[str, torch.Tensor], qua
     refs = poses(real, 0)[:, 0]
     own = best_iou(poses(real, step), refs, exclude_self=True)
     threshold = float(torch.quantile(own, quantile))
-    per_class, iou, interval, n = {}, {}, {}, {}
+    per_class, iou, interval, n, spread = {}, {}, {}, {}, {}
     for c, x in generated.items():
         if not len(x):
             continue
@@ -92,8 +93,11 @@ def product_presence(real: torch.Tensor, generated: dict[str, torch.Tensor], qua
         hits = int((scores >= threshold).sum())
         per_class[c], iou[c], n[c] = hits / len(x), float(scores.mean()), len(x)
         interval[c] = wilson(hits, len(x))
+        se = float(scores.std()) / math.sqrt(len(x)) if len(x) > 1 else math.nan
+        spread[c] = (round(iou[c] - 1.96 * se, 4), round(iou[c] + 1.96 * se, 4))
     return Presence(threshold=round(threshold, 4), real=float((own >= threshold).float().mean()),
-                    per_class=per_class, iou=iou, n_refs=len(real), quantile=quantile, interval=interval, n=n)
+                    per_class=per_class, iou=iou, n_refs=len(real), quantile=quantile, interval=interval, n=n,
+                    iou_interval=spread)
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -112,8 +116,9 @@ def section(saved: dict) -> list[str]:
     """Markdown lines of an evaluation's ``presence`` entry (``evaluate``'s metrics.json)."""
     out = ["", f"### Product in the free samples (foreground of a real product's shape: best-pose IoU ≥ "
            f"{saved['threshold']:.2f}, what {saved['real']:.0%} of the {saved['n_refs']} real training images reach "
-           "against each other)", "", "| class | samples showing the product [95 % interval] | mean best IoU |",
+           "against each other)", "", "| class | samples showing the product [95 % interval] | mean best IoU [95 %] |",
            "|---|---|---|"]
     out += [f"| {c} | {share:.0%} of {saved['n'][c]} [{saved['interval'][c][0]:.0%}, {saved['interval'][c][1]:.0%}] "
-            f"| {saved['iou'][c]:.2f} |" for c, share in saved["per_class"].items()]
+            f"| {saved['iou'][c]:.2f} [{saved['iou_interval'][c][0]:.2f}, {saved['iou_interval'][c][1]:.2f}] |"
+            for c, share in saved["per_class"].items()]
     return out + [f"| overall (classes equally) | {saved['overall']:.0%} | |"]

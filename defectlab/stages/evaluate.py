@@ -190,7 +190,8 @@ def run(cfg: EvalConfig) -> EvalResult:
                 (("train", train), ("test", test), ("generated", gen_paths))})
     if (samples / "sample_config.json").is_file():  # which checkpoint / sampler settings made the images
         result.sample_config = runs.read_json(samples / "sample_config.json")
-    extra = sorted({p.name for p in (samples / dd.product / "test").iterdir() if p.is_dir()} - set(dd.classes))
+    read = {*dd.classes, *([product.GOOD] if "presence" in wanted else [])}  # presence also reads "good"
+    extra = sorted({p.name for p in (samples / dd.product / "test").iterdir() if p.is_dir()} - read)
     if extra:
         result.warnings.append(f"generated classes not in the run ignored: {', '.join(extra)}")
 
