@@ -67,6 +67,7 @@ def test_latent_base_loads_through_the_vae_path_and_samples(latent_base):
     t = b.transformer.config
     assert (t.in_channels, t.out_channels, t.sample_size) == (4, 8, 16)  # 32 px / 2 → 16×16×4 latents
     assert b.default_image_size == 32 and b.scheduler_config["clip_sample"] is False  # latents are unbounded
+    assert json.loads((base / "model_index.json").read_text())["defectlab_image_size"] == 32  # a copy keeps it
     images = sampler.generate(b.transformer, b.codec, [0, 1], sampler.generators(0, "x", range(2)),
                               steps=2, scheduler="ddim", progress=False, scheduler_config=b.scheduler_config)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1

@@ -36,6 +36,15 @@ def test_shipped_mini_latent_loads_through_the_vae_path_and_matches_its_card():
     assert model.preset("mini-latent")["image_size"] == 64
 
 
+def test_a_copy_of_mini_latent_keeps_its_image_size(tmp_path):
+    """A copy of the folder (e.g. with random weights, the from-scratch baseline) is loaded by
+    path, without the named preset: it must still train and sample at 64 px (its autoencoder
+    alone would say 128)."""
+    import shutil
+    shutil.copytree(LATENT, tmp_path / "copy")
+    assert model.load(str(tmp_path / "copy")).default_image_size == 64
+
+
 @pytest.fixture(scope="module")
 def demo_pairs(tmp_path_factory):
     """The demo's fine-tune recipe on mini-latent (``demo.PRESETS["mini-latent"]``: DiffFit, 64 px

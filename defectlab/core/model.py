@@ -218,8 +218,9 @@ def build_mini(config: dict, seed: int = 0) -> DiTTransformer2DModel:
 
 
 def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: bool = False,
-                extra_files: dict[str, str] | None = None, vae: Path | None = None) -> Path:
-    """``save_pretrained`` + ``model_index.json`` (corpus class names, anchors, numerics) +
+                extra_files: dict[str, str] | None = None, vae: Path | None = None, image_size: int = 0) -> Path:
+    """``save_pretrained`` + ``model_index.json`` (corpus class names, anchors, numerics, the
+    image size it was trained at when given: a copy of the folder then samples at that size) +
     ``scheduler/scheduler_config.json`` (+ ``extra_files``; + ``vae/``, a copy of the autoencoder
     folder ``vae``, for a latent base), swapped in atomically."""
     with folders.building(out) as tmp:
@@ -230,6 +231,8 @@ def save_folder(net: DiTTransformer2DModel, out: Path, schedule: dict, fp16: boo
         index = {"_class_name": "DiTTransformer2DModel", "id2label": dict(enumerate(corpus.CLASSES)),
                  "defectlab_anchors": corpus.ANCHORS, "corpus_version": corpus.CORPUS_VERSION,
                  "defectlab_numerics": "diffusers"}  # trained with diffusers' timestep frequencies (NUMERICS)
+        if image_size:
+            index["defectlab_image_size"] = int(image_size)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedule, indent=1))

@@ -289,7 +289,7 @@ def save_model(net: DiTTransformer2DModel, out: Path, cfg: PretrainConfig, card:
     """``model.save_folder`` (weights, class names, schedule) + ``MODEL_CARD.md``, swapped in atomically."""
     n_params = sum(p.numel() for p in net.parameters())
     extra = {} if card is None else {"MODEL_CARD.md": lambda tmp: model_card(cfg, card, sha256(tmp / WEIGHTS), n_params)}
-    return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra,
+    return model_mod.save_folder(net, out, schedule(cfg), fp16=cfg.fp16, extra_files=extra, image_size=cfg.image_size,
                                  vae=vae_folder(cfg.vae) if cfg.vae else None)
 
 
