@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/defectlab demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 
 lab: $(STAMP)  # JupyterLab on the notebooks: the paired .py files open as notebooks (jupytext)
 	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 notebooks

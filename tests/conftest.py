@@ -34,40 +34,23 @@ def shared_screws() -> Path:
     return SHARED_SCREWS
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+# the longest modules, longest first (each fine-tunes or executes notebooks in its fixtures)
+LONGEST = ("test_notebooks", "test_mini_demo", "test_mini", "test_resume", "test_mini_latent")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``make test`` runs two workers (``-n 2 --dist loadgroup --no-loadscope-reorder``). Tests that
-    share a module-scoped fixture form one group, so one worker builds it once; groups holding a
-    ``slow`` test are handed out first, so the long ones start at once and the two workers finish
-    together (the order inside a group, and every group's tests together, are kept)."""
-    parent: dict[tuple, tuple] = {}
-
-    def find(key):
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    shared = {}
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        names = sorted(n for n in getattr(item, "fixturenames", ())
-                       if defs and (d := defs.name2fixturedefs.get(n)) and d[-1].scope == "module")
-        keys = [(item.module.__name__, n) for n in names] if names else []
-        for a, b in zip(keys, keys[1:]):
-            parent[find(a)] = find(b)
-        shared[item] = keys
-    unit = {}
-    for item in items:
-        if shared[item]:
-            root = find(shared[item][0])
-            unit[item] = f"{root[0]}:{root[1]}"
-            item.add_marker(pytest.mark.xdist_group(unit[item]))
-        else:
-            unit[item] = item.nodeid
+    """``make test`` runs two workers, each given whole test modules (``-n 2 --dist loadscope
+    --no-loadscope-reorder``: a module's fixtures are built once). The LONGEST modules are handed
+    out first, then the other modules holding a ``slow`` test, then the rest, so the long ones
+    start at once and the two workers finish together; a module's tests stay together and in order."""
     first, order, slow = {}, {}, set()
     for i, item in enumerate(items):
-        first.setdefault(unit[item], i)
+        first.setdefault(item.module.__name__, i)
         order[item] = i
         if item.get_closest_marker("slow"):
-            slow.add(unit[item])
-    items.sort(key=lambda it: (unit[it] not in slow, first[unit[it]], order[it]))
+            slow.add(item.module.__name__)
+
+    def rank(name: str) -> int:
+        return LONGEST.index(name) if name in LONGEST else len(LONGEST) + (name not in slow)
+
+    items.sort(key=lambda it: (rank(it.module.__name__), first[it.module.__name__], order[it]))
