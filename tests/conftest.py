@@ -43,14 +43,13 @@ def pytest_collection_modifyitems(config, items):
     --no-loadscope-reorder``: a module's fixtures are built once). The LONGEST modules are handed
     out first, then the other modules holding a ``slow`` test, then the rest, so the long ones
     start at once and the two workers finish together; a module's tests stay together and in order."""
-    first, order, slow = {}, {}, set()
+    first, slow = {}, set()
     for i, item in enumerate(items):
         first.setdefault(item.module.__name__, i)
-        order[item] = i
         if item.get_closest_marker("slow"):
             slow.add(item.module.__name__)
 
     def rank(name: str) -> int:
         return LONGEST.index(name) if name in LONGEST else len(LONGEST) + (name not in slow)
 
-    items.sort(key=lambda it: (rank(it.module.__name__), first[it.module.__name__], order[it]))
+    items.sort(key=lambda it: (rank(it.module.__name__), first[it.module.__name__]))  # stable: order kept within

@@ -125,6 +125,20 @@ def warp_poses(x: torch.Tensor, src_c, dst_c, angles: torch.Tensor, flips: torch
     return F.grid_sample(x.float().expand(len(angles), -1, -1, -1), grid, mode=mode, align_corners=False)
 
 
+def rotations(step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The poses a search tries: angles (radians) every ``step`` degrees, each plain and mirrored
+    (flips 1 / -1), for ``warp_poses``."""
+    n = int(round(360 / step))
+    angles = torch.deg2rad(torch.arange(n, dtype=torch.float32) * step).repeat(2)
+    return angles, torch.tensor([1.0, -1.0]).repeat_interleave(n)
+
+
+def centroid(f: torch.Tensor) -> tuple[float, float]:
+    """``(y, x)`` pixel-centre coordinates of the mean of a non-empty bool foreground [S,S]."""
+    ys, xs = torch.nonzero(f, as_tuple=True)
+    return float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
+
+
 def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: float = 3.0,
           pixels: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Move a defect ``mask`` [1,S,S] drawn on image ``source`` onto the same place of the product
@@ -136,13 +150,8 @@ def carry(mask: torch.Tensor, source: torch.Tensor, target: torch.Tensor, step: 
     fs, ft = dataset.foreground(source), dataset.foreground(target)
     if not fs.any() or not ft.any():  # no product found on a plain background: leave the mask where it is
         return (mask.float(), source.float()) if pixels else mask.float()
-    def centre(f):
-        ys, xs = torch.nonzero(f, as_tuple=True)
-        return float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5
-    cs, ct = centre(fs), centre(ft)
-    n = int(round(360 / step))
-    angles = torch.deg2rad(torch.arange(n, dtype=torch.float32) * step).repeat(2)
-    flips = torch.tensor([1.0, -1.0]).repeat_interleave(n)
+    cs, ct = centroid(fs), centroid(ft)
+    angles, flips = rotations(step)
     f = max(1, fs.shape[-1] // CARRY_SIDE)  # the pose search at ≤ CARRY_SIDE px: poses do not need more
     small = lambda m: F.avg_pool2d(m.float()[None, None], f)[0, 0] if f > 1 else m.float()  # noqa: E731
     moved = warp_poses(small(fs)[None, None], [c / f for c in cs], [c / f for c in ct], angles, flips, "bilinear")[:, 0] > 0.5

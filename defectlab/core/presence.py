@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 from ..base.errors import DefectlabError
 from ..data import dataset
-from .masks import warp_poses
+from .masks import centroid, rotations, warp_poses
 
 
 @dataclass(frozen=True)
@@ -40,19 +41,13 @@ def poses(images: torch.Tensor, step: float = 6.0) -> torch.Tensor:
     centre, turned every ``step`` degrees, mirrored or not (A = 2 × 360 / step; ``step`` 0: the
     pose as it is, A = 1). An empty foreground stays empty."""
     s = images.shape[-1]
-    n = 1 if step <= 0 else int(round(360 / step))
-    angles = torch.deg2rad(torch.arange(n, dtype=torch.float32) * max(step, 0.0))
-    flips = torch.ones(n)
-    if step > 0:
-        angles, flips = angles.repeat(2), torch.tensor([1.0, -1.0]).repeat_interleave(n)
+    angles, flips = rotations(step) if step > 0 else (torch.zeros(1), torch.ones(1))
     out = torch.zeros(len(images), len(angles), s * s, dtype=torch.bool)
     for i, img in enumerate(images):
         f = dataset.foreground(img)
-        if not f.any():
-            continue
-        ys, xs = torch.nonzero(f, as_tuple=True)
-        c = (float(ys.float().mean()) + 0.5, float(xs.float().mean()) + 0.5)
-        out[i] = (warp_poses(f.float()[None, None], c, (s / 2, s / 2), angles, flips, "bilinear")[:, 0] > 0.5).flatten(1)
+        if f.any():
+            moved = warp_poses(f.float()[None, None], centroid(f), (s / 2, s / 2), angles, flips, "bilinear")
+            out[i] = (moved[:, 0] > 0.5).flatten(1)
     return out
 
 
@@ -100,11 +95,10 @@ def product_presence(real: torch.Tensor, generated: dict[str, torch.Tensor], qua
                     iou_interval=spread)
 
 
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(hits: int, n: int) -> tuple[float, float]:
     """The 95 % Wilson score interval of a share ``hits / n`` (sound at 0 and n, unlike ± 2 se)."""
-    p, d = hits / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+    ci = stats.binomtest(hits, n).proportion_ci(0.95, method="wilson")
+    return (round(float(ci.low), 4), round(float(ci.high), 4))
 
 
 def overall(p: Presence) -> float:

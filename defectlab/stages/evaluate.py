@@ -231,7 +231,7 @@ def run(cfg: EvalConfig) -> EvalResult:
             result.skipped["gain"] = ("gain: skipped — its test set is drawn by the procedural generator, so it "
                                       "measures runs on the embedded synthetic dataset (hazelnut, screw) only")
     if "presence" in wanted:
-        result.presence, why = _presence(dcfg, dd, samples, gen_img, train)
+        result.presence, why = _presence(dcfg, dd, samples, gen_img, train_img)
         if result.presence is None:
             result.skipped["presence"] = why
     if (samples / "mask_config.json").is_file():  # image + mask pairs: how well defects keep to their masks
@@ -242,13 +242,14 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 def _presence(dcfg: sources.DataConfig, dd: sources.DefectData, samples: Path, gen_img: dict,
-              train: dict) -> tuple[dict | None, str]:
+              train_img: dict) -> tuple[dict | None, str]:
     """``presence.product_presence`` of the free samples (each defect class, and ``good`` when the
-    run learned the product) against the run's own training images, defect-free ones included."""
+    run learned the product) against the run's own training images (``train_img``, as loaded for
+    diversity), defect-free ones included."""
     if (samples / "mask_config.json").is_file():
         return None, "presence: skipped — image + mask pairs keep the real image outside the mask"
-    size, crop = dcfg.image_size, dcfg.crop
-    refs = load_images([p for c in dd.classes for p in train[c]] + list(dd.good), size, crop)
+    size = dcfg.image_size
+    refs = torch.cat([*(train_img[c] for c in dd.classes), load_images(list(dd.good), size, dcfg.crop)])
     gen = {c: x for c, x in gen_img.items() if len(x)}
     good = sorted((samples / dd.product / "test" / product.GOOD).glob("*.png"))
     if good:
