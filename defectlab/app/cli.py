@@ -44,6 +44,8 @@ STAGES = {
     "pretrain-mini": ("stages.pretrain", "PretrainConfig", "pre-train the small shipped base model (defectlab-mini)"),
     "pretrain-ae": ("stages.autoencoder", "AEConfig", "pre-train the small autoencoder of a latent base (the SD VAE's "
                     "offline stand-in)"),
+    "adapt-vae": ("stages.adapt_vae", "AdaptVAEConfig", "adapt a latent base's autoencoder decoder to a product's images "
+                  "(writes a model folder for finetune --model; the latents stay the same)"),
     "sweep": ("app.batch", "SweepConfig", "run notebooks 02-04 over a grid of parameters (resumable)"),
     "notebooks": ("app.batch", "NotebooksConfig", "execute notebooks 01-04 through papermill"),
     "demo": ("app.demo", "DemoConfig", "the main job on the embedded default: data, fine-tune, sample, evaluate"),
