@@ -46,6 +46,8 @@ def test_adapted_decoder_keeps_the_latents_and_reconstructs_the_product_better(a
     assert rec["defect_images"] > 0 and rec["test_defects"] > 0
     for name in ("good_zoom1", "good_zoom4"):  # held-back images: never trained on
         assert rec["after"][name]["l1"] < rec["before"][name]["l1"], (name, rec)
+    pres = rec["after"]["presence"]  # the product's shape through the round trip, on unseen images
+    assert pres["n"] == 8 + rec["test_defects"] and 0 <= pres["round_trip"] <= 1 and pres["iou_round_trip"] > 0.5
     assert not (out / "MODEL_CARD.md").exists()  # the base's card does not describe this model
 
 

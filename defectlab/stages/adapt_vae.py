@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from ..base import folders, paths, runs
 from ..base.errors import DefectlabError
 from ..base.progress import tqdm
-from ..core import loop, model as model_mod, resume
+from ..base.images import to_grey
+from ..core import loop, model as model_mod, presence, resume
 from ..core.codec import VAECodec
 from ..data import dataset, sources
 
+PRESENCE_REFS = 64          # training good images the presence check compares against
 RECORD = "adaptation.json"  # in the output's vae/: what it was adapted on, the errors before and after
 LEFT_BEHIND = {"vae", "MODEL_CARD.md", "README.md", "samples.png"}  # the base's: its autoencoder, its own card and samples
 
@@ -140,10 +142,20 @@ def batch(imgs: Images, cfg: AdaptVAEConfig, size: int, step: int) -> torch.Tens
     return torch.stack(out)
 
 
+def round_trip(vae, x: torch.Tensor, grey: bool) -> torch.Tensor:
+    """Encode (posterior mean) and decode, 16 at a time; grey for a greyscale dataset, as its samples are."""
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mean).sample.clamp(-1, 1)
+                     for i in range(0, len(x), 16)])
+    return to_grey(rec) if grey else rec
+
+
 @torch.no_grad()
 def measure(vae, imgs: Images, cfg: AdaptVAEConfig, size: int) -> dict:
-    """Reconstruction L1 and PSNR ([-1, 1] images) per zoom on the held-back good images, and on
-    the test split's defect windows at the largest zoom: views nothing trained on."""
+    """On views nothing trained on: reconstruction L1 and PSNR ([-1, 1] images) per zoom on the
+    held-back good images and on the test split's defect windows at the largest zoom; and
+    ``presence``: whether the product survives the round trip, ``presence.product_presence`` of the
+    whole held-back and test images before and after encoding and decoding, against the training
+    good images — the ceiling of any free sample drawn through this autoencoder."""
     sets = {f"good_zoom{z}": [view(p, None, size, int(z), torch.Generator().manual_seed(i)) for i, p in enumerate(imgs.held)]
             for z in cfg.zooms}
     sets[f"test_defects_zoom{max(cfg.zooms)}"] = [view(p, m, size, int(max(cfg.zooms)), None) for p, m in imgs.test_defects]
@@ -151,10 +163,17 @@ def measure(vae, imgs: Images, cfg: AdaptVAEConfig, size: int) -> dict:
     for name, views in sets.items():
         if views:
             x = torch.stack(views)
-            rec = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mean).sample.clamp(-1, 1)
-                             for i in range(0, len(x), 16)])
+            rec = round_trip(vae, x, imgs.greyscale)
             out[name] = {"n": len(x), "l1": round(F.l1_loss(rec, x).item(), 5),
                          "psnr": round((10 * torch.log10(4 / F.mse_loss(rec, x))).item(), 2)}
+    unseen = [view(p, None, size, 1, None) for p in [*imgs.held, *(q for q, _ in imgs.test_defects)]]
+    if len(imgs.good) >= 3 and unseen:
+        x = torch.stack(unseen)
+        refs = torch.stack([view(p, None, size, 1, None) for p in imgs.good[:PRESENCE_REFS]])
+        p = presence.product_presence(refs, {"real": x, "round_trip": round_trip(vae, x, imgs.greyscale)})
+        out["presence"] = {"n": len(x), "threshold": p.threshold, "real": p.per_class["real"],
+                           "round_trip": p.per_class["round_trip"], "interval": list(p.interval["round_trip"]),
+                           "iou_real": round(p.iou["real"], 4), "iou_round_trip": round(p.iou["round_trip"], 4)}
     return out
 
 
@@ -192,7 +211,7 @@ def run(cfg: AdaptVAEConfig) -> Path:
             for n, p in named:
                 p.copy_(got.state[n])
         step, wall = got.meta["step"], got.meta["wall_s"]
-    saved_step, t0, losses = step if last is not None else -1, time.time(), []
+    t0, losses = time.time(), []
     vae.decoder.train()
     with tqdm(total=cfg.max_steps, initial=step, desc="adapt-vae", disable=not cfg.progress) as bar:
         while step < cfg.max_steps:
@@ -209,21 +228,23 @@ def run(cfg: AdaptVAEConfig) -> Path:
                 runs.log(folder, {"step": step, "loss": sum(losses) / len(losses), "time": round(wall + time.time() - t0, 1)})
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
                 losses = []
-            if step % cfg.checkpoint_every == 0:
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:  # the last step is always saved
                 _save(folder, stepper, named, step, wall + time.time() - t0)
-                saved_step = step
     wall += time.time() - t0
-    if step > saved_step:
-        _save(folder, stepper, named, step, wall)
     after = measure(vae.eval(), imgs, cfg, size)
     record = {"base": cfg.model, "data": cfg.data, "product": cfg.product, "image_size": size, "zooms": list(cfg.zooms),
               "steps": step, "wall_s": round(wall), "run": folder.name, "trained": "decoder + post_quant_conv",
               "good_images": len(imgs.good), "defect_images": len(imgs.defects), "held_good": len(imgs.held),
               "test_defects": len(imgs.test_defects), "before": before, "after": after, "config": dataclasses.asdict(cfg)}
     export(cfg.model, vae, out, record)
-    for name in after:
+    for name in (n for n in after if n != "presence"):
         print(f"{name}: L1 {before[name]['l1']:.4f} → {after[name]['l1']:.4f}, "
               f"PSNR {before[name]['psnr']:.1f} → {after[name]['psnr']:.1f} dB ({after[name]['n']} views)")
+    if "presence" in after:
+        b, a = before["presence"], after["presence"]
+        print(f"product kept by the round trip (presence, {a['n']} unseen images): {b['round_trip']:.0%} → "
+              f"{a['round_trip']:.0%} (the images themselves: {a['real']:.0%}); mean best IoU {b['iou_round_trip']:.3f} → "
+              f"{a['iou_round_trip']:.3f} ({a['iou_real']:.3f})")
     print(f"model with the adapted autoencoder → {out} (finetune --model {out})")
     return out
 
