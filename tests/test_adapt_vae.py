@@ -12,7 +12,7 @@ from defectlab.stages.adapt_vae import AdaptVAEConfig
 
 
 def _cfg(tmp_path, **kw):
-    return AdaptVAEConfig(**{"data": "synthetic-v2", "product": "hazelnut", "batch_size": 6, "max_steps": 40,
+    return AdaptVAEConfig(**{"data": "synthetic-v2", "product": "hazelnut", "batch_size": 6, "max_steps": 30,
                              "checkpoint_every": 20, "runs_dir": str(tmp_path / "runs"), "out": str(tmp_path / "m"),
                              "progress": False, **kw})
 
@@ -41,7 +41,7 @@ def test_adapted_decoder_keeps_the_latents_and_reconstructs_the_product_better(a
     t_b, t_n = base.transformer.state_dict(), new.transformer.state_dict()
     assert all(torch.equal(t_b[k], t_n[k]) for k in t_b)
     rec = json.loads((out / "vae" / adapt_vae.RECORD).read_text())
-    assert rec["steps"] == 40 and rec["product"] == "hazelnut" and rec["base"] == "mini-latent"
+    assert rec["steps"] == 30 and rec["product"] == "hazelnut" and rec["base"] == "mini-latent"
     assert rec["good_images"] + rec["held_good"] == 20 and rec["held_good"] == 8
     assert rec["defect_images"] > 0 and rec["test_defects"] > 0
     for name in ("good_zoom1", "good_zoom4"):  # held-back images: never trained on
@@ -51,15 +51,16 @@ def test_adapted_decoder_keeps_the_latents_and_reconstructs_the_product_better(a
     assert not (out / "MODEL_CARD.md").exists()  # the base's card does not describe this model
 
 
-def test_resumed_adaptation_gives_the_uninterrupted_weights(tmp_path, adapted):
-    _, straight = adapted
-    half = _cfg(tmp_path, max_steps=20, out=str(tmp_path / "half"))
-    adapt_vae.run(half)
+def test_resumed_adaptation_gives_the_uninterrupted_weights(tmp_path):
+    small = dict(max_steps=4, batch_size=2, holdout=2, zooms=(4,))
+    straight = adapt_vae.run(_cfg(tmp_path, **small, runs_dir=str(tmp_path / "a"), out=str(tmp_path / "straight")))
+    adapt_vae.run(_cfg(tmp_path, **{**small, "max_steps": 2}, out=str(tmp_path / "half")))
     run = next((tmp_path / "runs").glob("000-*"))
-    resumed = adapt_vae.run(AdaptVAEConfig(resume=str(run), max_steps=40, out=str(tmp_path / "full"), progress=False))
+    resumed = adapt_vae.run(AdaptVAEConfig(resume=str(run), max_steps=4, out=str(tmp_path / "full"), progress=False))
     a = model.load(str(straight)).codec.vae.decoder.state_dict()
     b = model.load(str(resumed)).codec.vae.decoder.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in model.load("mini-latent").codec.vae.decoder.state_dict().items())
 
 
 def test_adapt_vae_bad_input(tmp_path, capsys):
