@@ -72,3 +72,4 @@ def test_adapt_vae_bad_input(tmp_path, capsys):
     code = cli.main(["adapt-vae", "--model", "mini", "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and "no autoencoder" in err and "Traceback" not in err
+

@@ -1,10 +1,12 @@
 """Run folders: atomic writes, numbering, checkpoints, path safety."""
 import json
+import os
+import stat
 
 import pytest
 import torch
 
-from defectlab.base import runs
+from defectlab.base import folders, runs
 from defectlab.base.errors import DefectlabError
 
 
@@ -175,3 +177,14 @@ def test_write_faults_are_one_line_naming_the_path(tmp_path, monkeypatch):
     with pytest.raises(DefectlabError, match="disk full while writing .*checkpoints/0000002.*--resume"):
         runs.save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {})
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["0000001"]  # the earlier one stays
+
+
+def test_a_built_folder_is_readable_like_any_file_the_user_writes(tmp_path):
+    umask = os.umask(0o22)
+    os.umask(umask)
+    with folders.building(tmp_path / "m") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.safetensors").write_bytes(b"x")
+        (tmp / "sub" / "w.safetensors").chmod(0o600)  # as diffusers' save_pretrained leaves weights
+    mode = stat.S_IMODE((tmp_path / "m" / "sub" / "w.safetensors").stat().st_mode)
+    assert mode & (0o444 & ~umask) == 0o444 & ~umask and mode & 0o022 == 0, oct(mode)

@@ -24,6 +24,9 @@ def building(out: Path) -> Iterator[Path]:
         umask = os.umask(0o22)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; a model folder is not
+        for f in tmp.rglob("*"):  # nor its files (diffusers' save_pretrained writes weights 0600)
+            if f.is_file() and not f.is_symlink() and (mode := f.stat().st_mode) & 0o444 & ~umask != 0o444 & ~umask:
+                f.chmod(mode | (0o444 & ~umask))
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():

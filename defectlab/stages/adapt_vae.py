@@ -283,6 +283,4 @@ def export(spec: str, vae, out: Path, record: dict) -> Path:
                         ignore=lambda d, names: [n for n in names if n in LEFT_BEHIND] if Path(d) == source else [])
         vae.save_pretrained(tmp / "vae", safe_serialization=True)
         runs.write_json(tmp / "vae" / RECORD, record)
-        for f in (tmp / "vae").iterdir():
-            f.chmod(0o644)
     return out
