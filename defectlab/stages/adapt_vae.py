@@ -125,11 +125,10 @@ def batch(imgs: Images, cfg: AdaptVAEConfig, size: int, step: int) -> torch.Tens
     """Step ``step``'s views: a third defect images (when there are any), the rest good ones, each
     at a zoom drawn from ``zooms``, flipped at random — all drawn from a (seed, step) generator."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    n_def = len(imgs.defects) and max(1, cfg.batch_size // 3) if imgs.good else cfg.batch_size
+    n_def = 0 if not imgs.defects else max(1, cfg.batch_size // 3) if imgs.good else cfg.batch_size
     picks = ([(imgs.good[int(i)], None) for i in torch.randint(len(imgs.good), (cfg.batch_size - n_def,), generator=gen)]
              if imgs.good else [])
-    picks += [imgs.defects[int(i)] for i in torch.randint(max(len(imgs.defects), 1), (n_def,), generator=gen)
-              ] if imgs.defects else []
+    picks += [imgs.defects[int(i)] for i in torch.randint(len(imgs.defects), (n_def,), generator=gen)] if n_def else []
     out = []
     for path, mask in picks:
         zoom = int(cfg.zooms[int(torch.randint(len(cfg.zooms), (), generator=gen))])
@@ -149,28 +148,37 @@ def round_trip(vae, x: torch.Tensor, grey: bool) -> torch.Tensor:
     return to_grey(rec) if grey else rec
 
 
-@torch.no_grad()
-def measure(vae, imgs: Images, cfg: AdaptVAEConfig, size: int) -> dict:
-    """On views nothing trained on: reconstruction L1 and PSNR ([-1, 1] images) per zoom on the
-    held-back good images and on the test split's defect windows at the largest zoom; and
-    ``presence``: whether the product survives the round trip, ``presence.product_presence`` of the
-    whole held-back and test images before and after encoding and decoding, against the training
-    good images — the ceiling of any free sample drawn through this autoencoder."""
-    sets = {f"good_zoom{z}": [view(p, None, size, int(z), torch.Generator().manual_seed(i)) for i, p in enumerate(imgs.held)]
+def probe(imgs: Images, cfg: AdaptVAEConfig, size: int) -> dict[str, torch.Tensor]:
+    """The views ``measure`` scores, read once for before and after, none of them trained on:
+    the held-back good images at each zoom, the test split's defect windows at the largest zoom,
+    and (``unseen``, ``refs``) the held-back and test images whole with the training good images
+    the presence check compares them against."""
+    whole = [view(p, None, size, 1, None) for p in [*imgs.held, *(q for q, _ in imgs.test_defects)]]
+    sets = {f"good_zoom{z}": (whole[:len(imgs.held)] if z == 1 else
+                              [view(p, None, size, z, torch.Generator().manual_seed(i)) for i, p in enumerate(imgs.held)])
             for z in cfg.zooms}
-    sets[f"test_defects_zoom{max(cfg.zooms)}"] = [view(p, m, size, int(max(cfg.zooms)), None) for p, m in imgs.test_defects]
+    sets[f"test_defects_zoom{max(cfg.zooms)}"] = [view(p, m, size, max(cfg.zooms), None) for p, m in imgs.test_defects]
+    if len(imgs.good) >= 3 and whole:
+        sets["unseen"] = whole
+        sets["refs"] = [view(p, None, size, 1, None) for p in imgs.good[:PRESENCE_REFS]]
+    return {name: torch.stack(views) for name, views in sets.items() if views}
+
+
+@torch.no_grad()
+def measure(vae, views: dict[str, torch.Tensor], grey: bool) -> dict:
+    """Reconstruction L1 and PSNR ([-1, 1] images) of each of ``probe``'s views; and ``presence``:
+    whether the product survives the round trip, ``presence.product_presence`` of the unseen whole
+    images before and after encoding and decoding — the ceiling of any free sample drawn through
+    this autoencoder."""
     out = {}
-    for name, views in sets.items():
-        if views:
-            x = torch.stack(views)
-            rec = round_trip(vae, x, imgs.greyscale)
+    for name, x in views.items():
+        if name not in ("unseen", "refs"):
+            rec = round_trip(vae, x, grey)
             out[name] = {"n": len(x), "l1": round(F.l1_loss(rec, x).item(), 5),
                          "psnr": round((10 * torch.log10(4 / F.mse_loss(rec, x))).item(), 2)}
-    unseen = [view(p, None, size, 1, None) for p in [*imgs.held, *(q for q, _ in imgs.test_defects)]]
-    if len(imgs.good) >= 3 and unseen:
-        x = torch.stack(unseen)
-        refs = torch.stack([view(p, None, size, 1, None) for p in imgs.good[:PRESENCE_REFS]])
-        p = presence.product_presence(refs, {"real": x, "round_trip": round_trip(vae, x, imgs.greyscale)})
+    if "unseen" in views:
+        x = views["unseen"]
+        p = presence.product_presence(views["refs"], {"real": x, "round_trip": round_trip(vae, x, grey)})
         out["presence"] = {"n": len(x), "threshold": p.threshold, "real": p.per_class["real"],
                            "round_trip": p.per_class["round_trip"], "interval": list(p.interval["round_trip"]),
                            "iou_real": round(p.iou["real"], 4), "iou_round_trip": round(p.iou["round_trip"], 4)}
@@ -198,9 +206,11 @@ def run(cfg: AdaptVAEConfig) -> Path:
         folder = runs.create(cfg.name, {**dataclasses.asdict(cfg), "image_size": size},
                              base=Path(cfg.runs_dir) if cfg.runs_dir else None)
     vae = base.codec.vae.float().requires_grad_(False)
-    before = measure(vae.eval(), imgs, cfg, size)
-    trained = [vae.decoder, *([vae.post_quant_conv] if getattr(vae, "post_quant_conv", None) is not None else [])]
-    named = [(f"{i}.{n}", p) for i, m in enumerate(trained) for n, p in m.named_parameters()]
+    views = probe(imgs, cfg, size)
+    before = measure(vae.eval(), views, imgs.greyscale)
+    trained = {"decoder": vae.decoder, **({"post_quant_conv": vae.post_quant_conv}
+                                          if getattr(vae, "post_quant_conv", None) is not None else {})}
+    named = [(f"{i}.{n}", p) for i, m in enumerate(trained.values()) for n, p in m.named_parameters()]
     for _, p in named:
         p.requires_grad_(True)
     stepper = loop.Stepper(named, torch.optim.AdamW([p for _, p in named], lr=cfg.lr))
@@ -231,9 +241,9 @@ def run(cfg: AdaptVAEConfig) -> Path:
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:  # the last step is always saved
                 _save(folder, stepper, named, step, wall + time.time() - t0)
     wall += time.time() - t0
-    after = measure(vae.eval(), imgs, cfg, size)
+    after = measure(vae.eval(), views, imgs.greyscale)
     record = {"base": cfg.model, "data": cfg.data, "product": cfg.product, "image_size": size, "zooms": list(cfg.zooms),
-              "steps": step, "wall_s": round(wall), "run": folder.name, "trained": "decoder + post_quant_conv",
+              "steps": step, "wall_s": round(wall), "run": folder.name, "trained": " + ".join(trained),
               "good_images": len(imgs.good), "defect_images": len(imgs.defects), "held_good": len(imgs.held),
               "test_defects": len(imgs.test_defects), "before": before, "after": after, "config": dataclasses.asdict(cfg)}
     export(cfg.model, vae, out, record)
