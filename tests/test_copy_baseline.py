@@ -14,6 +14,7 @@ from defectlab.base import images
 from defectlab.data import dataset, product, sources, synth
 from defectlab.core import masks, realism
 from defectlab.stages import benchmark, synthesize, train
+from defectlab.reports import compare
 from defectlab.app.cli import main as cli_main
 from defectlab.base.errors import DefectlabError
 from defectlab.core.gain import nested_interval
@@ -156,12 +157,21 @@ def test_two_sample_test_tells_different_sets_apart_and_not_identical_ones():
     alike = realism.two_sample(real, same, folds=3, steps=60)
     apart = realism.two_sample(real, flat, folds=3, steps=60)
     assert alike.accuracy < 0.75 and apart.accuracy > 0.9 and set(apart.per_class) == {"a", "b"}
-    assert apart.n == 48 and apart.folds == 3
+    assert apart.n == 48 and apart.folds == 3 and apart.repeats == 1
+    assert apart.low <= apart.accuracy <= apart.high and apart.p_value < 1e-6 < alike.p_value
+    assert alike.low < 0.5 < alike.high and not apart.low < 0.5  # the interval says what 2n predictions allow
+    again = realism.two_sample(real, flat, folds=3, steps=60, repeats=2)
+    assert again.repeats == 2 and again.n == apart.n and again.accuracy > 0.9
+    d = realism.difference(apart, alike)
+    assert d.low < d.mean == apart.accuracy - alike.accuracy < d.high and d.low > 0  # told apart far more often
+    assert realism.difference(alike, alike).low < 0 < realism.difference(alike, alike).high
     near = realism.nearest({"a": real["a"][:3]}, {"a": real["a"]})
     assert near == {"a": 0.0}  # copies of training windows sit at the floor
     assert realism.nearest({"a": flat["a"]}, {"a": real["a"]})["a"] > 0.3
     with pytest.raises(DefectlabError, match="no class has both"):
         realism.two_sample({"a": real["a"]}, {"b": flat["b"]})
+    with pytest.raises(DefectlabError, match="repeats"):
+        realism.two_sample(real, flat, repeats=0)
 
 
 def test_nested_interval_covers_both_seed_levels():
@@ -193,7 +203,7 @@ def test_benchmark_puts_generated_beside_copy_paste_on_new_images(adapted, tmp_p
     new = synth.generate(tmp_path / "new", seed=7, size=64, per_class=3, good=2, products=("hazelnut",))
     out = benchmark.run(benchmark.BenchmarkConfig(
         run=str(adapted), test_data=str(new), gen_seeds=2, clf_seeds=2, per_class=2, steps=2, view_size=32,
-        classifier_steps=3, realism_folds=2, out=str(tmp_path / "bench")))
+        classifier_steps=3, realism_folds=2, realism_repeats=2, out=str(tmp_path / "bench")))
     result = json.loads((out / "benchmark.json").read_text())
     assert result["n_test"] == 3 * len(result["classes"]) and set(result["views"]) == {"image", "window"}
     for view in result["views"].values():
@@ -202,11 +212,23 @@ def test_benchmark_puts_generated_beside_copy_paste_on_new_images(adapted, tmp_p
         assert set(view["differences"]) == {"gen - cutpaste", "gen - real", "cutpaste - real"}
     assert result["views"]["image"]["size"] == 32 and result["views"]["window"]["size"] == 16
     assert set(result["realism"]) == {"generated", "cut-paste"}
-    assert 0 <= result["realism"]["cut-paste"]["two_sample_accuracy"] <= 1
+    for r in result["realism"].values():
+        assert 0 <= r["low"] <= r["two_sample_accuracy"] <= r["high"] <= 1 and 0 < r["p_value"] <= 1 and r["repeats"] == 2
+    gap = result["realism_difference"]
+    assert gap["low"] <= gap["mean"] <= gap["high"]
+    assert abs(gap["mean"] - (result["realism"]["generated"]["two_sample_accuracy"]
+                              - result["realism"]["cut-paste"]["two_sample_accuracy"])) < 1e-9
     text = (out / "benchmark.md").read_text()
-    assert "gen - cutpaste" in text and "two-sample" in text and "judge" not in text
+    assert "gen - cutpaste" in text and "two-sample" in text and "judge" not in text and "Newcombe" in text
     assert (out / "figures" / "real-generated-cutpaste.png").is_file()
     assert sorted(p.name for p in (out / "pairs").iterdir()) == ["cutpaste-s0", "cutpaste-s1", "model-s0", "model-s1"]
+    shelf = tmp_path / "run" / "benchmark" / "tag"  # `defectlab runs` shows a run's newest benchmark
+    shelf.mkdir(parents=True)
+    for name in ("benchmark.json", "benchmark.md"):
+        shutil.copy(out / name, shelf / name)
+    row = compare._benchmark(tmp_path / "run")
+    assert row["benchmark"] == "tag" and set(row) >= {"gen-cutpaste (image)", "gen-cutpaste (window)"}
+    assert row["two-sample (gen)"].startswith(f"{result['realism']['generated']['two_sample_accuracy']:.3f} [")
 
 
 def test_benchmark_refuses_a_test_folder_it_cannot_trust(adapted, tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from defectlab.base.errors import DefectlabError
-from defectlab.core import presence
+from defectlab.core import gain, presence
 from defectlab.data import synth
 
 
@@ -36,8 +36,8 @@ def test_products_pass_and_non_products_fail(refs):
     assert p.iou["held"] > p.iou["blobs"] and presence.overall(p) == pytest.approx(np.mean(list(p.per_class.values())))
     assert p.n["held"] == 12 and p.interval["empty"][0] == 0.0 and 0.1 < p.interval["empty"][1] < 0.3
     assert p.iou_interval["held"][0] < p.iou["held"] < p.iou_interval["held"][1] and p.iou_interval["blobs"][1] < p.iou_interval["held"][0]
-    lo, hi = presence.wilson(9, 12)
-    assert lo < 0.75 < hi and presence.wilson(12, 12)[1] == 1.0
+    lo, hi = gain.wilson(9, 12)
+    assert lo < 0.75 < hi and gain.wilson(12, 12)[1] == 1.0
 
 
 def test_best_iou_of_identical_and_disjoint_shapes():

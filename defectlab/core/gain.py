@@ -60,6 +60,12 @@ def nested_interval(values, level: float = 0.95, draws: int = 4000, seed: int = 
     return Interval(float(v.mean()), float(low), float(high), v.size)
 
 
+def wilson(hits: int, n: int) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a share ``hits / n`` (sound at 0 and n, unlike ± 2 se)."""
+    ci = stats.binomtest(hits, n).proportion_ci(0.95, method="wilson")
+    return (round(float(ci.low), 4), round(float(ci.high), 4))
+
+
 @dataclass(frozen=True)
 class GainRun:
     k: int

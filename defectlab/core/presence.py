@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 
 from ..base.errors import DefectlabError
 from ..data import dataset
+from .gain import wilson
 from .masks import centroid, rotations, warp_poses
 
 
@@ -93,12 +93,6 @@ def product_presence(real: torch.Tensor, generated: dict[str, torch.Tensor], qua
     return Presence(threshold=round(threshold, 4), real=float((own >= threshold).float().mean()),
                     per_class=per_class, iou=iou, n_refs=len(real), quantile=quantile, interval=interval, n=n,
                     iou_interval=spread)
-
-
-def wilson(hits: int, n: int) -> tuple[float, float]:
-    """The 95 % Wilson score interval of a share ``hits / n`` (sound at 0 and n, unlike ± 2 se)."""
-    ci = stats.binomtest(hits, n).proportion_ci(0.95, method="wilson")
-    return (round(float(ci.low), 4), round(float(ci.high), 4))
 
 
 def overall(p: Presence) -> float:

@@ -55,15 +55,18 @@ def _filters(text: str) -> dict[str, str]:
 
 
 def _benchmark(folder: Path) -> dict:
-    """The newest benchmark (its folder name says its settings) and its generated − cut-paste per
-    view (mean and 95 % interval)."""
+    """The newest benchmark (its folder name says its settings), its generated − cut-paste per
+    view (mean and 95 % interval) and its generated pairs' two-sample realism accuracy (with its interval)."""
     found = benchmark.reports(folder)
     if not found:
         return {}
     saved = json.loads(found[-1].with_suffix(".json").read_text())
     return {"benchmark": found[-1].parent.name,
             **{f"gen-cutpaste ({view})": benchmark.interval_text(v["differences"]["gen - cutpaste"])
-               for view, v in saved.get("views", {}).items()}}
+               for view, v in saved.get("views", {}).items()},
+            **({"two-sample (gen)": benchmark.interval_text(
+                {"mean": r["two_sample_accuracy"], "low": r.get("low"), "high": r.get("high")}, sign="")}
+               if (r := saved.get("realism", {}).get("generated")) else {})}
 
 
 def rows(cfg: RunsConfig) -> tuple[list[dict], list[str]]:

@@ -20,7 +20,8 @@ DEMO = {
     "sample": dict(_SAMPLING),
     "synthesize": {"per_class": 12, **_SAMPLING},
     "benchmark": {"per_class": 12, **_SAMPLING, "source": "refine", "strength": 0.3, "detail": True, "gen_seeds": 3,
-                  "clf_seeds": 3, "real_per_class": 2, "view_size": 64, "classifier_steps": 150, "realism_folds": 3},
+                  "clf_seeds": 3, "real_per_class": 2, "view_size": 64, "classifier_steps": 150, "realism_folds": 3,
+                  "realism_repeats": 1},
 }
 PRESETS = {"demo": DEMO}
 
