@@ -73,3 +73,21 @@ def test_adapt_vae_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no autoencoder" in err and "Traceback" not in err
 
+
+
+def test_codec_loads_without_the_transformer_weights(adapted, monkeypatch):
+    tmp, out = adapted
+    whole = {spec: model.load(spec) for spec in ("mini-latent", str(out), "mini")}
+
+    def refuse(*a, **k):
+        raise AssertionError("the transformer's weights were loaded")
+    monkeypatch.setattr(model.dit.DiT, "from_pretrained", refuse)
+    for spec, base in whole.items():
+        codec, size = model.load_codec(spec)
+        assert type(codec) is type(base.codec) and size == base.default_image_size
+        if hasattr(codec, "vae"):
+            x = torch.rand(1, 3, 64, 64) * 2 - 1
+            assert torch.equal(codec.encode(x), base.codec.encode(x))
+            assert torch.equal(codec.decode(codec.encode(x)), base.codec.decode(base.codec.encode(x)))
+    with pytest.raises(DefectlabError, match="not a diffusers DiT folder"):
+        model.load_codec(str(tmp))  # a folder that holds no model

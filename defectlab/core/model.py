@@ -129,6 +129,38 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None, n
     return base
 
 
+def load_codec(spec: str, vae: str | None = None) -> tuple[PixelCodec | VAECodec, int]:
+    """The codec of base ``spec`` and the image size it samples at, read from a folder or the hub
+    without the transformer's weights (only its ``config.json``): what a stage that trains the
+    autoencoder alone needs (DiT-XL's transformer is 2.7 GB). Bases without a folder (``tiny``,
+    ``mini-scratch``, an original ``.pt``) are loaded whole."""
+    vae = vae or os.environ.get(VAE_ENV) or DEFAULT_VAE
+    folder = paths.ASSETS / spec if spec in SHIPPED else Path(spec).expanduser()
+    local = folder.is_dir() and spec not in ("tiny", "mini-scratch")
+    if not local and (spec in SMALL_BASES or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec)):
+        base = load(spec, vae=vae)  # built bases, a .pt file, or the one-line error of what is missing
+        return base.codec, base.default_image_size
+    if local:
+        sub = folder / "transformer" if (folder / "transformer" / "config.json").is_file() else folder
+        if not (sub / "config.json").is_file():
+            raise DefectlabError(f"{folder} is not a diffusers DiT folder (no transformer/config.json or config.json)")
+        config = read_json(sub / "config.json")
+        index = {**(read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}),
+                 **(read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {})}
+        try:
+            codec = (VAECodec(AutoencoderKL.from_pretrained(folder / "vae")) if (folder / "vae").is_dir()
+                     else _codec_for(config["in_channels"], vae))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise DefectlabError(f"cannot load the autoencoder in {folder}: {first_line(err)}") from err
+    else:
+        with hub_errors(spec, "transformer/config.json"):
+            config = read_json(hf_hub_download(spec, "transformer/config.json"))
+            index = read_json(hf_hub_download(spec, "model_index.json"))
+            codec = VAECodec(AutoencoderKL.from_pretrained(spec, subfolder="vae"))
+    _realign(getattr(codec, "vae", None))
+    return codec, int(index.get("defectlab_image_size") or config["sample_size"] * codec.downsample)
+
+
 def check_numerics(numerics: str) -> None:
     if numerics not in ("auto", *NUMERICS):
         raise DefectlabError(f"numerics must be auto, original or diffusers (got {numerics!r})")
@@ -283,7 +315,7 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
     try:
         transformer = dit.DiT.from_pretrained(folder, subfolder=sub)
         codec = (VAECodec(AutoencoderKL.from_pretrained(folder / "vae")) if (folder / "vae").is_dir()
-                 else _codec_for(transformer, vae))
+                 else _codec_for(transformer.config.in_channels, vae))
     except (OSError, ValueError, RuntimeError) as err:
         raise DefectlabError(f"cannot load the model in {folder}: {first_line(err)}") from err
     sched, index, extra = (folder / name for name in ("scheduler/scheduler_config.json", "model_index.json", SIDECAR))
@@ -295,7 +327,7 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
 
 
 def _load_hub(repo: str, vae: str) -> Base:
-    with _hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
+    with hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
         sched = read_json(hf_hub_download(repo, "scheduler/scheduler_config.json"))
         index = read_json(hf_hub_download(repo, "model_index.json"))  # id2label
         transformer = dit.DiT.from_pretrained(repo, subfolder="transformer")
@@ -303,14 +335,14 @@ def _load_hub(repo: str, vae: str) -> Base:
     return _base(transformer, codec, repo, sched, index)
 
 
-def _codec_for(transformer, vae: str) -> PixelCodec | VAECodec:
+def _codec_for(in_channels: int, vae: str) -> PixelCodec | VAECodec:
     """Pixels for a 3-channel transformer, otherwise the VAE named by ``vae`` (folder or hub id)."""
-    if transformer.config.in_channels == 3:
+    if in_channels == 3:
         return PixelCodec()
     folder = Path(vae).expanduser()
     if folder.is_dir():
         return VAECodec(AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae").is_dir() else folder))
-    with _hub_errors(vae, "config.json", what="VAE"):
+    with hub_errors(vae, "config.json", what="VAE"):
         return VAECodec(AutoencoderKL.from_pretrained(vae))
 
 
@@ -347,7 +379,7 @@ def anchor_class(base: Base, product: str) -> int | None:
 
 
 @contextmanager
-def _hub_errors(repo: str, probe: str, what: str = "model"):
+def hub_errors(repo: str, probe: str, what: str = "model"):
     """Fail fast when the hub cannot give ``repo`` (``fetch.hub_problem``: not cached, offline or
     unreachable, asked once) and turn huggingface_hub / diffusers download errors into one line
     that says how to get the model."""
@@ -391,4 +423,4 @@ def _load_original(path: Path, spec: str, vae: str, heads: int = 0) -> Base:
         transformer.load_state_dict(convert_original_state_dict(sd), strict=True, assign=True)
     except RuntimeError as err:
         raise DefectlabError(f"{path}: weights don't fit the inferred DiT config: {first_line(err)}") from err
-    return _base(transformer, _codec_for(transformer, vae), spec, None, None, original_pt=True)
+    return _base(transformer, _codec_for(transformer.config.in_channels, vae), spec, None, None, original_pt=True)

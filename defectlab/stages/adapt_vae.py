@@ -196,16 +196,16 @@ def run(cfg: AdaptVAEConfig) -> Path:
     check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = model_mod.load(cfg.model)
-    if not isinstance(base.codec, VAECodec):
+    codec, default_size = model_mod.load_codec(cfg.model)  # the transformer's weights are not needed
+    if not isinstance(codec, VAECodec):
         raise DefectlabError(f"model {cfg.model} works on pixels: it has no autoencoder to adapt")
-    size = cfg.image_size or base.default_image_size
+    size = cfg.image_size or default_size
     imgs = images(cfg)
     out = Path(cfg.out) if cfg.out else paths.MODELS / f"{Path(cfg.model).name}-{cfg.product}"
     if not cfg.resume:
         folder = runs.create(cfg.name, {**dataclasses.asdict(cfg), "image_size": size},
                              base=Path(cfg.runs_dir) if cfg.runs_dir else None)
-    vae = base.codec.vae.float().requires_grad_(False)
+    vae = codec.vae.float().requires_grad_(False)
     views = probe(imgs, cfg, size)
     before = measure(vae.eval(), views, imgs.greyscale)
     trained = {"decoder": vae.decoder, **({"post_quant_conv": vae.post_quant_conv}
@@ -273,7 +273,7 @@ def _source_folder(spec: str) -> Path:
         raise DefectlabError(f"adapt-vae: {spec} is a single checkpoint file; convert it to a folder first "
                              "(defectlab export) or use a hub id")
     from huggingface_hub import snapshot_download
-    with model_mod._hub_errors(spec, "model_index.json"):
+    with model_mod.hub_errors(spec, "model_index.json"):
         return Path(snapshot_download(spec, allow_patterns=["transformer/*", "scheduler/*", "model_index.json", "*.json",
                                                             "*.safetensors"], ignore_patterns=["vae/*"]))
 
