@@ -295,7 +295,8 @@ def report(result: dict) -> str:
             near = np.mean(list(r["nearest_training_rms"].values())) if r["nearest_training_rms"] else float("nan")
             shown = interval_text({"mean": r["two_sample_accuracy"], "low": r.get("low"), "high": r.get("high")}, sign="")
             p = r.get("p_value")
-            lines.append(f"| {name} | {shown} | {'–' if p is None else f'{p:.3f}'} | {near:.3f} |")
+            p = "–" if p is None else f"{p:.3f}" if p >= 0.001 else "< 0.001"
+            lines.append(f"| {name} | {shown} | {p} | {near:.3f} |")
         if "realism_difference" in result:
             lines += ["", "Generated − cut-paste two-sample accuracy: "
                       f"{interval_text(result['realism_difference'])} (Newcombe; conservative, as both face the same real windows)."]
