@@ -11,14 +11,13 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from filelock import FileLock
-from huggingface_hub import constants as hub_constants, errors as hub, hf_hub_download
+from huggingface_hub import hf_hub_download
 from torch import nn
 
 from ..base import folders, paths
@@ -130,10 +129,8 @@ def load(spec: str, device="cpu", dtype=torch.float32, vae: str | None = None, n
 
 
 def load_codec(spec: str, vae: str | None = None) -> tuple[PixelCodec | VAECodec, int]:
-    """The codec of base ``spec`` and the image size it samples at, read from a folder or the hub
-    without the transformer's weights (only its ``config.json``): what a stage that trains the
-    autoencoder alone needs (DiT-XL's transformer is 2.7 GB). Bases without a folder (``tiny``,
-    ``mini-scratch``, an original ``.pt``) are loaded whole."""
+    """Base ``spec``'s codec and sampling size without the transformer's weights (its config.json
+    only; DiT-XL's weights are 2.7 GB). Built bases and original ``.pt`` files load whole."""
     vae = vae or os.environ.get(VAE_ENV) or DEFAULT_VAE
     folder = paths.ASSETS / spec if spec in SHIPPED else Path(spec).expanduser()
     local = folder.is_dir() and spec not in ("tiny", "mini-scratch")
@@ -145,15 +142,14 @@ def load_codec(spec: str, vae: str | None = None) -> tuple[PixelCodec | VAECodec
         if not (sub / "config.json").is_file():
             raise DefectlabError(f"{folder} is not a diffusers DiT folder (no transformer/config.json or config.json)")
         config = read_json(sub / "config.json")
-        index = {**(read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}),
-                 **(read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {})}
+        index = {k: v for f in ("model_index.json", SIDECAR) if (folder / f).is_file() for k, v in read_json(folder / f).items()}
         try:
             codec = (VAECodec(AutoencoderKL.from_pretrained(folder / "vae")) if (folder / "vae").is_dir()
                      else _codec_for(config["in_channels"], vae))
         except (OSError, ValueError, RuntimeError) as err:
             raise DefectlabError(f"cannot load the autoencoder in {folder}: {first_line(err)}") from err
     else:
-        with hub_errors(spec, "transformer/config.json"):
+        with fetch.hub_errors(spec, "transformer/config.json"):
             config = read_json(hf_hub_download(spec, "transformer/config.json"))
             index = read_json(hf_hub_download(spec, "model_index.json"))
             codec = VAECodec(AutoencoderKL.from_pretrained(spec, subfolder="vae"))
@@ -327,7 +323,7 @@ def _load_folder(folder: Path, spec: str, vae: str) -> Base:
 
 
 def _load_hub(repo: str, vae: str) -> Base:
-    with hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
+    with fetch.hub_errors(repo, "scheduler/scheduler_config.json"):  # small files first: fails before any weights
         sched = read_json(hf_hub_download(repo, "scheduler/scheduler_config.json"))
         index = read_json(hf_hub_download(repo, "model_index.json"))  # id2label
         transformer = dit.DiT.from_pretrained(repo, subfolder="transformer")
@@ -342,7 +338,7 @@ def _codec_for(in_channels: int, vae: str) -> PixelCodec | VAECodec:
     folder = Path(vae).expanduser()
     if folder.is_dir():
         return VAECodec(AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae").is_dir() else folder))
-    with hub_errors(vae, "config.json", what="VAE"):
+    with fetch.hub_errors(vae, "config.json", what="VAE"):
         return VAECodec(AutoencoderKL.from_pretrained(vae))
 
 
@@ -376,29 +372,6 @@ def anchor_class(base: Base, product: str) -> int | None:
     anchors = base.anchors or {p: c for p, (c, _) in sources.ANCHOR_CLASSES.items()}
     anchor = anchors.get(product)
     return anchor if anchor is not None and anchor < methods.num_classes(base.transformer) else None
-
-
-@contextmanager
-def hub_errors(repo: str, probe: str, what: str = "model"):
-    """Fail fast when the hub cannot give ``repo`` (``fetch.hub_problem``: not cached, offline or
-    unreachable, asked once) and turn huggingface_hub / diffusers download errors into one line
-    that says how to get the model."""
-    why, cause = fetch.hub_problem(repo, probe), None
-    if why is None:
-        try:
-            yield
-            return
-        except (OSError, ValueError) as err:
-            why, cause = ("gated: accept its licence on huggingface.co, then `hf auth login`"
-                          if isinstance(err, hub.GatedRepoError) else
-                          "no such repository on the hub" if isinstance(err, hub.RepositoryNotFoundError) else
-                          "not a valid hub id" if isinstance(err, hub.HFValidationError) else
-                          "not in the local cache and offline" if hub_constants.HF_HUB_OFFLINE or isinstance(
-                              err, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)) else first_line(err)), err
-    raise DefectlabError(
-        f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
-        f"Hugging Face cache {hub_constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
-        "a local folder or .pt file (presets: tiny, mini, mini-latent, mini-scratch)") from cause
 
 
 # ----------------------------------------------------------------------------- original .pt

@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -21,7 +22,7 @@ from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_fro
 from huggingface_hub import errors as hf_errors
 
 from ..base import paths, runs
-from ..base.errors import DefectlabError
+from ..base.errors import DefectlabError, first_line
 
 DS_REPO = "DefectSpectrum/Defect_Spectrum"
 DS_FOLDER = "DS-MVTec"
@@ -200,3 +201,26 @@ def merge(src: Path, dst: Path, what: str = "the archive's", then: str = "fetch 
         else:
             raise DefectlabError(f"{target} is in the way of {what} {'folder' if entry.is_dir() else 'file'} "
                                  f"of that name: move it away and {then}")
+
+
+@contextmanager
+def hub_errors(repo: str, probe: str, what: str = "model"):
+    """Fail fast when the hub cannot give ``repo`` (``hub_problem``: not cached, offline or
+    unreachable, asked once) and turn huggingface_hub / diffusers download errors into one line
+    that says how to get the model."""
+    why, cause = hub_problem(repo, probe), None
+    if why is None:
+        try:
+            yield
+            return
+        except (OSError, ValueError) as err:
+            why, cause = ("gated: accept its licence on huggingface.co, then `hf auth login`"
+                          if isinstance(err, hf_errors.GatedRepoError) else
+                          "no such repository on the hub" if isinstance(err, hf_errors.RepositoryNotFoundError) else
+                          "not a valid hub id" if isinstance(err, hf_errors.HFValidationError) else
+                          "not in the local cache and offline" if constants.HF_HUB_OFFLINE or isinstance(
+                              err, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)) else first_line(err)), err
+    raise DefectlabError(
+        f"{what} {repo!r} not available ({why}); looked for a local file/folder of that name and in the "
+        f"Hugging Face cache {constants.HF_HUB_CACHE}; get it with `hf download {repo}` (online) or pass "
+        "a local folder or .pt file (presets: tiny, mini, mini-latent, mini-scratch)") from cause

@@ -36,7 +36,7 @@ from ..base.progress import tqdm
 from ..base.images import to_grey
 from ..core import loop, model as model_mod, presence, resume
 from ..core.codec import VAECodec
-from ..data import dataset, sources
+from ..data import dataset, fetch, sources
 
 PRESENCE_REFS = 64          # training good images the presence check compares against
 RECORD = "adaptation.json"  # in the output's vae/: what it was adapted on, the errors before and after
@@ -273,7 +273,7 @@ def _source_folder(spec: str) -> Path:
         raise DefectlabError(f"adapt-vae: {spec} is a single checkpoint file; convert it to a folder first "
                              "(defectlab export) or use a hub id")
     from huggingface_hub import snapshot_download
-    with model_mod.hub_errors(spec, "model_index.json"):
+    with fetch.hub_errors(spec, "model_index.json"):
         return Path(snapshot_download(spec, allow_patterns=["transformer/*", "scheduler/*", "model_index.json", "*.json",
                                                             "*.safetensors"], ignore_patterns=["vae/*"]))
 
