@@ -2,7 +2,6 @@
 state round-trips with stable keys, strict loading, bf16 frozen weights, DiT-XL shares."""
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from defectlab.base import runs
 from defectlab.core import dit, methods, model

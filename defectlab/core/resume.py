@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ..base import runs
 from ..base.errors import DefectlabError
 from . import loop, methods
 

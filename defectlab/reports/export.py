@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import DiTPipeline
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HFValidationError
