@@ -59,13 +59,13 @@ def two_sample(real: dict[str, torch.Tensor], generated: dict[str, torch.Tensor]
         raise DefectlabError("two-sample test: no class has both real and generated windows")
     if repeats < 1:
         raise DefectlabError(f"two-sample test: repeats must be ≥ 1 (got {repeats})")
-    folds = max(2, min(folds, sum(min(len(real[c]), len(generated[c])) for c in classes)))  # windows a side bound it
+    n = sum(min(len(real[c]), len(generated[c])) for c in classes)  # windows a side after balancing
+    folds = max(2, min(folds, n))
     with tqdm(total=repeats * folds, desc="two-sample test", unit="fold") as bar:
         draws = [_draw(real, generated, classes, folds, steps, batch_size, width, seed + 1000 * r, bar)
                  for r in range(repeats)]
     accuracy = float(np.mean([d[0] for d in draws]))
     per_class = {c: float(np.mean([d[1][c] for d in draws])) for c in classes}
-    n, folds = draws[0][2], draws[0][3]
     hits = round(accuracy * 2 * n)
     test = stats.binomtest(hits, 2 * n, 0.5, alternative="greater")
     return TwoSample(accuracy, per_class, n, folds, *wilson(hits, 2 * n), float(test.pvalue), repeats)
@@ -85,8 +85,8 @@ def difference(a: TwoSample, b: TwoSample) -> Difference:
                       d + math.hypot(a.high - a.accuracy, b.accuracy - b.low))
 
 
-def _draw(real, generated, classes, folds, steps, batch_size, width, seed, bar) -> tuple[float, dict, int, int]:
-    """One cross-validated test: accuracy, per class, windows per side, folds."""
+def _draw(real, generated, classes, folds, steps, batch_size, width, seed, bar) -> tuple[float, dict]:
+    """One cross-validated test: accuracy, per class."""
     rng = np.random.default_rng(seed)
     xs, ys, cs = [], [], []
     for ci, c in enumerate(classes):  # balanced per class: as many generated as real windows, and vice versa
@@ -108,7 +108,7 @@ def _draw(real, generated, classes, folds, steps, batch_size, width, seed, bar) 
         correct[held] = classifier.predict(model, x[held]).argmax(1) == y[held].numpy()
         bar.update()
     per_class = {name: float(correct[c == i].mean()) for i, name in enumerate(classes)}
-    return float(correct.mean()), per_class, int(len(x) // 2), folds
+    return float(correct.mean()), per_class
 
 
 def nearest(generated: dict[str, torch.Tensor], training: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -64,9 +64,7 @@ def _benchmark(folder: Path) -> dict:
     return {"benchmark": found[-1].parent.name,
             **{f"gen-cutpaste ({view})": benchmark.interval_text(v["differences"]["gen - cutpaste"])
                for view, v in saved.get("views", {}).items()},
-            **({"two-sample (gen)": benchmark.interval_text(
-                {"mean": r["two_sample_accuracy"], "low": r.get("low"), "high": r.get("high")}, sign="")}
-               if (r := saved.get("realism", {}).get("generated")) else {})}
+            **({"two-sample (gen)": benchmark.realism_text(r)} if (r := saved.get("realism", {}).get("generated")) else {})}
 
 
 def rows(cfg: RunsConfig) -> tuple[list[dict], list[str]]:

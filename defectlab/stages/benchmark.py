@@ -270,6 +270,12 @@ def interval_text(iv: dict, sign: str = "+") -> str:
     return f"{num(iv['mean'])} [{num(iv['low'])}, {num(iv['high'])}]"
 
 
+def realism_text(r: dict) -> str:
+    """``0.813 [0.627, 0.905]``: one set's two-sample accuracy and its interval (``–`` where an
+    older report has none)."""
+    return interval_text({"mean": r["two_sample_accuracy"], "low": r.get("low"), "high": r.get("high")}, sign="")
+
+
 def report(result: dict) -> str:
     """``benchmark.json`` as Markdown: downstream accuracy per view and condition, the paired
     differences with their intervals, and the realism test."""
@@ -293,7 +299,7 @@ def report(result: dict) -> str:
                   "|---|---|---|---|"]
         for name, r in result["realism"].items():
             near = np.mean(list(r["nearest_training_rms"].values())) if r["nearest_training_rms"] else float("nan")
-            shown = interval_text({"mean": r["two_sample_accuracy"], "low": r.get("low"), "high": r.get("high")}, sign="")
+            shown = realism_text(r)
             p = r.get("p_value")
             p = "–" if p is None else f"{p:.3f}" if p >= 0.001 else "< 0.001"
             lines.append(f"| {name} | {shown} | {p} | {near:.3f} |")
